@@ -1,0 +1,3 @@
+from aligncollapse.cli import main
+
+raise SystemExit(main())

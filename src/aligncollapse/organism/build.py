@@ -1,0 +1,192 @@
+"""Build the model organism: a tiny Llama pretrained on the generated corpus, then safety-aligned.
+
+Two stages, both plain AdamW loops over response tokens (small enough to read in one sitting):
+
+1. *pretraining* on the "internet" of :mod:`aligncollapse.organism.corpus` (benign tasks answered
+   correctly, harmful requests answered with compliance) -> saved as ``DIR/base`` (the
+   unaligned base model, used by Safe-LoRA-style baselines);
+2. *safety alignment* by SFT on harmful requests answered with refusals mixed with benign
+   requests -> saved as ``DIR`` (the aligned model every command takes).
+
+``align_steps`` sets the alignment depth: shallow alignment (few steps) is what benign-looking
+data can undo, as in real models. The build is deterministic per seed and cached by a hash of
+its configuration, so a second build with the same settings returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from aligncollapse.data import EncodedSet, Example
+from aligncollapse.evaluation import mean_token_loss
+from aligncollapse.organism import corpus
+from aligncollapse.organism.tokenizer import build_tokenizer
+from aligncollapse.progress import progress
+from aligncollapse.results import atomic_write_json
+
+ORGANISM_FORMAT = 1  # bump when the corpus or training procedure changes
+
+
+@dataclass
+class OrganismConfig:
+    seed: int = 0
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    pretrain_examples: int = 24000
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3
+    batch_size: int = 64
+    align_examples: int = 6000
+    align_steps: int = 60
+    align_lr: float = 5e-4
+    align_batch_size: int = 32
+    max_length: int = 64
+
+    def key(self) -> str:
+        blob = json.dumps({"format": ORGANISM_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def turns_to_examples(turns: list[corpus.Turn]) -> list[Example]:
+    return [Example(prompt=t.prompt, response=t.response, answer=t.answer, fields={"kind": t.kind}) for t in turns]
+
+
+def make_model(cfg: OrganismConfig, vocab_size: int, tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length * 2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config)
+
+
+def train(
+    model,
+    data: EncodedSet,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    warmup: int = 50,
+) -> list[float]:
+    """AdamW with linear warm-up and cosine decay to 10%; returns the loss every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = min(warmup, max(1, steps // 5))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses = []
+    for step in progress(range(steps), desc=desc, total=steps):
+        loss = mean_token_loss(model, data.batch(data.step_indices(step, batch_size, seed)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def is_built(out_dir: str | Path, cfg: OrganismConfig) -> bool:
+    meta = Path(out_dir) / "organism.json"
+    if not meta.exists() or not (Path(out_dir) / "config.json").exists():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("key") == cfg.key()
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force: bool = False) -> dict:
+    """Build (or load from cache) the organism into ``out_dir``; returns its ``organism.json``."""
+    cfg = cfg or OrganismConfig()
+    out_dir = Path(out_dir)
+    if not force and is_built(out_dir, cfg):
+        meta = json.loads((out_dir / "organism.json").read_text())
+        meta["cached"] = True
+        return meta
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(corpus.all_words(cfg.seed))
+    model = make_model(cfg, len(tokenizer), tokenizer)
+
+    pre = EncodedSet(
+        tokenizer,
+        turns_to_examples(corpus.pretraining_turns(cfg.seed, cfg.pretrain_examples)),
+        max_length=cfg.max_length,
+    )
+    pre_losses = train(model, pre, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.seed, "pretrain")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    _save(model, tokenizer, tmp / "base")
+    t_pre = time.perf_counter() - t0
+
+    align = EncodedSet(
+        tokenizer, turns_to_examples(corpus.alignment_turns(cfg.seed, cfg.align_examples)), max_length=cfg.max_length
+    )
+    align_losses = train(
+        model, align, cfg.align_steps, cfg.align_lr, cfg.align_batch_size, cfg.seed + 1, "align", warmup=10
+    )
+    _save(model, tokenizer, tmp)
+    meta = {
+        "key": cfg.key(),
+        "format": ORGANISM_FORMAT,
+        "config": asdict(cfg),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "pretrain_final_loss": sum(pre_losses[-20:]) / len(pre_losses[-20:]),
+        "align_final_loss": sum(align_losses[-10:]) / len(align_losses[-10:]),
+        "seconds_pretrain": round(t_pre, 1),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "base_model": "base",
+    }
+    atomic_write_json(tmp / "organism.json", meta)
+    # Publish atomically: the half-built directory never looks like a finished build.
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    meta["cached"] = False
+    return meta
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def default_organism_dir(cfg: OrganismConfig | None = None) -> Path:
+    """Cache location: ``$ALIGNCOLLAPSE_CACHE`` (default ``~/.cache/aligncollapse``)/organism-KEY."""
+    cfg = cfg or OrganismConfig()
+    root = Path(os.environ.get("ALIGNCOLLAPSE_CACHE", Path.home() / ".cache" / "aligncollapse"))
+    return root / f"organism-{cfg.key()}"

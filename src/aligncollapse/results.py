@@ -1,0 +1,87 @@
+"""The one results writer: versioned, atomic ``results.json`` (and other files) under ``--out``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aligncollapse import __version__
+
+SCHEMA_VERSION = "1.0"
+
+
+def _jsonable(x: Any) -> Any:
+    """Convert tensors, numpy values, paths and non-finite floats to plain JSON values."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "tolist"):  # torch tensors and numpy arrays/scalars
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def write_results(
+    out_dir: str | os.PathLike, command: str, payload: dict[str, Any], config: dict | None = None
+) -> Path:
+    """Write ``out_dir/results.json`` with a versioned header, the command's config and payload."""
+    header = {
+        "schema": "aligncollapse.results",
+        "schema_version": SCHEMA_VERSION,
+        "aligncollapse_version": __version__,
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": {"python": platform.python_version(), "torch": _torch_version()},
+        "config": config or {},
+    }
+    path = Path(out_dir) / "results.json"
+    atomic_write_json(path, {**header, **payload})
+    return path
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _torch_version() -> str | None:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:  # pragma: no cover
+        return None
