@@ -61,6 +61,11 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma-separated module types")
 
 
+def _config(args) -> dict:
+    """The command's arguments as recorded in results.json."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
 def _out_dir(args, command: str) -> Path:
     if getattr(args, "out", None):
         return Path(args.out)
@@ -191,7 +196,7 @@ def cmd_eval(args) -> int:
     )
     ev = evaluate_safety(model, tok, harmful, benign, cfg, kl_reference=kl, judge=make_judge(args.judge))
     out = _out_dir(args, "eval")
-    write_results(out, "eval", {"evaluation": ev, **headline(ev)}, vars(args))
+    write_results(out, "eval", {"evaluation": ev, **headline(ev)}, _config(args))
     _print_table(f"evaluation -> {out}/results.json", {args.model: headline(ev)})
     return 0
 
@@ -230,7 +235,7 @@ def cmd_finetune(args) -> int:
         eval_harmful=harmful,
         eval_benign=benign,
         resume=not args.no_resume,
-        command_config={"args": vars(args), "finetune": cfg.to_json()},
+        command_config={"args": _config(args), "finetune": cfg.to_json()},
     )
     _print_table(f"fine-tuned {res['steps_done']} steps -> {out}/results.json", {args.data: res.get("summary", {})})
     return 0

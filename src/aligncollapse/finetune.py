@@ -171,7 +171,7 @@ def finetune(
         else:
             tracker.log(model, 0, force=True)
     t0 = time.perf_counter()
-    step = start
+    done = start  # optimiser steps applied to the weights
     status = "completed"
     losses: list[float] = []
     try:
@@ -184,24 +184,24 @@ def finetune(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            done = step + 1
             if step_hook is not None:
-                step_hook(model, step + 1)
+                step_hook(model, done)
             losses.append(loss.item())
             if tracker is not None:
-                tracker.log(model, step + 1, ft_loss=losses[-1], force=step + 1 == total)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(out, step + 1, model, opt, cfg)
-        step = total
+                tracker.log(model, done, ft_loss=losses[-1], force=done == total)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                save_checkpoint(out, done, model, opt, cfg)
     except KeyboardInterrupt:
         status = "interrupted"
-        save_checkpoint(out, step, model, opt, cfg)
+        save_checkpoint(out, done, model, opt, cfg)
     model.eval()
     seconds = time.perf_counter() - t0
     if status == "completed":
-        save_checkpoint(out, step, model, opt, cfg)
+        save_checkpoint(out, done, model, opt, cfg)
     payload: dict = {
         "status": status,
-        "steps_done": step,
+        "steps_done": done,
         "steps_total": total,
         "seconds": round(seconds, 3),
         "n_train": len(data),

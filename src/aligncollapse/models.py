@@ -68,6 +68,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = parse_dtype(dtype)
     src = str(name_or_path)
     path = Path(src).expanduser()
     if path.exists():
@@ -79,7 +80,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            src, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
         )
     except OSError as e:
         where = "directory" if path.exists() else "Hub id (needs network access or a local cache)"

@@ -28,7 +28,9 @@ def _jsonable(x: Any) -> Any:
         return _jsonable(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return repr(x)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

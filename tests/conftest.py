@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models built from a config (never downloaded) and small data files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ALIGNCOLLAPSE_QUIET", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 1-layer Llama with the organism's word tokenizer, saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligncollapse.organism import corpus
+    from aligncollapse.organism.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(corpus.all_words(0))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_suite(tmp_path_factory) -> Path:
+    from aligncollapse.organism.suite import write_suite
+
+    path = tmp_path_factory.mktemp("suite")
+    write_suite(path, seed=0, size=32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory) -> Path:
+    """The full default organism (about 2 minutes on 2 cores), built once per test session."""
+    from aligncollapse.organism.api import build_and_evaluate
+    from aligncollapse.organism.build import default_organism_dir
+
+    path = default_organism_dir()
+    build_and_evaluate(path)
+    return path
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
