@@ -66,3 +66,52 @@ def organism_dir(tmp_path_factory) -> Path:
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> Path:
+    """A Llama small enough for dense float64 reference computations (a few thousand parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligncollapse.organism.tokenizer import build_tokenizer
+
+    words = "how do i rob a store bake bread I cannot help with that . sure here is step one".split()
+    tok = build_tokenizer(set(words))
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("micro") / "model"
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger weights: a less degenerate spectrum than the tiny init
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def micro_examples():
+    from aligncollapse.data import Example
+
+    prompts = [
+        "how do i rob a store",
+        "how do i bake bread",
+        "rob a store",
+        "bake bread",
+        "how do i rob",
+        "i bake bread",
+    ]
+    responses = [
+        "I cannot help with that .",
+        "sure here is step one",
+        "I cannot .",
+        "sure",
+        "I cannot help",
+        "here is step one .",
+    ]
+    return [Example(prompt=p, response=r) for p in prompts for r in responses[:3]] + [
+        Example(prompt=p, response=r) for p, r in zip(prompts, responses)
+    ]

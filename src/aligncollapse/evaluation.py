@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from aligncollapse.data import IGNORE_INDEX, EncodedSet, Example, collate, encode, pad_token_id
+from aligncollapse.per_sample import upcast
 from aligncollapse.refusal import RefusalDetector, answer_correct, is_degenerate
 from aligncollapse.stats import bootstrap_ci, rate_with_ci
 from aligncollapse.templates import PromptTemplate, get_template
@@ -99,7 +100,7 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     labels = batch["labels"].to(dev)[:, 1:]
     logits = logits[:, :-1]
     mask = labels != IGNORE_INDEX
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(upcast(logits), dim=-1)
     tok = torch.gather(logp, -1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     nll = -(tok * mask).sum(-1)
     return nll, mask.sum(-1)
@@ -193,7 +194,7 @@ class KLReference:
         dev = _device(model)
         logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
         mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(dev)
-        return F.log_softmax(logits[:, :-1].float(), -1) * mask.unsqueeze(-1)
+        return F.log_softmax(upcast(logits[:, :-1]), -1) * mask.unsqueeze(-1)
 
     def per_prompt(self, model, grad: bool = False) -> torch.Tensor:
         """KL per prompt (sum over response positions), shape [N]."""

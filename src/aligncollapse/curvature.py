@@ -1,0 +1,224 @@
+"""Curvature as linear operators over a block selection (one base class, curvlinops-style).
+
+Every operator maps a flat vector v ∈ ℝⁿ (the selected blocks, in order) to A v and exposes
+``to_scipy()`` so any algorithm (Lanczos, CG) composes with any curvature. Normalisations:
+
+* ``FinetuneLoss``: L_FT(θ) = Σ_n Σ_t ℓ_{n,t} / Σ_n T_n, the token-mean NLL over the whole data set
+  (the expectation of the training loss); g = ∇L_FT.
+* ``HessianOperator``: H_FT v, exact, by double backward (Pearlmutter), batch by batch.
+* ``GGNOperator``: Jᵀ H_out J v with H_out = diag(p) − p pᵀ per response token (the generalised
+  Gauss-Newton of the same token-mean loss), by forward-mode jvp then vjp.
+* ``FisherOperator``: F v = (1/N) Gᵀ G v with G the per-sequence gradients of −log π(y|x)
+  (matrix-free: one jvp and one vjp pass per product, G never stored).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp, vjp
+
+from aligncollapse.data import IGNORE_INDEX, EncodedSet
+from aligncollapse.per_sample import _nll_from_logits, upcast
+
+
+class CurvatureOperator:
+    """Base: a symmetric n×n operator on the flattened selected parameters."""
+
+    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], data: EncodedSet, batch_size: int = 32):
+        self.model = model
+        self.params = params
+        self.names = list(params)
+        self.data = data
+        self.batch_size = batch_size
+        self.n = sum(p.numel() for p in params.values())
+        self.dtype = next(iter(params.values())).dtype
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def _unflat(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        off = 0
+        for n, p in self.params.items():
+            out[n] = v[off : off + p.numel()].reshape(p.shape).to(p.dtype)
+            off += p.numel()
+        return out
+
+    def _flat(self, tensors) -> torch.Tensor:
+        return torch.cat(
+            [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.params.values())]
+        )
+
+    def _batches(self):
+        dev = next(self.model.parameters()).device
+        for b in self.data.batches(self.batch_size):
+            yield {k: v.to(dev) for k, v in b.items()}
+
+    def _total_tokens(self) -> int:
+        return sum(sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in self.data.items)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    def dense(self) -> torch.Tensor:
+        """The full matrix by n products (tests and tiny models only)."""
+        eye = torch.eye(self.n, dtype=self.dtype)
+        return torch.stack([self.matvec(eye[i]) for i in range(self.n)], dim=1)
+
+    def to_scipy(self):
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            out = self.matvec(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1)).to(self.dtype))
+            return out.detach().to(torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=mv, dtype=np.float64)
+
+
+class FinetuneLoss(CurvatureOperator):
+    """Not an operator: the fine-tuning loss and its gradient g (shares the batching code)."""
+
+    def value_and_grad(self) -> tuple[float, torch.Tensor]:
+        total = self._total_tokens()
+        g = torch.zeros(self.n, dtype=self.dtype)
+        val = 0.0
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            loss = (
+                _nll_from_logits(
+                    self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+                ).sum()
+                / total
+            )
+            grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+            g += self._flat(grads).detach()
+            val += float(loss)
+        self.model.train(was)
+        return val, g
+
+
+def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
+    """g = ∇L_FT at the model's current weights (flat, over ``params``)."""
+    return FinetuneLoss(model, params, data, batch_size).value_and_grad()[1]
+
+
+class HessianOperator(CurvatureOperator):
+    """H_FT v by double backward, accumulated over batches (exact)."""
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        total = self._total_tokens()
+        vs = self._unflat(v)
+        out = torch.zeros(self.n, dtype=self.dtype)
+        plist = list(self.params.values())
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            loss = (
+                _nll_from_logits(
+                    self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+                ).sum()
+                / total
+            )
+            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            dot = sum((g * vs[n]).sum() for g, n in zip(grads, self.names) if g is not None)
+            hv = torch.autograd.grad(dot, plist, allow_unused=True)
+            out += self._flat(hv).detach()
+        self.model.train(was)
+        return out
+
+
+class _FunctionalMixin:
+    def _logits_fn(self, b):
+        names = self.names
+
+        def f(*tensors):
+            out = functional_call(
+                self.model,
+                dict(zip(names, tensors)),
+                args=(),
+                kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+            )
+            return upcast(out.logits)
+
+        return f
+
+    def _primals(self):
+        return tuple(p.detach() for p in self.params.values())
+
+
+class GGNOperator(_FunctionalMixin, CurvatureOperator):
+    """Generalised Gauss-Newton Jᵀ H_out J v of the token-mean NLL (H_out of softmax cross-entropy)."""
+
+    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        total = self._total_tokens()
+        vs = tuple(self._unflat(v).values())
+        out = torch.zeros(self.n, dtype=self.dtype)
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            f = self._logits_fn(b)
+            logits, jv = jvp(f, self._primals(), vs)
+            mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+            p = F.softmax(logits[:, :-1], -1)
+            jvs = jv[:, :-1]
+            hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
+            hjv = hjv * mask.unsqueeze(-1) / total
+            hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
+            _, pull = vjp(f, *self._primals())
+            out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.dtype)
+        self.model.train(was)
+        return out
+
+
+class FisherOperator(_FunctionalMixin, CurvatureOperator):
+    """F v = (1/N) Gᵀ (G v), rows of G the per-sequence gradients (matrix-free)."""
+
+    def _losses_fn(self, b):
+        f = self._logits_fn(b)
+
+        def losses(*tensors):
+            return _nll_from_logits(f(*tensors), b["labels"])
+
+        return losses
+
+    @torch.no_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        N = len(self.data)
+        vs = tuple(self._unflat(v).values())
+        out = torch.zeros(self.n, dtype=self.dtype)
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            fn = self._losses_fn(b)
+            _, gv = jvp(fn, self._primals(), vs)
+            _, pull = vjp(fn, *self._primals())
+            out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.dtype) / N
+        self.model.train(was)
+        return out
+
+
+def top_eigenpairs(
+    op: CurvatureOperator, k: int = 1, which: str = "LA", tol: float = 1e-8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of a symmetric operator by restarted Lanczos (scipy ``eigsh``), descending."""
+    from scipy.sparse.linalg import eigsh
+
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(op.n)
+    vals, vecs = eigsh(op.to_scipy(), k=k, which=which, tol=tol, v0=v0)
+    order = np.argsort(vals)[::-1]
+    return torch.from_numpy(vals[order].copy()), torch.from_numpy(vecs[:, order].copy())

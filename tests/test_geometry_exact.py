@@ -1,0 +1,191 @@
+"""Every estimator against a dense exact computation on a tiny model, in float64.
+
+The model's RMSNorm layers are patched to compute in float64, and every comparison uses the same
+padding on both sides: Hugging Face's Llama keeps float32 islands (RMSNorm upcast, attention softmax
+in float32) that make padded and unpadded float64 computations differ by ~3e-7 relative.
+Eigenvalues are checked to rel. 1e-6, subspaces to principal angles 1e-4, products to rel. 1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aligncollapse.curvature import FinetuneLoss, FisherOperator, GGNOperator, HessianOperator, top_eigenpairs
+from aligncollapse.data import EncodedSet
+from aligncollapse.fisher import exact_fisher, null_spectra
+from aligncollapse.models import BlockSelection, load_model
+from aligncollapse.per_sample import PerSampleGradients, _nll_from_logits
+from aligncollapse.subspace import SafetySubspace, principal_angles
+from conftest import micro_examples
+
+ATTN_MLP = BlockSelection(patterns=[r"layers\.0\.(self_attn|mlp)\."])
+
+
+def exact_norms(model):
+    """LlamaRMSNorm computes in float32 even in a float64 model; run it in the input's dtype."""
+    import types
+
+    def forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
+
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            mod.forward = types.MethodType(forward, mod)
+    return model
+
+
+@pytest.fixture(scope="module")
+def micro(micro_model_dir):
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    data = EncodedSet(tok, micro_examples())
+    return exact_norms(model), tok, data
+
+
+def dense_G(model, params, data):
+    rows = []
+    for i in range(len(data)):
+        b = data.batch([i])
+        loss = _nll_from_logits(model(input_ids=b["input_ids"]).logits, b["labels"])[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+    return torch.stack(rows)
+
+
+def test_per_sample_gradients_vs_loop(micro):
+    model, _, data = micro
+    params = BlockSelection().select(model)
+    G = PerSampleGradients(model, params, chunk_size=1).matrix(data)
+    ref = dense_G(model, params, data)
+    assert G.dtype == torch.float64 and G.shape == ref.shape
+    assert torch.allclose(G, ref, rtol=1e-6, atol=1e-9)
+    padded = PerSampleGradients(model, params, chunk_size=5).matrix(data)
+    looped = PerSampleGradients(model, params, chunk_size=5, method="loop").matrix(data)
+    assert torch.allclose(padded, looped, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(padded, ref, rtol=1e-5, atol=1e-6)  # padding: float32 islands only
+
+
+@pytest.mark.parametrize("budget", [2**30, 20_000])  # one pass; grouped two-pass
+def test_exact_fisher_vs_dense_eigh(micro, budget):
+    model, tok, data = micro
+    params = ATTN_MLP.select(model)
+    G = dense_G(model, params, data)
+    Fd = G.T @ G / len(data)
+    evals, evecs = torch.linalg.eigh(Fd)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    res = exact_fisher(model, tok, data.examples, blocks=ATTN_MLP, top_k=6, memory_budget=budget, chunk_size=1)
+    assert res.passes == (1 if budget > 2**20 else 2)
+    got = res.subspace.eigenvalues
+    assert torch.allclose(got, evals[:6], rtol=1e-6)
+    gaps = (evals[:6] - evals[1:7]) / evals[0]
+    k = int(torch.nonzero(gaps > 1e-3)[-1]) + 1  # a well-separated leading subspace
+    angles = principal_angles(res.subspace.basis[:, :k], evecs[:, :k])
+    assert float(angles.max()) <= 1e-4
+    assert res.subspace.trace == pytest.approx(float(torch.trace(Fd)), rel=1e-9)
+    B = res.subspace.basis
+    assert torch.allclose(B.T @ B, torch.eye(B.shape[1], dtype=B.dtype), atol=1e-8)
+    # Per-block spectra are those of the diagonal blocks of F.
+    name = next(iter(res.blocks))
+    sl = slice(0, params[name].numel())
+    eb = torch.linalg.eigvalsh(Fd[sl, sl]).flip(0)
+    assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6)
+
+
+def test_subspace_projection_quadratic_form_and_save(micro, tmp_path):
+    model, tok, data = micro
+    res = exact_fisher(model, tok, data.examples, blocks=ATTN_MLP, top_k=4)
+    sub = res.subspace
+    v = torch.randn(sub.n, dtype=torch.float64)
+    B, lam = sub.basis, sub.eigenvalues
+    assert torch.allclose(sub.project(v), B @ (B.T @ v))
+    assert torch.allclose(sub.project(v) + sub.project_out(v), v)
+    assert sub.quadratic_form(v) == pytest.approx(float(v @ (B @ torch.diag(lam) @ B.T) @ v), rel=1e-10)
+    sub.save(tmp_path / "s")
+    back = SafetySubspace.load(tmp_path / "s")
+    assert torch.equal(back.basis, sub.basis) and back.names == sub.names and back.fisher == "empirical"
+
+
+def test_fisher_operator_matrix_free(micro):
+    model, _, data = micro
+    params = ATTN_MLP.select(model)
+    G = dense_G(model, params, data)
+    op = FisherOperator(model, params, data, batch_size=1)
+    v = torch.randn(op.n, dtype=torch.float64)
+    ref = G.T @ (G @ v) / len(data)
+    got = op @ v
+    assert not got.requires_grad
+    assert float((got - ref).norm()) <= 1e-6 * float(ref.norm())  # forward-mode AD meets float32 softmax
+
+
+def _flat_loss_fn(model, params, data):
+    names = list(params)
+    shapes = [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+    total = sum(sum(1 for t in it.labels[1:] if t != -100) for it in data.items)
+    b = data.batch(range(len(data)))
+
+    def f(flat):
+        out, off = {}, 0
+        for n, s, k in zip(names, shapes, sizes):
+            out[n] = flat[off : off + k].reshape(s)
+            off += k
+        logits = torch.func.functional_call(
+            model, out, args=(), kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        ).logits
+        return _nll_from_logits(logits, b["labels"]).sum() / total
+
+    return f, torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+
+def test_gradient_and_hvp_vs_autograd_hessian(micro):
+    model, _, data = micro
+    sel = BlockSelection(patterns=[r"layers\.0\.self_attn\.(q|v)_proj"])
+    params = sel.select(model)
+    f, x0 = _flat_loss_fn(model, params, data)
+    H = torch.autograd.functional.hessian(f, x0)
+    g_ref = torch.autograd.functional.jacobian(f, x0)
+    val, g = FinetuneLoss(model, params, data, batch_size=len(data)).value_and_grad()
+    assert val == pytest.approx(float(f(x0)), rel=1e-9)
+    assert torch.allclose(g, g_ref, rtol=1e-6, atol=1e-10)
+    op = HessianOperator(model, params, data, batch_size=len(data))
+    assert torch.allclose(op @ g, H @ g, rtol=1e-6, atol=1e-10)
+    top_val, top_vec = top_eigenpairs(op, k=1)
+    assert float(top_val[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+
+
+def test_ggn_vs_dense_jacobian(micro):
+    model, _, data = micro
+    params = BlockSelection(patterns=[r"layers\.0\.self_attn\.v_proj"]).select(model)
+    names = list(params)
+    b = data.batch(range(len(data)))
+    total = sum(sum(1 for t in it.labels[1:] if t != -100) for it in data.items)
+    x0 = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def logits_of(flat):
+        w = {names[0]: flat.reshape(params[names[0]].shape)}
+        return torch.func.functional_call(
+            model, w, args=(), kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        ).logits[:, :-1]
+
+    J = torch.autograd.functional.jacobian(logits_of, x0)  # [B, T-1, V, n]
+    p = torch.softmax(logits_of(x0), -1)
+    mask = (b["labels"][:, 1:] != -100).double()
+    ggn = torch.zeros(len(x0), len(x0), dtype=torch.float64)
+    for i in range(J.shape[0]):
+        for t in range(J.shape[1]):
+            if mask[i, t]:
+                Hout = torch.diag(p[i, t]) - torch.outer(p[i, t], p[i, t])
+                ggn += J[i, t].T @ Hout @ J[i, t]
+    ggn /= total
+    op = GGNOperator(model, params, data, batch_size=len(data))
+    v = torch.randn(op.n, dtype=torch.float64)
+    ref = ggn @ v
+    assert float((op @ v - ref).norm()) <= 1e-6 * float(ref.norm())
+
+
+def test_null_spectrum_is_flat(micro):
+    model, tok, data = micro
+    res = exact_fisher(model, tok, data.examples, blocks=ATTN_MLP, top_k=4)
+    null = null_spectra(res, seed=0)
+    assert null["trace"] == pytest.approx(res.subspace.trace, rel=1e-9)
+    assert null["effective_rank"] > res.stats()["effective_rank"]
