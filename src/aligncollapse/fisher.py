@@ -194,3 +194,46 @@ def shuffled_examples(examples: Sequence[Example], seed: int = 0) -> list[Exampl
     perm = torch.randperm(n, generator=g).tolist()
     perm = [(p if p != i else (i + 1) % n) for i, p in enumerate(perm)]
     return [Example(prompt=e.prompt, response=examples[j].response, source=e.source) for e, j in zip(examples, perm)]
+
+
+def implicit_fisher(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    kind: str = "empirical",
+    blocks: BlockSelection | None = None,
+    top_k: int = 8,
+    batch_size: int = 16,
+    hutchinson: int = 8,
+    template: str = "raw",
+    use_chat_template=None,
+    max_length: int = 512,
+    seed: int = 0,
+) -> tuple[SafetySubspace, dict]:
+    """Top-k of F by Lanczos on the matrix-free operator (for models where even G's Gram is too
+    costly to build); tr F by Hutchinson with ``hutchinson`` Rademacher probes. Memory O(k·n)."""
+    from aligncollapse.curvature import FisherOperator, top_eigenpairs
+
+    t0 = time.perf_counter()
+    blocks = blocks or BlockSelection()
+    params = blocks.select(model)
+    data = EncodedSet(tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length)
+    op = FisherOperator(model, params, data, batch_size)
+    vals, vecs = top_eigenpairs(op, k=top_k, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    est = []
+    for _ in range(hutchinson):
+        z = (torch.randint(0, 2, (op.n,), generator=g) * 2 - 1).to(op.dtype)
+        est.append(float(z @ op.matvec(z)))
+    trace = sum(est) / len(est)
+    names = list(params)
+    sub = SafetySubspace(vals.clone(), vecs.to(torch.float64), names, [tuple(params[n].shape) for n in names], kind, trace, len(data),
+                         {"trace_estimator": f"hutchinson({hutchinson})"})  # fmt: skip
+    info = {
+        "matvecs": op.matvecs,
+        "seconds": time.perf_counter() - t0,
+        "trace_estimate": trace,
+        "trace_std": float(torch.tensor(est).std()) if len(est) > 1 else None,
+    }
+    return sub, info

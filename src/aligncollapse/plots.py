@@ -35,3 +35,59 @@ def plot_trajectories(trajectories: dict[str, list[dict]], path: str | Path, tit
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def plot_block_spectra(blocks: dict[str, list[float]], path: str | Path, title: str = "", top: int = 64) -> Path:
+    """Sorted top eigenvalues per module, one panel per module type and one line per layer
+    (the paper's Figs 2 and 5); parameters outside the seven projections go to 'other'."""
+    import re
+
+    panels: dict[str, list[tuple[int, list[float]]]] = {}
+    for name, eigs in blocks.items():
+        kind = next((m for m in MODULE_ORDER if f".{m}." in name or name.endswith(f".{m}.weight")), "other")
+        layer = re.search(r"layers\.(\d+)\.", name)
+        panels.setdefault(kind, []).append((int(layer.group(1)) if layer else -1, eigs))
+    kinds = [k for k in (*MODULE_ORDER, "other") if k in panels]
+    cols = min(4, len(kinds))
+    rows = (len(kinds) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds):
+        for layer, eigs in sorted(panels[kind]):
+            e = [x for x in eigs[:top] if x > 0]
+            if e:
+                ax.semilogy(range(1, len(e) + 1), e, alpha=0.6, label=f"layer {layer}" if layer >= 0 else None)
+        ax.set(title=kind, xlabel="index", ylabel="eigenvalue")
+        ax.grid(alpha=0.3)
+        if len(panels[kind]) <= 8:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_global_spectrum(curves: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Sorted eigenvalues (normalised by the trace) of each Fisher and its null references."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, eigs in curves.items():
+        tot = sum(eigs) or 1.0
+        e = [x / tot for x in eigs if x > 0]
+        ax.semilogy(range(1, len(e) + 1), e, marker=".", label=label, alpha=0.8)
+    ax.set(xlabel="index", ylabel="eigenvalue / trace", title=title or "Fisher spectrum vs null")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
