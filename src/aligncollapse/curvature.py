@@ -102,7 +102,7 @@ class FinetuneLoss(CurvatureOperator):
             )
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
             g += self._flat(grads).detach()
-            val += float(loss)
+            val += loss.item()
         self.model.train(was)
         return val, g
 

@@ -104,6 +104,14 @@ def _groups(sizes: list[int], names: list[str], n_rows: int, itemsize: int, budg
     return groups
 
 
+def _lift(G: torch.Tensor, Uk: torch.Tensor, dtype, cols: int = 1 << 16) -> torch.Tensor:
+    """Gᵀ U in ``dtype``, converting G a column slice at a time."""
+    out = torch.empty(G.shape[1], Uk.shape[1], dtype=dtype)
+    for s in range(0, G.shape[1], cols):
+        out[s : s + cols] = G[:, s : s + cols].to(dtype).T @ Uk
+    return out
+
+
 def exact_fisher(
     model,
     tokenizer,
@@ -139,15 +147,18 @@ def exact_fisher(
         sub = OrderedDict((names[i], params[names[i]]) for i in gi)
         ps = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method)
         G = ps.matrix(data)
-        Gd = G.to(dtype)
-        K += Gd @ Gd.T / N
-        sq_norms += Gd.pow(2).sum(1)
+        # Per-block Grams in float64, one block slice at a time (no float64 copy of G); K is their sum.
         for name, sl in ps.block_slices().items():
-            Gb = Gd[:, sl]
-            block_grams[name] = Gb @ Gb.T / N
+            Kb = torch.zeros(N, N, dtype=dtype)
+            for c in range(sl.start, sl.stop, 1 << 13):  # float64 column slices: bounded scratch
+                Gc = G[:, c : min(c + (1 << 13), sl.stop)].to(dtype)
+                Kb += Gc @ Gc.T
+                sq_norms += Gc.pow(2).sum(1)
+            block_grams[name] = Kb / N
+            K += block_grams[name]
         if len(groups) == 1:
             held = G
-        del G, Gd
+        del G
     evals, U = torch.linalg.eigh(K)
     order = torch.argsort(evals, descending=True)
     evals, U = evals[order].clamp_min(0.0), U[:, order]
@@ -156,16 +167,17 @@ def exact_fisher(
     Uk = U[:, :k] / scale[None, :]
     passes = 1
     if held is not None:
-        V = held.to(dtype).T @ Uk
+        V = _lift(held, Uk, dtype)
     else:  # second pass: lift eigenvectors group by group
         passes = 2
-        parts = []
+        V = torch.empty(sum(sizes), k, dtype=dtype)
+        off = 0
         for gi in groups:
             sub = OrderedDict((names[i], params[names[i]]) for i in gi)
             G = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method).matrix(data)
-            parts.append(G.to(dtype).T @ Uk)
+            V[off : off + G.shape[1]] = _lift(G, Uk, dtype, cols=1 << 13)
+            off += G.shape[1]
             del G
-        V = torch.cat(parts)
     blocks_out: OrderedDict[str, dict] = OrderedDict()
     for name, Kb in block_grams.items():
         eb = torch.linalg.eigvalsh(Kb).flip(0).clamp_min(0.0)

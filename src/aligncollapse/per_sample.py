@@ -80,18 +80,25 @@ class PerSampleGradients:
 
     def iter_chunks(self, data: EncodedSet) -> Iterator[tuple[range, torch.Tensor]]:
         """Yield (sample indices, [c, n] gradients) chunk by chunk; each sample is padded with its chunk."""
+        from aligncollapse.progress import progress
+
         was = self.model.training
         self.model.eval()
+        starts = range(0, len(data), self.chunk_size)
         try:
-            for s in range(0, len(data), self.chunk_size):
+            for s in progress(starts, desc="per-sample gradients", total=len(starts)):
                 idx = range(s, min(s + self.chunk_size, len(data)))
                 yield idx, self.batch_grads(data.batch(idx))
         finally:
             self.model.train(was)
 
     def matrix(self, data: EncodedSet) -> torch.Tensor:
-        """The full [N, n] per-sample gradient matrix (only for small N·n)."""
-        return torch.cat([g for _, g in self.iter_chunks(data)])
+        """The full [N, n] per-sample gradient matrix, filled in place (one copy in memory)."""
+        dtype = next(iter(self.params.values())).dtype
+        out = torch.empty(len(data), self.n, dtype=dtype)
+        for idx, g in self.iter_chunks(data):
+            out[idx.start : idx.stop] = g
+        return out
 
     def unflatten(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
