@@ -307,6 +307,26 @@ def cmd_fisher(args) -> int:
     return 0
 
 
+def cmd_theory(args) -> int:
+    from aligncollapse.results import write_results
+    from aligncollapse.theory import run_theory
+
+    out = _out_dir(args, "theory")
+    res = run_theory(out)
+    write_results(out, "theory", res, _config(args))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"exact theory check -> {out}/results.json")
+    for c in ("regime", "ε = ‖Pg‖", "γ", "exponent", "predicted", "coef. ratio", "Thm 6.2 bound"):
+        t.add_column(c)
+    for r in res["table"]:
+        t.add_row(r["regime"], f"{r['eps_orth']:.0e}", f"{r['gamma']:.3f}", f"{r['exponent']:.3f}", f"{r['predicted_exponent']:.0f}",
+                  f"{r['coefficient_ratio']:.4f}", "holds" if r["drift_bound_holds"] else "VIOLATED")  # fmt: skip
+    Console().print(t)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from aligncollapse.demo import run_demo
 
@@ -391,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--seed", type=int, default=0)
     fi.add_argument("--out")
     fi.set_defaults(func=cmd_fisher)
+
+    th = sub.add_parser("theory", help="exact checks of the quartic law and the drift bounds on synthetic problems")
+    th.add_argument("--out")
+    th.set_defaults(func=cmd_theory)
 
     d = sub.add_parser("demo", help="build the organism, evaluate, fine-tune on a benign and a seemingly-benign set")
     d.add_argument("--out", help="output directory (default runs/demo-<timestamp>)")
