@@ -307,6 +307,94 @@ def cmd_fisher(args) -> int:
     return 0
 
 
+def _scan_settings(args):
+    from aligncollapse.aic import ScanSettings
+    from aligncollapse.models import BlockSelection
+    from aligncollapse.results import read_results
+
+    threshold = None
+    if args.threshold not in (None, "none", "organism"):
+        try:
+            threshold = float(args.threshold)
+        except ValueError:
+            raise UserError(f"--threshold must be a number, 'organism' or 'none', got {args.threshold!r}") from None
+    elif args.threshold in (None, "organism") and (Path(args.model) / "results.json").exists():
+        threshold = (read_results(Path(args.model)).get("calibration") or {}).get("collapse_kl")
+    sel = _blocks(args)
+    return ScanSettings(
+        d=int(args.d) if str(args.d).isdigit() else args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+        n_boot=args.n_boot, seed=args.seed, threshold=threshold, ft_batch_size=args.batch_size, template=args.template, use_chat_template=_use_chat(args),
+        blocks=BlockSelection(patterns=sel.patterns, layers=sel.layers, module_types=sel.module_types, trainable_only=True),
+    )  # fmt: skip
+
+
+def _lora_settings(args):
+    from aligncollapse.models import LoraSettings
+
+    if not args.lora:
+        return None
+    return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","))
+
+
+def cmd_scan(args) -> int:
+    import hashlib
+
+    from aligncollapse.models import apply_lora, load_model
+    from aligncollapse.results import write_results
+    from aligncollapse.scan import run_scan
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    safety = _safety_set(args, model, tok)
+    finetune = _training_data(args.finetune, args.model)
+    lora = _lora_settings(args)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    before = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    s = _scan_settings(args)
+    out = _out_dir(args, "scan")
+    res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
+    after = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    res["model_unchanged"] = before == after
+    write_results(out, "scan", res, _config(args))
+    fc = res["forecast"]
+    print(f"scan of {args.finetune} -> {out}/report.html")
+    print(f"  verdict: {res['verdict']}")
+    print(f"  d={res['d']}  λ={res['lambda']:.4g}  tail={res['tail_fraction']:.3f}  ε_orth/‖g‖={res['eps_orth_rel']:.3g} (random {res['eps_orth_random']:.3g})"
+          f"  γ={res['gamma']:.4g} (random {res['gamma_random']:.3g})")  # fmt: skip
+    if fc.get("threshold") is not None:
+        print(
+            f"  forecast Δu at step {args.steps}: {fc['at_budget']:.4g}; threshold {fc['threshold']:.3g} crossed at step {fc.get('predicted_collapse_step')}"
+        )
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from aligncollapse.models import load_model
+    from aligncollapse.results import write_results
+    from aligncollapse.validate import run_validate
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    safety = _safety_set(args, model, tok)
+    finetune = _training_data(args.finetune, args.model)
+    if args.optimizer != "sgd":
+        raise UserError(
+            "validate compares against gradient flow: use --optimizer sgd (AdamW forecasts are a stated approximation)"
+        )
+    s = _scan_settings(args)
+    out = _out_dir(args, "validate")
+    res = run_validate(model, tok, safety, finetune, out, s, label=args.finetune)
+    write_results(out, "validate", res, _config(args))
+    ex = res["exponent"] or {}
+    print(f"validate {args.finetune} -> {out}/report.html")
+    print(f"  verdict: {res['scan']['verdict']}")
+    print(f"  measured exponent {ex.get('exponent', float('nan')):.3f} [{ex.get('ci_low', float('nan')):.3f}, {ex.get('ci_high', float('nan')):.3f}];"
+          f" forecast/measured {res['forecast_vs_measured']}")  # fmt: skip
+    print(
+        f"  Thm 6.2 holds at {res['thm62_holds_fraction']:.0%} of steps; Davis–Kahan holds: {res['davis_kahan_holds']}"
+    )
+    return 0
+
+
 def cmd_theory(args) -> int:
     from aligncollapse.results import write_results
     from aligncollapse.theory import run_theory
@@ -411,6 +499,45 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--seed", type=int, default=0)
     fi.add_argument("--out")
     fi.set_defaults(func=cmd_fisher)
+
+    sc = sub.add_parser("scan", help="pre-flight check: AIC, quartic-law forecast, verdict, report")
+    _add_model_args(sc)
+    _add_lora_args(sc)
+    sc.add_argument("--safety", help="safety prompts (responses are the model's own); default: the organism's")
+    sc.add_argument("--safe-target", help=argparse.SUPPRESS)
+    sc.add_argument("--limit", type=int, help="use at most this many safety prompts")
+    sc.add_argument(
+        "--finetune", required=True, help="fine-tuning data file / HF dataset, or an organism suite set name"
+    )
+    sc.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw"],
+        help="how t relates to steps (AdamW: fixed preconditioner)",
+    )
+    sc.add_argument("--lr", type=float, default=1e-3)
+    sc.add_argument("--steps", type=int, default=50, help="planned fine-tuning steps")
+    sc.add_argument(
+        "--batch-size", type=int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
+    )
+    sc.add_argument("--d", default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap")
+    sc.add_argument("--max-d", type=int, default=16, help="eigenpairs computed by Lanczos")
+    sc.add_argument(
+        "--threshold", help="Δu counting as collapse: a number, 'organism' (calibrated, default when present) or 'none'"
+    )
+    sc.add_argument("--n-boot", type=int, default=500)
+    sc.add_argument("--blocks")
+    sc.add_argument("--layers")
+    sc.add_argument("--modules")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out")
+    sc.set_defaults(func=cmd_scan)
+
+    va = sub.add_parser("validate", help="scan, fine-tune with tracking, and check the forecast and the laws")
+    for action in sc._actions:
+        if action.dest not in ("help",):
+            va._add_action(action)
+    va.set_defaults(func=cmd_validate)
 
     th = sub.add_parser("theory", help="exact checks of the quartic law and the drift bounds on synthetic problems")
     th.add_argument("--out")

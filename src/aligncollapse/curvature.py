@@ -158,12 +158,22 @@ class _FunctionalMixin:
 
 
 class GGNOperator(_FunctionalMixin, CurvatureOperator):
-    """Generalised Gauss-Newton Jᵀ H_out J v of the token-mean NLL (H_out of softmax cross-entropy)."""
+    """Generalised Gauss-Newton Jᵀ H_out J v (H_out of softmax cross-entropy) over response tokens.
+
+    ``per="token"``: of the token-mean NLL (divided by the number of response tokens);
+    ``per="sequence"``: divided by the number of sequences N. With the reference model's own
+    responses as data, ``per="sequence"`` is exactly the Hessian at θ* of the alignment KL
+    E_x Σ_t KL(π_θ*(·|x, y<t) ‖ π_θ(·|x, y<t)) -- the model-sampled Fisher of that Δu.
+    """
+
+    def __init__(self, model, params, data, batch_size: int = 32, per: str = "token"):
+        super().__init__(model, params, data, batch_size)
+        self.per = per
 
     @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.matvecs += 1
-        total = self._total_tokens()
+        total = self._total_tokens() if self.per == "token" else len(self.data)
         vs = tuple(self._unflat(v).values())
         out = torch.zeros(self.n, dtype=self.dtype)
         was = self.model.training
@@ -171,6 +181,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         for b in self._batches():
             f = self._logits_fn(b)
             logits, jv = jvp(f, self._primals(), vs)
+            logits, jv = logits.detach(), jv.detach()
             mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
             p = F.softmax(logits[:, :-1], -1)
             jvs = jv[:, :-1]
@@ -179,6 +190,32 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
             hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
             _, pull = vjp(f, *self._primals())
             out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.dtype)
+        self.model.train(was)
+        return out
+
+    def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
+        """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
+        basis (columns of ``basis``), so that Bᵀ F B = mean_k A_k (``per="sequence"``)."""
+        tangents = [tuple(self._unflat(basis[:, j]).values()) for j in range(basis.shape[1])]
+        out = []
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for b in self._batches():
+                f = self._logits_fn(b)
+                jvs, p = [], None
+                for tan in tangents:
+                    logits, jv = jvp(f, self._primals(), tan)
+                    jvs.append(jv[:, :-1].detach())
+                    if p is None:
+                        p = F.softmax(logits[:, :-1].detach(), -1)
+                J = torch.stack(jvs, 1)  # [B, d, T, V]
+                mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(J.dtype)
+                pj = (p.unsqueeze(1) * J).sum(-1)  # [B, d, T]
+                A = torch.einsum("bitv,bjtv,btv,bt->bij", J, J, p, mask) - torch.einsum("bit,bjt,bt->bij", pj, pj, mask)
+                out.append(A.to(torch.float64))
+        self.model.train(was)
+        return torch.cat(out)
         self.model.train(was)
         return out
 

@@ -113,3 +113,30 @@ def plot_theory(sims: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_forecast(fc: dict, path: str | Path, measured: list[dict] | None = None, title: str = "") -> Path:
+    """Forecast Δu against step (log-log), with the threshold, validity horizon and, if given,
+    the measured alignment KL of a fine-tuning run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = fc["steps"]
+    ax.loglog(steps, [max(x, 1e-300) for x in fc["delta_u"]], label="forecast Δu (full F)")
+    ax.loglog(steps, [max(x, 1e-300) for x in fc["delta_u_in_M"]], "--", label="forecast within M")
+    ax.loglog(steps, [max(x, 1e-300) for x in fc["quartic_term"]], ":", label="γ² t⁴ / 8")
+    if measured:
+        pts = [(r["step"], r["alignment_kl"]) for r in measured if r["step"] > 0 and r.get("alignment_kl", 0) > 0]
+        if pts:
+            ax.loglog(*zip(*pts), "ko", ms=4, label="measured Δu (KL)")
+    if fc.get("threshold"):
+        ax.axhline(fc["threshold"], color="red", lw=0.8, label="collapse threshold")
+    if fc.get("valid_until_step"):
+        ax.axvline(fc["valid_until_step"], color="gray", lw=0.8, ls="-.", label="validity horizon")
+    ax.set(xlabel="fine-tuning step", ylabel="Δu = KL(π* ‖ π_t) per sequence", title=title or "alignment-loss forecast")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
