@@ -249,13 +249,19 @@ class FisherOperator(_FunctionalMixin, CurvatureOperator):
 
 
 def top_eigenpairs(
-    op: CurvatureOperator, k: int = 1, which: str = "LA", tol: float = 1e-8, seed: int = 0
+    op: CurvatureOperator, k: int = 1, which: str = "LA", tol: float = 1e-8, seed: int = 0, maxiter: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs of a symmetric operator by restarted Lanczos (scipy ``eigsh``), descending."""
-    from scipy.sparse.linalg import eigsh
+    """Top-k eigenpairs of a symmetric operator by restarted Lanczos (scipy ``eigsh``), descending.
+    With ``maxiter``, a run that has not converged returns the Ritz pairs it has."""
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     rng = np.random.default_rng(seed)
     v0 = rng.standard_normal(op.n)
-    vals, vecs = eigsh(op.to_scipy(), k=k, which=which, tol=tol, v0=v0)
+    try:
+        vals, vecs = eigsh(op.to_scipy(), k=k, which=which, tol=tol, v0=v0, maxiter=maxiter)
+    except ArpackNoConvergence as e:
+        if len(e.eigenvalues) == 0:
+            raise
+        vals, vecs = e.eigenvalues, e.eigenvectors
     order = np.argsort(vals)[::-1]
     return torch.from_numpy(vals[order].copy()), torch.from_numpy(vecs[:, order].copy())

@@ -90,10 +90,10 @@ def run_validate(
         if step in ck_steps:
             Ft = GGNOperator(m, params, ref, s.batch_size, per="sequence")
             was = m.training
-            _, Bt = top_eigenpairs(Ft, k=scan["d"], seed=s.seed)
-            diff_top, _ = top_eigenpairs(_Difference(Ft, Fbase), k=1, which="LM", seed=s.seed)
+            _, Bt = top_eigenpairs(Ft, k=scan["d"], seed=s.seed, tol=1e-6)
+            diff_top, _ = top_eigenpairs(_Difference(Ft, Fbase), k=1, which="LM", seed=s.seed, tol=1e-3, maxiter=300)
             m.train(was)
-            Bt = Bt.to(torch.float64)
+            Bt = Bt.to(torch.float64)[:, : scan["d"]]
             P_move = _proj_dist(Bd, Bt)
             Lf = abs(float(diff_top[0])) / max(float(dth.norm()), 1e-300)
             rotation.append({"step": step, "subspace_rotation": P_move, "lipschitz_F": Lf,
