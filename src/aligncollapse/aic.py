@@ -56,6 +56,7 @@ class ScanSettings:
     steps: int = 50
     adam_delta: float = 1e-8
     ft_batch_size: int = 16  # planned mini-batch size; 0 = the whole set (gradient descent)
+    trust_kl: float = 10.0  # the forecast is not trusted beyond this Δu (nats per sequence)
     hutchinson: int = 16
     n_boot: int = 500
     seed: int = 0
@@ -305,8 +306,12 @@ def forecast(m: dict, s: ScanSettings, a, c, lam_d, hhg_norm: float, hg_norm: fl
     # Validity: the neglected third-order term ‖t³/6 H²g‖ stays below 10% of the kept ones.
     kept = np.sqrt((t * g_norm) ** 2 + (0.5 * t**2 * hg_norm) ** 2)
     ratio = (t**3 / 6 * hhg_norm) / np.maximum(kept, 1e-300)
-    valid = ratio <= 0.1
-    horizon_t = float(t[valid].max()) if valid.any() else 0.0
+    # ... and the quadratic model of the KL stays inside a trust region (Δu ≤ trust_kl nats/sequence).
+    valid = (ratio <= 0.1) & (full <= s.trust_kl)
+    first_bad = np.nonzero(~valid)[0]
+    horizon_t = (
+        float(t[first_bad[0] - 1]) if len(first_bad) and first_bad[0] > 0 else (0.0 if len(first_bad) else float(t[-1]))
+    )
     t1 = m["t_crossover"]
     out = {
         "steps": steps.tolist(),

@@ -82,7 +82,7 @@ def scan_markdown(res: dict, label: str) -> str:
         if fc["at_budget"] is not None
         else "- budget beyond the grid",
         f"- onset window (steps): [{fc['onset_window_steps'][0]:.3g}, {fc['onset_window_steps'][1]:.3g}] (empty when the first bound exceeds the second)",
-        f"- forecast valid until step {fc['valid_until_step']:.3g} (third-order term < 10% of the kept terms)",
+        f"- forecast valid until step {fc['valid_until_step']:.3g} (third-order term < 10% of the kept terms, Δu within the trust region)",
     ]
     if fc.get("threshold") is not None:
         step = fc.get("predicted_collapse_step")
