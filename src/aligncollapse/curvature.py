@@ -60,6 +60,11 @@ class CurvatureOperator:
         for b in self.data.batches(self.batch_size):
             yield {k: v.to(dev) for k, v in b.items()}
 
+    def _batch_loss(self, b) -> torch.Tensor:
+        """Summed response-token NLL of one batch (with graph)."""
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return _nll_from_logits(logits, b["labels"]).sum()
+
     def _total_tokens(self) -> int:
         return sum(sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in self.data.items)
 
@@ -94,12 +99,7 @@ class FinetuneLoss(CurvatureOperator):
         was = self.model.training
         self.model.eval()
         for b in self._batches():
-            loss = (
-                _nll_from_logits(
-                    self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
-                ).sum()
-                / total
-            )
+            loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
             g += self._flat(grads).detach()
             val += loss.item()
@@ -124,12 +124,7 @@ class HessianOperator(CurvatureOperator):
         was = self.model.training
         self.model.eval()
         for b in self._batches():
-            loss = (
-                _nll_from_logits(
-                    self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
-                ).sum()
-                / total
-            )
+            loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
             dot = sum((g * vs[n]).sum() for g, n in zip(grads, self.names) if g is not None)
             hv = torch.autograd.grad(dot, plist, allow_unused=True)

@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_trajectories(trajectories: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
     """Alignment loss (NLL and KL) and refusal rate against fine-tuning step, one line per run."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -29,12 +38,7 @@ def plot_trajectories(trajectories: dict[str, list[dict]], path: str | Path, tit
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,12 +71,7 @@ def plot_block_spectra(blocks: dict[str, list[float]], path: str | Path, title: 
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def plot_global_spectrum(curves: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
@@ -85,12 +84,7 @@ def plot_global_spectrum(curves: dict[str, list[float]], path: str | Path, title
     ax.set(xlabel="index", ylabel="eigenvalue / trace", title=title or "Fisher spectrum vs null")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def plot_theory(sims: list[dict], path: str | Path) -> Path:
@@ -107,12 +101,7 @@ def plot_theory(sims: list[dict], path: str | Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def plot_forecast(fc: dict, path: str | Path, measured: list[dict] | None = None, title: str = "") -> Path:
@@ -134,9 +123,4 @@ def plot_forecast(fc: dict, path: str | Path, measured: list[dict] | None = None
     ax.set(xlabel="fine-tuning step", ylabel="Δu = KL(π* ‖ π_t) per sequence", title=title or "alignment-loss forecast")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
