@@ -105,6 +105,8 @@ def test_demo_on_the_organism(organism_dir, tmp_path):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["organism"]["summary"]["harmful_refusal_rate"] >= 0.95
     assert set(saved["finetuned"]) == {"arithmetic", "affirmative_steps"}
+    assert set(saved["scan"]) == {"arithmetic", "affirmative_steps"}
+    assert all((tmp_path / "demo" / sc["report"]).exists() for sc in saved["scan"].values())
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
     fin = res["finetuned"]
     assert (

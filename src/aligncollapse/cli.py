@@ -423,6 +423,11 @@ def cmd_demo(args) -> int:
     rows = {"organism (aligned)": res["organism"]["summary"]}
     rows.update({f"after {name}": r["summary"] for name, r in res["finetuned"].items()})
     _print_table(f"demo -> {out}/results.json, {out}/demo.png", rows)
+    for name, sc in res["scan"].items():
+        print(f"scan {name} (SGD lr {sc['planned']['lr']}, {sc['planned']['steps']} full-batch steps): {sc['verdict']}")
+        print(
+            f"    ‖Pg‖/‖g‖ = {sc['eps_orth_rel']:.3g} (random {sc['eps_orth_random']:.2g}), γ = {sc['gamma']:.3g} (random {sc['gamma_random']:.3g}); report {out}/{sc['report']}"
+        )
     return 0
 
 
