@@ -164,10 +164,9 @@ class KLReference:
             for e, r in zip(prompts, responses)
         ]
         self.responses = responses
-        self.data = (
-            EncodedSet(tokenizer, self.examples, template, use_chat_template=use_chat_template, max_length=max_length)
-            if all(r for r in responses)
-            else _encoded_allow_empty(tokenizer, self.examples, template, use_chat_template, max_length)
+        # An empty reference response still has its EOS token to score.
+        self.data = EncodedSet(
+            tokenizer, self.examples, template, use_chat_template=use_chat_template, max_length=max_length
         )
         self.batch_size = batch_size
         n_tok = sum(sum(1 for t in it.labels if t != IGNORE_INDEX) for it in self.data.items)
@@ -219,15 +218,6 @@ class KLReference:
 
     def __call__(self, model) -> float:
         return float(self.per_prompt(model).mean())
-
-
-def _encoded_allow_empty(tokenizer, examples, template, use_chat_template, max_length) -> EncodedSet:
-    """An empty reference response still has its EOS token to score."""
-    fixed = [
-        Example(prompt=e.prompt, response=e.response or "", messages=e.messages, fields=e.fields, source=e.source)
-        for e in examples
-    ]
-    return EncodedSet(tokenizer, fixed, template, use_chat_template=use_chat_template, max_length=max_length)
 
 
 @dataclass
