@@ -88,7 +88,7 @@ class FisherResult:
         return spectrum_stats(self.eigenvalues, d=d, rank_ceiling=self.n_samples)
 
 
-def _groups(sizes: list[int], names: list[str], n_rows: int, itemsize: int, budget: int) -> list[list[int]]:
+def _groups(sizes: list[int], n_rows: int, itemsize: int, budget: int) -> list[list[int]]:
     """Consecutive parameter groups whose [n_rows, n_group] gradient slice fits ``budget``."""
     groups, cur, cur_bytes = [], [], 0
     for i, size in enumerate(sizes):
@@ -100,7 +100,6 @@ def _groups(sizes: list[int], names: list[str], n_rows: int, itemsize: int, budg
         cur_bytes += b
     if cur:
         groups.append(cur)
-    del names
     return groups
 
 
@@ -137,7 +136,7 @@ def exact_fisher(
     names = list(params)
     sizes = [p.numel() for p in params.values()]
     itemsize = next(iter(params.values())).element_size()
-    groups = _groups(sizes, names, N, itemsize, memory_budget)
+    groups = _groups(sizes, N, itemsize, memory_budget)
     dtype = torch.float64
     K = torch.zeros(N, N, dtype=dtype)
     block_grams: OrderedDict[str, torch.Tensor] = OrderedDict()
