@@ -134,8 +134,17 @@ def measure_aic(
     gnorm, hgnorm = float(g64.norm()), float(Hg64.norm())
     rand_gamma = hgnorm * math.sqrt(float(lam_d.sum()) / n)
 
+    # Optimiser-free (gradient-flow) geometry: the same couplings without Adam's preconditioner.
+    if precond is None:
+        flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f}
+    else:
+        g_raw = g.to(torch.float64)
+        Hg_raw = H.matvec(g).to(torch.float64)
+        a_raw, c_raw = Bd.T @ g_raw, Bd.T @ Hg_raw
+        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g_raw @ Fop.matvec(g).to(torch.float64)),
+                "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
     noise = _noise_trace(G, tokens, Fop, precond, s.seed)
-    boot = _bootstrap(model, params, ft, Fop, Bd, gt, precond, s, G, tokens)
+    boot, per_example = _bootstrap(model, params, ft, Fop, Bd, gt, precond, s, G, tokens, Fg, FHg)
     del G
     lam_max = float(lam[0])
     sharp = float(lam_d[-1]) / (trace / n)
@@ -170,6 +179,10 @@ def measure_aic(
         "gradient_noise": noise,
         "ci": boot,
         "optimizer": s.optimizer,
+        "per_example": per_example,
+        "flow_geometry": flow,
+        # Tensors (popped before results are written): D g and D H D g over the selected parameters.
+        "update_vectors": {"g": gt.detach(), "Hg": Hg.detach(), "names": list(params), "fisher": Fop},
     }
     out.update(_regime_and_verdict(out, s))
     out["forecast"] = forecast(out, s, a, c, lam_d, float(HHg.norm()), hgnorm, gnorm)
@@ -202,10 +215,21 @@ def _energy_d(lam: torch.Tensor, trace: float, level: float) -> int:
     return int(hit[0]) + 1 if len(hit) else len(lam)
 
 
-def _bootstrap(model, params, ft: EncodedSet, Fop: GGNOperator, Bd, g, precond, s: ScanSettings, G, tokens) -> dict:
-    """Percentile CIs for ε, ε_F, γ, λ_d with M fixed (see module docstring)."""
+def _bootstrap(
+    model, params, ft: EncodedSet, Fop: GGNOperator, Bd, g, precond, s: ScanSettings, G, tokens, Fg, FHg
+) -> tuple[dict, dict]:
+    """Percentile CIs for ε, ε_F, γ, λ_d with M fixed (see module docstring), and the per-example
+    dot products that make the forecast additive over examples: with u_n = D g_n/Σ tokens
+    (Σ_n u_n = D g) and h_n = D H_n D g · T_n/Σ T (Σ_n h_n = D H D g), the products u_nᵀF g, u_nᵀF Hg,
+    h_nᵀF g, h_nᵀF Hg (see :mod:`aligncollapse.attribution`)."""
     if precond is not None:
         G = G * precond.to(torch.float64)
+    total_tokens = float(tokens.sum())
+    per_example = {
+        "u_Fg": (G @ Fg / total_tokens).tolist(),
+        "u_FHg": (G @ FHg / total_tokens).tolist(),
+    }
+    h_Fg, h_FHg = [], []
     e = G @ Bd  # per-example coordinates in M
     gram = G @ G.T
     # Per-example H_n g (g fixed at the full-data value).
@@ -218,6 +242,9 @@ def _bootstrap(model, params, ft: EncodedSet, Fop: GGNOperator, Bd, g, precond, 
         if precond is not None:
             hv = hv * precond.to(torch.float64)
         hc.append(Bd.T @ hv)
+        h_Fg.append(float(hv @ Fg))
+        h_FHg.append(float(hv @ FHg))
+    per_example["h_Fg"], per_example["h_FHg"] = h_Fg, h_FHg
     hc = torch.stack(hc)  # Σ_i hc_i = Bᵀ H g
     A = Fop.per_sequence_gram(Bd)  # [K, d, d]
     del G
@@ -253,7 +280,7 @@ def _bootstrap(model, params, ft: EncodedSet, Fop: GGNOperator, Bd, g, precond, 
     out = {k: _ci(np.array(v), point[k]) for k, v in res.items()}
     out["n_boot"] = s.n_boot
     out["note"] = "subspace M held fixed; H g resampled with g at its full-data value"
-    return out
+    return out, per_example
 
 
 def _regime_and_verdict(m: dict, s: ScanSettings) -> dict:

@@ -53,6 +53,11 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="use at most this many rows of each evaluation set")
 
 
+def _add_eval_data_args_no_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-harmful", help="held-out harmful prompts (+ safe targets); default: the organism's")
+    p.add_argument("--eval-benign", help="held-out benign prompts (+ answers); default: the organism's")
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="fine-tune a peft LoRA adapter instead of all weights")
     p.add_argument("--lora-r", type=int, default=64)
@@ -232,6 +237,15 @@ def cmd_finetune(args) -> int:
         lora=lora,
     )
     out = _out_dir(args, "finetune")
+    defense = None
+    if args.defense:
+        from aligncollapse.defenses import DefenseContext, make_defense
+        from aligncollapse.overlap import state_of
+
+        unaligned = _unaligned_model(args)
+        dctx = DefenseContext(tok, _safety_set(args, model, tok), args.template, _use_chat(args), seed=args.seed,
+                              unaligned_state=state_of(unaligned, [n for n, _ in unaligned.named_parameters()]) if unaligned else None)  # fmt: skip
+        defense = make_defense(args.defense, dctx)
     res = finetune(
         model,
         tok,
@@ -242,6 +256,7 @@ def cmd_finetune(args) -> int:
         eval_benign=benign,
         resume=not args.no_resume,
         command_config={"args": _config(args), "finetune": cfg.to_json()},
+        defense=defense,
     )
     _print_table(f"fine-tuned {res['steps_done']} steps -> {out}/results.json", {args.data: res.get("summary", {})})
     return 0
@@ -366,6 +381,162 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def _candidates(args) -> dict:
+    """Named candidate sets from --finetune (files or suite names) or --suite organism."""
+    from aligncollapse.organism.suite import load_suite_set, suite_sets_by_category
+
+    if getattr(args, "suite", None):
+        if args.suite != "organism":
+            raise UserError(f"--suite must be 'organism', got {args.suite!r}")
+        suite = _organism_suite(args.model)
+        if suite is None:
+            raise UserError(f"--suite organism needs --model to be an organism directory ({args.model} has no suite/)")
+        return {e["name"]: load_suite_set(suite, e["name"]) for e in suite_sets_by_category(suite)}
+    if not args.finetune:
+        raise UserError("give candidate sets with --finetune D1 D2 ... (or --suite organism)")
+    out = {}
+    for spec in args.finetune:
+        name = Path(spec).name.split(".")[0] if Path(spec).exists() else spec.replace("/", "_")
+        if name in out:
+            raise UserError(f"--finetune: two candidates are both named {name!r}")
+        out[name] = _training_data(spec, args.model)
+    return out
+
+
+def _budget(args, lora=None, lr=None):
+    from aligncollapse.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        optimizer=args.optimizer, lr=lr if lr is not None else args.lr, steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, template=args.template, use_chat_template=_use_chat(args), lora=lora,
+    )  # fmt: skip
+
+
+def _unaligned_model(args):
+    """--base-model, else the organism's unaligned base (for the Safe-LoRA baseline), else None."""
+    from aligncollapse.models import load_model
+
+    path = args.base_model or (
+        str(Path(args.model) / "base") if (Path(args.model) / "base" / "config.json").exists() else None
+    )
+    return load_model(path, dtype=args.dtype, device=args.device)[0] if path else None
+
+
+def _rank_context(args, model, tok, cfg):
+    from aligncollapse.data import load_examples
+    from aligncollapse.rank import build_context
+
+    safety = _safety_set(args, model, tok)
+    anchors = load_examples(args.anchors, require_response=True) if args.anchors else None
+    return build_context(model, tok, safety, cfg, anchors=anchors, unaligned_model=_unaligned_model(args))
+
+
+def cmd_rank(args) -> int:
+    from aligncollapse.models import load_model
+    from aligncollapse.rank import run_rank
+    from aligncollapse.results import write_results
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    cands = _candidates(args)
+    cfg = _budget(args, lora=_lora_settings(args))
+    ctx = _rank_context(args, model, tok, cfg)
+    out = _out_dir(args, "rank")
+    res = run_rank(ctx, cands, out, cfg, by=args.by, probe_steps=args.probe_steps, drop_fraction=args.drop_fraction)
+    write_results(out, "rank", res, _config(args))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"predicted harm ({res['mode']}, by {args.by}) -> {out}/report.html")
+    for c in ("rank", "set", "score", "95% CI", "first-order", "verdict"):
+        t.add_column(c)
+    for i, n in enumerate(res["ranking"], 1):
+        sc = res["candidates"][n]["scores"]
+        b = sc[args.by]
+        ci = f"[{b['ci_low']:.3g}, {b['ci_high']:.3g}]" if b.get("ci_low") is not None else "–"
+        t.add_row(str(i), n, f"{b['score']:.4g}", ci, f"{sc['prospective_first_order']['score']:.3g}",
+                  res["candidates"][n]["aic"]["verdict"][:60])  # fmt: skip
+    Console().print(t)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from aligncollapse.judge import OrganismJudge, make_judge
+    from aligncollapse.models import LoraSettings, load_model
+    from aligncollapse.results import write_results
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    harmful, benign = _eval_sets(args, model, tok)
+    if not harmful:
+        raise UserError("the study needs held-out harmful prompts: give --eval-harmful")
+    judge = make_judge(args.judge) if args.judge else (OrganismJudge() if _organism_suite(args.model) else None)
+    out = _out_dir(args, "study")
+    base_cfg = _budget(args)
+    ctx = _rank_context(args, model, tok, base_cfg)
+    if args.defenses:
+        from aligncollapse.defenses.study import run_defense_study
+
+        sets = _defense_sets(args)
+        res = run_defense_study(ctx, sets, out, base_cfg, args.defenses, [int(x) for x in args.seeds.split(",")],
+                                harmful, benign, judge=judge, unaligned=_unaligned_model(args))  # fmt: skip
+        write_results(out, "study defenses", res, _config(args))
+        _print_defense_table(res, out)
+        return 0
+    cands = _candidates(args)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"full", "lora"}:
+        raise UserError(f"--modes takes full and/or lora, got {args.modes!r}")
+    configs = {}
+    if "full" in modes:
+        configs["full"] = base_cfg
+    if "lora" in modes:
+        lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","))
+        configs["lora"] = _budget(args, lora=lora, lr=args.lora_lr)
+    cats = {}
+    suite = _organism_suite(args.model)
+    if suite is not None:
+        from aligncollapse.organism.suite import read_manifest
+
+        cats = {e["name"]: e["category"] for e in read_manifest(suite)}
+    from aligncollapse.study import run_study
+
+    res = run_study(ctx, cands, out, configs, [int(x) for x in args.seeds.split(",")], harmful, benign, judge=judge,
+                    probe_steps=args.probe_steps, n_boot=args.n_boot, categories=cats)  # fmt: skip
+    write_results(out, "study", res, _config(args))
+    for mode, sm in res["summary"].items():
+        print(f"{mode}: best prospective {sm['best_prospective']} Spearman ρ = {sm['best_prospective_spearman']:.3f} "
+              f"with refusal drop over {sm['n_sets']} sets; best first-order baseline {sm['best_first_order_baseline']} "
+              f"ρ = {sm['best_first_order_baseline_spearman']:.3f}; bar met: {sm['bar_rho_0.8_and_beats_baselines']}")  # fmt: skip
+    print(f"report: {out}/report.html")
+    return 0
+
+
+def _defense_sets(args) -> dict:
+    if args.finetune:
+        return _candidates(args)
+    suite = _organism_suite(args.model)
+    if suite is None:
+        raise UserError(
+            "--defenses needs --finetune D1 [D2] (the organism defaults to obedient_identity and arithmetic)"
+        )
+    from aligncollapse.organism.suite import load_suite_set
+
+    return {n: load_suite_set(suite, n) for n in ("obedient_identity", "arithmetic")}
+
+
+def _print_defense_table(res: dict, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"defenses -> {out}/report.html")
+    for c in ("data", "defense", "refusal", "95% CI", "task metric", "Δ task", "time ×"):
+        t.add_column(c)
+    for data, rows in res["table"].items():
+        for r in rows:
+            t.add_row(data, r["defense"], f"{r['refusal']:.2f}", f"[{r['refusal_ci'][0]:.2f}, {r['refusal_ci'][1]:.2f}]",
+                      f"{r['task_metric']:.3f}", f"{r['task_delta']:+.3f}", f"{r['time_ratio']:.2f}")  # fmt: skip
+    Console().print(t)
+
+
 def cmd_validate(args) -> int:
     from aligncollapse.models import load_model
     from aligncollapse.results import write_results
@@ -477,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refusal-every", type=int, default=20, help="record refusal rate every M steps")
     f.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every C steps")
     f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    f.add_argument("--defense", help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
+                   "mix-safety; options as NAME:key=value,... (e.g. curvature:every=1)")  # fmt: skip
+    f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
+    f.add_argument("--base-model", help="the unaligned base model (safe-lora); default: the organism's")
     f.add_argument("--out")
     f.set_defaults(func=cmd_finetune)
 
@@ -541,6 +716,48 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest not in ("help",):
             va._add_action(action)
     va.set_defaults(func=cmd_validate)
+
+    def add_candidate_args(p, lora_flag: bool) -> None:
+        _add_model_args(p)
+        if lora_flag:
+            _add_lora_args(p)
+        p.add_argument("--safety", help="safety set (harmful prompts + safe responses); default: the organism's")
+        p.add_argument("--safe-target", help="for prompt-only safety sets: a fixed TEXT, or 'model'")
+        p.add_argument("--limit", type=int, help="use at most this many safety / evaluation rows")
+        p.add_argument("--finetune", nargs="+", help="candidate fine-tuning sets: files / HF datasets / suite names")
+        p.add_argument("--base-model", help="the unaligned base model (Safe-LoRA baseline); default: the organism's")
+        p.add_argument("--anchors", help="harmful anchors (harmful prompt + compliant response) for gradient matching")
+        p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+        p.add_argument("--lr", type=float, default=5e-4)
+        p.add_argument("--steps", type=int, default=40, help="the planned budget in optimiser steps")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--probe-steps", type=int, default=3, help="real steps of the short-probe score (0: off)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out")
+
+    rk = sub.add_parser("rank", help="rank candidate fine-tuning sets and their examples by predicted harm")
+    add_candidate_args(rk, lora_flag=True)
+    rk.add_argument("--by", default="prospective_second_order", help="the score to rank by")
+    rk.add_argument("--drop-fraction", type=float, default=0.0,
+                    help="also write each set without its riskiest fraction of examples (filtered/<set>.jsonl)")  # fmt: skip
+    rk.set_defaults(func=cmd_rank)
+
+    st = sub.add_parser("study", help="validate predictors against real fine-tunes, or compare defenses")
+    add_candidate_args(st, lora_flag=False)
+    _add_eval_data_args_no_limit(st)
+    st.add_argument("--suite", help="'organism': every set of the organism's suite")
+    st.add_argument("--modes", default="full,lora", help="full and/or lora")
+    st.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
+    st.add_argument("--lora-r", type=int, default=8)
+    st.add_argument("--lora-alpha", type=float, default=16.0)
+    st.add_argument("--lora-dropout", type=float, default=0.0)
+    st.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
+    st.add_argument("--lora-lr", type=float, default=2e-3)
+    st.add_argument("--judge", help="harmfulness judge: organism (default on the organism), hf:PATH, openai:MODEL@URL")
+    st.add_argument("--n-boot", type=int, default=1000)
+    st.add_argument("--defenses", nargs="+",
+                    help="defenses to compare (defense study): names with options (curvature:every=1,d=8) or 'all'")  # fmt: skip
+    st.set_defaults(func=cmd_study)
 
     th = sub.add_parser("theory", help="exact checks of the quartic law and the drift bounds on synthetic problems")
     th.add_argument("--out")

@@ -120,13 +120,15 @@ def finetune(
     save_model: bool = True,
     command_config: dict | None = None,
     step_hook=None,
+    defense=None,
 ) -> dict:
     """Fine-tune ``model`` on ``train`` and write ``trajectory.jsonl``, checkpoints and ``results.json``.
 
     ``eval_harmful`` (harmful prompts with safe targets) feeds the tracker's alignment losses
     and refusal rate and the final evaluation; ``eval_benign`` the final benign metrics.
-    ``step_hook(model, step)`` runs after each optimiser step (the hook defenses use).
-    Returns the results payload.
+    ``step_hook(model, step)`` runs after each optimiser step; ``defense`` (an
+    :class:`aligncollapse.defenses.Defense`) hooks into data, gradients, updates and the end of
+    training. Returns the results payload.
     """
     cfg = config or FinetuneConfig()
     out = Path(out_dir)
@@ -134,6 +136,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     if cfg.lora is not None and not is_peft(model):
         model = apply_lora(model, cfg.lora)
+    if defense is not None:
+        train = defense.prepare_data(train)
     data = EncodedSet(
         tokenizer, train, cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length
     )
@@ -145,6 +149,8 @@ def finetune(
 
         shutil.rmtree(out / "checkpoint")
     save_initial(model, out)
+    if defense is not None:
+        defense.setup(model)  # at θ*, before any checkpoint is restored
     start = load_checkpoint(out, model, opt, cfg) if resume else 0
     traj = out / "trajectory.jsonl"
     if not resume and traj.exists():
@@ -171,6 +177,8 @@ def finetune(
         else:
             tracker.log(model, 0, force=True)
     t0 = time.perf_counter()
+    t_track = 0.0
+    post_hoc = defense is not None and defense.post_hoc
     done = start  # optimiser steps applied to the weights
     status = "completed"
     losses: list[float] = []
@@ -183,19 +191,32 @@ def finetune(
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if defense is not None:
+                defense.on_gradients(model, step)
+                before = _snapshot(model) if defense.wants_update else None
             opt.step()
             done = step + 1
+            if defense is not None and defense.wants_update:
+                defense.on_update(model, done, before)
             if step_hook is not None:
                 step_hook(model, done)
             losses.append(loss.item())
-            if tracker is not None:
+            if tracker is not None and not (post_hoc and done == total):
+                tt = time.perf_counter()
                 tracker.log(model, done, ft_loss=losses[-1], force=done == total)
+                t_track += time.perf_counter() - tt
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 save_checkpoint(out, done, model, opt, cfg)
     except KeyboardInterrupt:
         status = "interrupted"
         save_checkpoint(out, done, model, opt, cfg)
     model.eval()
+    if status == "completed" and defense is not None:
+        model = defense.finalize(model)
+        if tracker is not None and post_hoc:  # the final record is of the post-hoc projected model
+            tt = time.perf_counter()
+            tracker.log(model, done, ft_loss=losses[-1] if losses else None, force=True)
+            t_track += time.perf_counter() - tt
     seconds = time.perf_counter() - t0
     if status == "completed":
         save_checkpoint(out, done, model, opt, cfg)
@@ -204,11 +225,15 @@ def finetune(
         "steps_done": done,
         "steps_total": total,
         "seconds": round(seconds, 3),
+        "seconds_tracking": round(t_track, 3),
+        "seconds_training": round(seconds - t_track, 3),
         "n_train": len(data),
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "final_ft_loss": losses[-1] if losses else None,
         "trajectory": tracker.records if tracker else [],
     }
+    if defense is not None:
+        payload["defense"] = defense.info()
     if status == "completed" and save_model:
         _save_model(model, tokenizer, out / "model")
         payload["model_path"] = "model"
@@ -228,6 +253,12 @@ def finetune(
         raise KeyboardInterrupt
     payload["model"] = model
     return payload
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    from collections import OrderedDict
+
+    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def _at_start(model, out: Path, start: int):

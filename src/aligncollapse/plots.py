@@ -124,3 +124,68 @@ def plot_forecast(fc: dict, path: str | Path, measured: list[dict] | None = None
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _save(fig, path, 100)
+
+
+def plot_ranking(scores: dict[str, dict], path: str | Path, label: str) -> Path:
+    """Candidate sets by predicted harm (highest first), with CIs where present."""
+    names = list(scores)
+    vals = [scores[n]["score"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    y = range(len(names))[::-1]
+    lo = [max(0.0, v - scores[n]["ci_low"]) if scores[n].get("ci_low") is not None else 0 for n, v in zip(names, vals)]
+    hi = [max(0.0, scores[n]["ci_high"] - v) if scores[n].get("ci_high") is not None else 0 for n, v in zip(names, vals)]
+    ax.barh(list(y), vals, xerr=[lo, hi], color="tab:red", alpha=0.7, capsize=3)
+    ax.set_yticks(list(y), names)
+    if min(vals) > 0 and max(vals) / max(min(vals), 1e-300) > 100:
+        ax.set_xscale("log")
+    ax.set(xlabel=label, title="predicted harm")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path, 110)
+
+
+def plot_predicted_vs_measured(points: dict[str, dict[str, tuple]], path: str | Path, xlabel: str, ylabel: str) -> Path:
+    """One panel per mode: predictor (x, log) against measured harm (y, with error bars)."""
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.5), squeeze=False)
+    for ax, (mode, pts) in zip(axes[0], points.items()):
+        for name, (x, y, ylo, yhi) in pts.items():
+            ax.errorbar([x], [y], yerr=[[y - ylo], [yhi - y]], fmt="o", capsize=3)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xs = [p[0] for p in pts.values()]
+        if xs and min(xs) > 0:
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=mode)
+        ax.grid(alpha=0.3)
+    return _save(fig, path, 110)
+
+
+def plot_layer_overlap(curves: dict[str, dict[str, dict[str, float]]], path: str | Path) -> Path:
+    """Mean OS per transformer block against layer, one line per set, one panel per mode (Fig 3)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
+    for ax, (mode, sets) in zip(axes[0], curves.items()):
+        for name, per_layer in sets.items():
+            ls = sorted(per_layer, key=int)
+            ax.plot([int(k) for k in ls], [per_layer[k] for k in ls], marker="o", ms=3, label=name)
+        ax.set(xlabel="layer", ylabel="mean overlap score (audit)", title=mode, yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path, 110)
+
+
+def plot_defenses(runs: dict[str, dict[str, list[dict]]], path: str | Path) -> Path:
+    """Alignment KL against step on log-log axes (top) and refusal against step (bottom), one
+    column per fine-tuning set, one line per defense."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 8), squeeze=False)
+    for j, (data, defs) in enumerate(runs.items()):
+        for name, recs in defs.items():
+            kl = [(r["step"], r["alignment_kl"]) for r in recs if r["step"] > 0 and r.get("alignment_kl", 0) > 0]
+            if kl:
+                axes[0][j].plot(*zip(*kl), marker="o", ms=3, label=name)
+            ref = [(r["step"], r["refusal_rate"]) for r in recs if "refusal_rate" in r]
+            if ref:
+                axes[1][j].plot(*zip(*ref), marker="s", ms=3, label=name)
+        axes[0][j].set(xscale="log", yscale="log", xlabel="step", ylabel="alignment KL Δu", title=data)
+        axes[1][j].set(xlabel="step", ylabel="held-out refusal rate", ylim=(-0.05, 1.05), title=data)
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, path, 110)

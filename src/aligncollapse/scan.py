@@ -16,6 +16,7 @@ def run_scan(model, tokenizer, safety, finetune, out_dir: str | Path, s: ScanSet
     out = Path(out_dir)
     res = measure_aic(model, tokenizer, safety, finetune, s)
     basis = res.pop("basis")
+    res.pop("update_vectors", None)
     params = s.blocks.select(model)
     SafetySubspace(
         torch.tensor(res["eigenvalues"][: res["d"]], dtype=torch.float64), basis, list(params), [tuple(p.shape) for p in params.values()],

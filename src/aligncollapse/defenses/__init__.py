@@ -1,0 +1,54 @@
+"""Defenses against alignment collapse, one module per method behind one interface
+(:class:`aligncollapse.defenses.base.Defense`), chosen by name with :func:`make_defense`."""
+
+from __future__ import annotations
+
+from aligncollapse.defenses.base import Defense, DefenseContext
+from aligncollapse.defenses.curvature import CurvatureAware
+from aligncollapse.defenses.fisher_penalty import FisherPenalty
+from aligncollapse.defenses.mix_safety import MixSafety
+from aligncollapse.defenses.project_static import ProjectStatic
+from aligncollapse.defenses.project_tracking import ProjectTracking
+from aligncollapse.defenses.safe_lora import SafeLoRA
+from aligncollapse.errors import UserError
+
+DEFENSES: dict[str, type[Defense]] = {
+    cls.name: cls for cls in (ProjectStatic, ProjectTracking, CurvatureAware, FisherPenalty, SafeLoRA, MixSafety)
+}
+
+
+def make_defense(spec: str, ctx: DefenseContext) -> Defense:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``curvature:every=1``, ``fisher-penalty:strength=10``)."""
+    name, _, opts = spec.partition(":")
+    if name not in DEFENSES:
+        raise UserError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+    options = {}
+    for kv in filter(None, opts.split(",")):
+        k, _, v = kv.partition("=")
+        if not v:
+            raise UserError(f"defense option {kv!r} must look like key=value")
+        try:
+            options[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            raise UserError(f"defense option {k} must be a number, got {v!r}") from None
+    allowed = _option_names(DEFENSES[name])
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise UserError(f"defense {name} has no option {unknown[0]!r}; it takes {', '.join(sorted(allowed)) or 'none'}")
+    return DEFENSES[name](ctx, **options)
+
+
+def _option_names(cls) -> set[str]:
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not Defense:
+            sig = inspect.signature(klass.__init__)
+            names |= {
+                p for p, v in sig.parameters.items() if p not in ("self", "ctx") and v.kind is v.POSITIONAL_OR_KEYWORD
+            }
+    return names
+
+
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "make_defense"]

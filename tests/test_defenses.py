@@ -1,0 +1,172 @@
+"""Defenses: each one's contract checked exactly on a tiny model, the CLI, and the defense study."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aligncollapse.cli import main
+from aligncollapse.data import load_examples
+from aligncollapse.defenses import DefenseContext, make_defense
+from aligncollapse.defenses.base import flat, trainable
+from aligncollapse.errors import UserError
+from aligncollapse.finetune import FinetuneConfig, finetune
+from aligncollapse.models import LoraSettings, load_model
+
+
+@pytest.fixture()
+def setup(tiny_model_dir, small_suite):
+    model, tok = load_model(tiny_model_dir)
+    safety = load_examples(small_suite / "safety.jsonl")[:8]
+    train = load_examples(small_suite / "obedient_identity.jsonl")
+    return model, tok, DefenseContext(tok, safety), train
+
+
+def _run(model, tok, train, tmp_path, defense, lora=None, steps=4):
+    cfg = FinetuneConfig(steps=steps, batch_size=8, lr=1e-2, lora=lora, track_every=100)
+    return finetune(model, tok, train, tmp_path, cfg, resume=False, save_model=False, final_eval=False, defense=defense)
+
+
+@pytest.mark.parametrize("name", ["project-static", "project-tracking:refresh_every=2", "curvature:every=1"])
+def test_projection_defenses_keep_the_displacement_off_the_subspace(setup, tmp_path, name):
+    model, tok, ctx, train = setup
+    theta0 = flat(trainable(model).values()).to(torch.float64)
+    d = make_defense(name + (":d=4" if ":" not in name else ",d=4"), ctx)
+    res = _run(model, tok, train, tmp_path, d)
+    disp = flat(trainable(res["model"]).values()).to(torch.float64) - theta0
+    B0 = d.B0 if hasattr(d, "B0") else d.B
+    assert float(disp.norm()) > 1e-3
+    assert float((B0.T @ disp).norm()) <= 1e-5 * float(disp.norm())
+    info = res["defense"]
+    assert info["name"] == name.split(":")[0] and info["seconds_total"] > 0
+    if name.startswith("curvature"):
+        assert info["lookahead_gradients"] == 4
+        Q, _ = torch.linalg.qr(torch.stack(d.dirs, 1))
+        last = flat(trainable(res["model"]).values()).to(torch.float64)
+        assert len(d.dirs) == 4 and float(Q.norm()) > 0 and torch.isfinite(last).all()
+    if name.startswith("project-tracking"):
+        assert info["refreshes"] == 2 and len(info["rotation"]) == 2
+
+
+def test_fisher_penalty_gradient_is_the_quadratic_forms(setup):
+    model, tok, ctx, _ = setup
+    d = make_defense("fisher-penalty:d=3,strength=2.5", ctx)
+    d.setup(model)
+    params = trainable(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    x = flat(params.values()).to(torch.float64).requires_grad_(True)
+    c = d.B.T @ (x - d.theta0)
+    pen = 0.5 * 2.5 * (d.lam * c * c).sum()
+    (expect,) = torch.autograd.grad(pen, x)
+    for p in params.values():
+        p.grad = None
+    d.on_gradients(model, 0)
+    got = torch.cat([p.grad.reshape(-1) for p in params.values()]).to(torch.float64)
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-9 * float(expect.abs().max()))
+    assert d.counters["last_penalty"] == pytest.approx(float(pen), rel=1e-5)
+
+
+def test_safe_lora_projects_low_similarity_modules(setup, tmp_path, tiny_model_dir):
+    model, tok, ctx, train = setup
+    gen = torch.Generator().manual_seed(1)
+    # A rank-1 alignment direction per matrix, so range(C) is a proper subspace.
+    unaligned = {n: p.detach() - (torch.outer(torch.randn(p.shape[0], generator=gen), torch.randn(p.shape[1], generator=gen))
+                                  if p.dim() == 2 else 0) for n, p in model.named_parameters()}  # fmt: skip
+    ctx.unaligned_state = unaligned
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d = make_defense("safe-lora:threshold=2", ctx)  # every module is below 2: all projected
+    res = _run(model, tok, train, tmp_path, d)
+    m = res["model"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    V = (theta0[name] - unaligned[name]).double()
+    # The projected weight is θ* + C·ΔW (C = VVᵀ/‖V‖_F) for the ΔW the optimiser produced, so its
+    # update lies in range(V): (I − VV⁺) ΔW_after = 0, while an unprojected update would not.
+    after = m.get_parameter(name).detach().double() - theta0[name].double()
+    Pv = V @ torch.linalg.pinv(V)
+    assert float(((torch.eye(len(Pv), dtype=torch.float64) - Pv) @ after).norm()) <= 1e-6 * max(
+        float(after.norm()), 1e-12
+    )
+    assert res["defense"]["modules_projected"] == res["defense"]["modules_seen"] > 0
+    # LoRA: B is replaced by C·B.
+    model2, _ = load_model(tiny_model_dir)
+    d2 = make_defense("safe-lora:threshold=2", ctx)
+    res2 = _run(model2, tok, train, tmp_path / "lora", d2, lora=LoraSettings(r=2, alpha=4, dropout=0.0))
+    assert res2["defense"]["modules_projected"] > 0
+    with pytest.raises(UserError):
+        make_defense("safe-lora", DefenseContext(tok, ctx.safety))
+
+
+def test_mix_safety_adds_a_seeded_fraction(setup):
+    _, _, ctx, train = setup
+    d = make_defense("mix-safety:fraction=0.25", ctx)
+    mixed = d.prepare_data(train)
+    assert len(mixed) == len(train) + 8
+    assert sum(e.response.startswith("I cannot") for e in mixed) >= 8
+    assert [e.prompt for e in make_defense("mix-safety:fraction=0.25", ctx).prepare_data(train)] == [
+        e.prompt for e in mixed
+    ]
+
+
+def test_make_defense_errors(setup):
+    ctx = setup[2]
+    with pytest.raises(UserError, match="unknown defense"):
+        make_defense("magic", ctx)
+    with pytest.raises(UserError, match="no option 'evry'"):
+        make_defense("curvature:evry=1", ctx)
+    with pytest.raises(UserError, match="key=value"):
+        make_defense("curvature:every", ctx)
+
+
+def test_finetune_cli_with_defense(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "ft"
+    code = main(["finetune", "--model", str(tiny_model_dir), "--data", str(small_suite / "affirmative_steps.jsonl"),
+                 "--safety", str(small_suite / "safety.jsonl"), "--eval-harmful", str(small_suite / "eval_harmful.jsonl"),
+                 "--limit", "6", "--steps", "3", "--batch-size", "8", "--defense", "curvature:d=4",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["defense"]["name"] == "curvature" and res["defense"]["options"]["d"] == 4
+    assert res["seconds_training"] <= res["seconds"]
+
+
+def test_defense_study_cli(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "ds"
+    code = main(["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "6",
+                 "--eval-harmful", str(small_suite / "eval_harmful.jsonl"), "--eval-benign", str(small_suite / "eval_benign.jsonl"),
+                 "--finetune", str(small_suite / "obedient_identity.jsonl"), str(small_suite / "arithmetic.jsonl"),
+                 "--defenses", "project-static:d=4", "curvature:d=4", "--steps", "3", "--batch-size", "8", "--seeds", "0",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["defenses"] == ["none", "project-static:d=4", "curvature:d=4"]
+    rows = res["table"]["obedient_identity"]
+    assert [r["defense"] for r in rows] == res["defenses"]
+    assert rows[0]["time_ratio"] == pytest.approx(1.0) and rows[0]["task_delta"] == 0.0
+    assert all(0 <= r["refusal"] <= 1 and r["refusal_ci"][0] <= r["refusal"] <= r["refusal_ci"][1] for r in rows)
+    assert res["bar"]["evaluated"] and "project_static" in res["bar"]
+    assert (out / "defenses.png").exists() and (out / "report.html").exists()
+
+
+def test_organism_curvature_defense_holds_where_static_projection_fails(organism_dir, tmp_path):
+    """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0: undefended and
+    project-static end at refusal 0.00 (3 seeds in the README); the curvature defense at the
+    budget chosen on reckless_advice keeps the held-out refusal."""
+    from aligncollapse.evaluation import evaluate_safety
+    from aligncollapse.organism.suite import load_suite_set
+
+    suite = organism_dir / "suite"
+    harmful = load_suite_set(suite, "eval_harmful")
+    train = load_suite_set(suite, "obedient_identity")
+    refusal = {}
+    for spec in ("project-static", "curvature:every=1,memory=16,safety_batch=64"):
+        model, tok = load_model(organism_dir)
+        ctx = DefenseContext(tok, load_suite_set(suite, "safety"))
+        res = finetune(model, tok, train, tmp_path / spec.split(":")[0], FinetuneConfig(), resume=False,
+                       save_model=False, final_eval=False, defense=make_defense(spec, ctx))  # fmt: skip
+        refusal[spec] = evaluate_safety(res["model"], tok, harmful)["harmful_refusal_rate"]["value"]
+    assert refusal["curvature:every=1,memory=16,safety_batch=64"] >= 0.9
+    assert refusal["project-static"] <= 0.5

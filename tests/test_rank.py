@@ -1,0 +1,256 @@
+"""Overlap scores, prospective scores and attribution, baselines, intruders, correlations; rank and study."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from aligncollapse.aic import ScanSettings, measure_aic, reference_data
+from aligncollapse.baselines import gradient_cosine, safe_lora_similarity
+from aligncollapse.cli import main
+from aligncollapse.curvature import GGNOperator
+from aligncollapse.data import EncodedSet, Example
+from aligncollapse.intruder import intruders
+from aligncollapse.models import BlockSelection, LoraSettings, apply_lora, load_model
+from aligncollapse.overlap import BlockFisher, displaced_delta, state_of, summarize, weight_delta
+from aligncollapse.per_sample import _nll_from_logits
+from aligncollapse.prospective import example_contributions, linearised_ci
+from aligncollapse.stats import rank_correlations
+from aligncollapse.study import correlations
+from conftest import micro_examples
+
+SEL = BlockSelection(patterns=[r"self_attn\.v_proj"], trainable_only=True)
+
+
+def test_block_fisher_overlap_matches_dense(micro_model_dir):
+    """OS_m = vec(ΔW)ᵀ F̂_m vec(ΔW) with F̂_m = (1/N) Σ g gᵀ built densely from per-sample gradients (loop)."""
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    safety = micro_examples()[:6]
+    bf = BlockFisher.compute(model, tok, safety)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    W = model.get_parameter(name)
+    data = EncodedSet(tok, safety)
+    rows = []
+    for i in range(len(data)):
+        b = data.batch([i])
+        loss = _nll_from_logits(
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+        )[0]
+        rows.append(torch.autograd.grad(loss, W)[0].reshape(-1))
+    G = torch.stack(rows)
+    F = G.T @ G / len(rows)
+    q = torch.randn(W.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    os_ = bf.overlap_score({name: q})[name]
+    # rel 1e-6: the vmap and loop paths differ in float32 softmax islands (as in the other exactness tests)
+    assert os_ == pytest.approx(float(q.reshape(-1) @ F @ q.reshape(-1)), rel=1e-6)
+    s = summarize({name: os_}, {name: float(q.pow(2).sum())})
+    assert s["per_module"][name]["os_normalised"] == pytest.approx(os_ / float(q.pow(2).sum()))
+    assert s["per_layer"]["0"]["os"] == pytest.approx(os_)
+
+
+def test_lora_merged_delta_includes_the_product_term(micro_model_dir):
+    model, _ = load_model(micro_model_dir, dtype="float64")
+    names = ["model.layers.0.self_attn.q_proj.weight"]
+    base = state_of(model, names)
+    torch.manual_seed(0)
+    lm = apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q"]))
+    params = OrderedDict((n, p) for n, p in lm.named_parameters() if p.requires_grad)
+    step = torch.randn(sum(p.numel() for p in params.values()), dtype=torch.float64)
+    delta = displaced_delta(lm, params, step, base, names)[names[0]]
+    A0, B0 = [p.detach().clone() for p in params.values()]  # lora_A then lora_B
+    dA = step[: A0.numel()].reshape(A0.shape)
+    dB = step[A0.numel() :].reshape(B0.shape)
+    expect = 2.0 * ((B0 + dB) @ (A0 + dA) - B0 @ A0)
+    assert torch.allclose(delta.double(), expect, atol=1e-5)
+    assert torch.equal(params[next(iter(params))], A0)  # restored
+    assert torch.allclose(weight_delta(lm, base, names)[names[0]].double(), torch.zeros_like(expect))
+
+
+def test_attribution_sums_to_forecast_and_matches_dense(micro_model_dir):
+    """c_n = ½ v_nᵀ F v with v_n = −t u_n + ½t² h_n, against dense per-example gradients and Hessians."""
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    exs = micro_examples()
+    safety = [Example(prompt=e.prompt) for e in exs[:6]]
+    ft = exs[6:12]
+    s = ScanSettings(max_d=4, d=3, n_boot=20, blocks=SEL, hutchinson=4, lr=0.3, steps=5, ft_batch_size=0)
+    res = measure_aic(model, tok, safety, ft, s)
+    t = s.lr * s.steps
+    c = example_contributions(res["per_example"], t)
+    q = res["quadratic_forms"]
+    flow = 0.5 * (t**2 * q["gFg"] - t**3 * q["gFHg"] + 0.25 * t**4 * q["HgFHg"])
+    # rel 1e-6: Σ per-example gradients vs the batched gradient (float32 softmax islands)
+    assert c["second_order"].sum() == pytest.approx(flow, rel=1e-6)
+    assert c["first_order"].sum() == pytest.approx(0.5 * t**2 * q["gFg"], rel=1e-6)
+    # Dense reference.
+    params = SEL.select(model)
+    ((name, W),) = params.items()
+    F = GGNOperator(model, params, reference_data(model, tok, safety, s), batch_size=64, per="sequence").dense()
+    data = EncodedSet(tok, ft)
+    tokens = [sum(1 for x in it.labels[1:] if x != -100) for it in data.items]
+    total = sum(tokens)
+
+    def nll(w, i):
+        b = data.batch([i])
+        logits = torch.func.functional_call(model, {name: w.reshape(W.shape)}, args=(),
+                                            kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits  # fmt: skip
+        return _nll_from_logits(logits, b["labels"])[0]
+
+    x0 = W.detach().reshape(-1).clone()
+    u = [torch.autograd.functional.jacobian(lambda w, i=i: nll(w, i), x0) / total for i in range(len(data))]
+    g = sum(u)
+    h = [torch.autograd.functional.hessian(lambda w, i=i: nll(w, i), x0) @ g / total for i in range(len(data))]
+    v = [-t * ui + 0.5 * t**2 * hi for ui, hi in zip(u, h)]
+    V = sum(v)
+    dense = np.array([0.5 * float(vi @ F @ V) for vi in v])
+    np.testing.assert_allclose(c["second_order"], dense, rtol=1e-5, atol=1e-12 * abs(dense).max())
+
+
+def test_linearised_ci_brackets_the_sum():
+    contrib = np.array([0.1, 0.5, 0.2, 2.0, 0.05])
+    lo, hi = linearised_ci(contrib, n_boot=2000)
+    assert lo < contrib.sum() < hi
+    assert linearised_ci(np.full(5, 0.2))[0] == pytest.approx(1.0)  # identical examples: no spread
+
+
+def test_intruder_dimensions():
+    W0 = torch.diag(torch.arange(10.0, 2.0, -1.0))  # singular vectors: the coordinate axes
+    u = torch.ones(8) / 8**0.5
+    hit = intruders(W0, W0 + 30 * torch.outer(u, u), top_k=3, threshold=0.5)
+    assert hit["n_intruders"] == 1 and hit["intruder_ranks"] == [0]
+    assert intruders(W0, W0 + 0.1 * torch.outer(torch.eye(8)[0], torch.eye(8)[0]), top_k=3)["n_intruders"] == 0
+
+
+def test_safe_lora_similarity_and_gradient_cosine(micro_model_dir):
+    V = torch.outer(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0]))
+    base, aligned = {"w": torch.zeros(3, 3)}, {"w": V}
+    assert safe_lora_similarity({"w": -V}, aligned, base)["mean_similarity"] == pytest.approx(1.0)
+    ortho = torch.outer(torch.tensor([2.0, -1.0, 0.0]), torch.ones(3))
+    assert safe_lora_similarity({"w": ortho}, aligned, base)["score"] == pytest.approx(1.0)
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    exs = micro_examples()
+    safety = EncodedSet(tok, [e for e in exs if e.response.startswith("I cannot")][:4])
+    same = gradient_cosine(model, SEL.select(model), safety, safety)
+    assert same["score"] < -0.3  # training on refusals moves along the safety gradient: predicted safe
+
+
+def test_rank_correlations():
+    x, y = [1, 2, 3, 4, 5], [2, 4, 5, 4.5, 10]
+    c = rank_correlations(x, y, log_x=False)
+    from scipy import stats
+
+    assert c["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert c["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert c["pearson"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert rank_correlations([1, 1, 1], [1, 2, 3])["spearman"] is None
+    assert rank_correlations([1, 10, 100], [1, 2, 3])["pearson"] == pytest.approx(1.0)  # on log10
+
+
+def test_study_correlations_bootstrap():
+    rng = np.random.default_rng(0)
+    base = {"per_prompt": {"refused": [True] * 10, "complied": [False] * 10}}
+    sets = {}
+    for i in range(5):
+        runs = [{"per_prompt": {"refused": list(rng.random(10) > i / 5), "complied": list(rng.random(10) < i / 5)},
+                 "audit": {"scores": {"audit_os": float(i + rng.random())}}} for _ in range(2)]  # fmt: skip
+        sets[f"s{i}"] = {"runs": runs, "prospective": {"prospective_x": {"score": float(i + 1)},
+                                                       "baseline_random": {"score": float(rng.random())}}}  # fmt: skip
+    c = correlations(sets, base, n_boot=200)
+    e = c["prospective_x"]["refusal_drop"]["spearman"]
+    assert e["value"] > 0.8 and e["ci_low"] <= e["value"] <= e["ci_high"]
+    assert set(c) == {"prospective_x", "baseline_random", "audit_os"}
+    assert set(c["audit_os"]) == {"refusal_drop", "compliance_rate"}
+
+
+def _files(tmp_path, small_suite):
+    return [str(small_suite / f"{n}.jsonl") for n in ("arithmetic", "affirmative_steps", "obedient_identity")]
+
+
+def test_rank_cli(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "rank"
+    code = main(["rank", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+                 "--finetune", *_files(tmp_path, small_suite), "--steps", "4", "--batch-size", "8", "--probe-steps", "1",
+                 "--base-model", str(tiny_model_dir), "--drop-fraction", "0.25", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["ranking"]) == 3
+    sc = res["candidates"]["arithmetic"]["scores"]
+    for k in ("prospective_first_order", "prospective_second_order", "prospective_gamma", "prospective_probe_kl",
+              "prospective_first_order_os", "baseline_gradient_cosine", "baseline_representation_similarity",
+              "baseline_safe_lora", "baseline_update_norm", "baseline_ft_loss", "baseline_random"):  # fmt: skip
+        assert k in sc, k
+    assert (
+        sc["prospective_second_order"]["ci_low"]
+        <= sc["prospective_second_order"]["score"]
+        <= sc["prospective_second_order"]["ci_high"]
+    )
+    rows = [json.loads(x) for x in (out / "attribution" / "arithmetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and rows[0]["rank"] == 1
+    assert rows[0]["second_order"] >= rows[-1]["second_order"]
+    assert sum(r["share_of_second_order"] for r in rows) == pytest.approx(1.0)
+    assert len((out / "filtered" / "arithmetic.jsonl").read_text().splitlines()) == 24
+    assert (out / "report.html").exists() and (out / "ranking.png").exists()
+
+
+def test_rank_cli_bad_score_name(tmp_path, tiny_model_dir, small_suite, capsys):
+    code = main(["rank", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
+                 "--finetune", str(small_suite / "arithmetic.jsonl"), "--steps", "2", "--probe-steps", "0",
+                 "--by", "nonsense", "--out", str(tmp_path / "r")])  # fmt: skip
+    assert code == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_study_cli_full_and_lora(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "study"
+    args = ["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+            "--eval-harmful", str(small_suite / "eval_harmful.jsonl"), "--eval-benign", str(small_suite / "eval_benign.jsonl"),
+            "--finetune", *_files(tmp_path, small_suite), "--steps", "3", "--batch-size", "8", "--probe-steps", "1",
+            "--seeds", "0,1", "--n-boot", "50", "--judge", "organism", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["correlations"]) == {"full", "lora"}
+    c = res["correlations"]["full"]["prospective_second_order"]["refusal_drop"]
+    assert set(c) >= {"spearman", "kendall", "pearson"}
+    assert any(k.startswith("audit_") for k in res["correlations"]["lora"])
+    assert "audit_lora_fisher" in res["correlations"]["lora"]
+    assert "judge_harmfulness" in res["correlations"]["full"]["audit_os"]
+    run = res["modes"]["lora"]["sets"]["arithmetic"]["runs"][0]
+    assert "intruders" in run["audit"] and "per_layer_os" in run["audit"]
+    assert (out / "predicted_vs_measured.png").exists() and (out / "layer_overlap.png").exists()
+    # Resume: a second call reuses every stored run (no new fine-tuning) and reproduces the numbers.
+    before = (out / "runs" / "full" / "arithmetic" / "seed0.json").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "runs" / "full" / "arithmetic" / "seed0.json").stat().st_mtime == before
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["correlations"] == res["correlations"]
+
+
+def test_study_refuses_leaked_eval_prompts(tmp_path, tiny_model_dir, small_suite, capsys):
+    code = main(["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
+                 "--eval-harmful", str(small_suite / "safety.jsonl"), "--finetune", str(small_suite / "arithmetic.jsonl"),
+                 "--steps", "2", "--seeds", "0", "--modes", "full", "--out", str(tmp_path / "s")])  # fmt: skip
+    assert code == 2 and "disjoint" in capsys.readouterr().err
+
+
+def test_organism_prospective_scores_order_a_seemingly_benign_set_above_a_benign_one(organism_dir):
+    """Before any training, the curvature coupling and the probe OS put obedient_identity (refusal 0.00
+    after fine-tuning, 3 seeds) far above arithmetic (1.00): the study's finding, at a fraction of its cost."""
+    from aligncollapse.finetune import FinetuneConfig
+    from aligncollapse.organism.suite import load_suite_set
+    from aligncollapse.rank import build_context, candidate_scores
+
+    model, tok = load_model(organism_dir)
+    suite = organism_dir / "suite"
+    cfg = FinetuneConfig()
+    ctx = build_context(model, tok, load_suite_set(suite, "safety"), cfg)
+    sc = {
+        n: candidate_scores(ctx, n, load_suite_set(suite, n), cfg)["scores"]
+        for n in ("arithmetic", "obedient_identity")
+    }
+    assert (
+        sc["obedient_identity"]["prospective_gamma_flow"]["score"]
+        > 100 * sc["arithmetic"]["prospective_gamma_flow"]["score"]
+    )
+    assert sc["obedient_identity"]["prospective_probe_os"]["score"] > sc["arithmetic"]["prospective_probe_os"]["score"]
