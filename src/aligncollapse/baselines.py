@@ -36,11 +36,16 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_cosine(
-    model, params, ft: EncodedSet, safety: EncodedSet, harmful_anchors: EncodedSet | None = None
-) -> dict:
+    model, params, ft: EncodedSet, safety: EncodedSet, harmful_anchors: EncodedSet | None = None,
+    cache: dict | None = None,
+) -> dict:  # fmt: skip
+    """``cache`` (a dict kept across candidates) holds the anchor mean gradients once computed."""
     ps = PerSampleGradients(model, params, chunk_size=16)
-    g_safe = ps.matrix(safety).to(torch.float64).mean(0)
-    g_harm = ps.matrix(harmful_anchors).to(torch.float64).mean(0) if harmful_anchors is not None else None
+    cache = {} if cache is None else cache
+    if "g_safe" not in cache:
+        cache["g_safe"] = ps.matrix(safety).to(torch.float64).mean(0)
+        cache["g_harm"] = ps.matrix(harmful_anchors).to(torch.float64).mean(0) if harmful_anchors is not None else None
+    g_safe, g_harm = cache["g_safe"], cache["g_harm"]
     per = []
     for _, G in ps.iter_chunks(ft):
         G = G.to(torch.float64)
@@ -121,10 +126,11 @@ def baseline_scores(
     aligned_state: dict | None = None,
     base_state: dict | None = None,
     seed: int = 0,
+    cache: dict | None = None,
 ) -> dict:
     """Every baseline for one candidate set; ``g`` is the fine-tuning gradient over ``params``, and
     ``update_norm`` t‖D g‖ in the parameters actually trained (full or LoRA)."""
-    gc = gradient_cosine(model, params, ft, safety, harmful_anchors)
+    gc = gradient_cosine(model, params, ft, safety, harmful_anchors, cache)
     rs = representation_similarity(model, ft, safety)
     out = {
         "baseline_gradient_cosine": {"score": gc["score"], "anchors": gc["anchors"]},

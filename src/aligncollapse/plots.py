@@ -133,7 +133,9 @@ def plot_ranking(scores: dict[str, dict], path: str | Path, label: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
     y = range(len(names))[::-1]
     lo = [max(0.0, v - scores[n]["ci_low"]) if scores[n].get("ci_low") is not None else 0 for n, v in zip(names, vals)]
-    hi = [max(0.0, scores[n]["ci_high"] - v) if scores[n].get("ci_high") is not None else 0 for n, v in zip(names, vals)]
+    hi = [
+        max(0.0, scores[n]["ci_high"] - v) if scores[n].get("ci_high") is not None else 0 for n, v in zip(names, vals)
+    ]
     ax.barh(list(y), vals, xerr=[lo, hi], color="tab:red", alpha=0.7, capsize=3)
     ax.set_yticks(list(y), names)
     if min(vals) > 0 and max(vals) / max(min(vals), 1e-300) > 100:

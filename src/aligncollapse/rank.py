@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class RankContext:
     kl_reference: KLReference  # alignment KL on the safety prompts (never the evaluation prompts)
     anchors: EncodedSet | None = None
     unaligned_state: dict | None = None  # the pre-alignment model's weights (Safe-LoRA baseline)
+    cache: dict = field(default_factory=dict)  # quantities shared by all candidates (anchor gradients)
 
 
 def build_context(
@@ -100,7 +101,7 @@ def candidate_scores(
         ctx.model, sel, ft, ctx.safety_set, name=name, g=g, update_norm=pro["t"] * pro["aic"]["g_norm"],
         ft_loss=float(ft_loss), lr=cfg.lr, steps=steps, harmful_anchors=ctx.anchors,
         aligned_state=ctx.base_state if ctx.unaligned_state is not None else None, base_state=ctx.unaligned_state,
-        seed=cfg.seed,
+        seed=cfg.seed, cache=ctx.cache,
     )  # fmt: skip
     return {
         "name": name,

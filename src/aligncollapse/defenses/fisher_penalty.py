@@ -24,7 +24,7 @@ class FisherPenalty(Defense):
         with self.timed("setup"):
             self.params = trainable(model)
             ref = SafetyReference.build(model, self.ctx)
-            self.lam, self.B = safety_subspace(model, self.params, ref.data, self.d, self.ctx.seed)
+            self.lam, self.B = safety_subspace(model, self.params, ref.data, self.d, self.ctx.seed, self.ctx.batch_size)
             self.theta0 = flat(self.params.values()).to(torch.float64)
         self.counters["last_penalty"] = 0.0
 

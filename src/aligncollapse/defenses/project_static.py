@@ -30,7 +30,9 @@ class ProjectStatic(Defense):
         with self.timed("setup"):
             self.params = trainable(model)
             self.ref = SafetyReference.build(model, self.ctx)
-            self.lam, self.B = safety_subspace(model, self.params, self.ref.data, self.d, self.ctx.seed)
+            self.lam, self.B = safety_subspace(
+                model, self.params, self.ref.data, self.d, self.ctx.seed, self.ctx.batch_size
+            )
         self.counters["removed_norm"] = 0.0
 
     def _project_out(self, delta: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class ProjectTracking(ProjectStatic):
         super().on_update(model, step, before)
         if step % self.refresh_every == 0:
             with self.timed("refresh"):
-                _, Bt = safety_subspace(model, self.params, self.ref.data, self.d, self.ctx.seed)
+                _, Bt = safety_subspace(model, self.params, self.ref.data, self.d, self.ctx.seed, self.ctx.batch_size)
                 s = torch.linalg.svdvals(self.B0.T @ Bt).clamp(max=1.0)
                 self.rotation.append({"step": step, "sin_max_angle_to_initial": float(torch.sqrt(1 - s.min() ** 2))})
                 Q, _ = torch.linalg.qr(torch.cat([self.B0, Bt], dim=1))
