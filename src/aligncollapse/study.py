@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from aligncollapse.data import Example
-from aligncollapse.evaluation import SafetyEvalConfig, evaluate_safety, headline
+from aligncollapse.errors import UserError
+from aligncollapse.evaluation import KLReference, SafetyEvalConfig, evaluate_safety, headline
 from aligncollapse.finetune import FinetuneConfig, finetune
 from aligncollapse.intruder import intruder_report
 from aligncollapse.overlap import overlap_scores, weight_delta
@@ -109,20 +110,17 @@ def run_study(
         ["safety"] if any(e.prompt in held for e in ctx.safety) else []
     )
     if leak:
-        from aligncollapse.errors import UserError
-
         raise UserError(f"evaluation prompts also appear in {leak}: predictors and harm must use disjoint prompts")
     cfg0 = next(iter(configs.values()))
     ecfg = SafetyEvalConfig(
         template=cfg0.template, use_chat_template=cfg0.use_chat_template, max_length=cfg0.max_length
     )
+    # One alignment-KL reference (θ*'s own responses to the evaluation prompts) for every run.
+    kl_eval = KLReference(
+        ctx.model, ctx.tokenizer, eval_harmful, cfg0.template, use_chat_template=cfg0.use_chat_template
+    )
     base_eval = _json_load(out / "base_eval.json")
     if base_eval is None:
-        from aligncollapse.evaluation import KLReference
-
-        kl_eval = KLReference(
-            ctx.model, ctx.tokenizer, eval_harmful, cfg0.template, use_chat_template=cfg0.use_chat_template
-        )
         ev = evaluate_safety(ctx.model, ctx.tokenizer, eval_harmful, eval_benign, ecfg, kl_eval, judge)
         base_eval = {"summary": headline(ev), "per_prompt": ev["per_prompt"]}
         atomic_write_json(out / "base_eval.json", base_eval)
@@ -144,7 +142,9 @@ def run_study(
             for seed in seeds:
                 run = _json_load(d / f"seed{seed}.json")
                 if run is None:
-                    run = _finetune_and_measure(ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, judge, projected)
+                    run = _finetune_and_measure(
+                        ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, judge, projected, kl_eval
+                    )
                     atomic_write_json(d / f"seed{seed}.json", run)
                 runs.append(run)
             mode_rows[name] = {"category": (categories or {}).get(name), "prospective": pre["scores"], "runs": runs,
@@ -158,7 +158,7 @@ def run_study(
     return results
 
 
-def _finetune_and_measure(ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, judge, projected):
+def _finetune_and_measure(ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, judge, projected, kl_eval):
     c = copy.deepcopy(cfg)
     c.seed, c.track_every, c.refusal_every = seed, max(1, (c.steps or 40) // 8), 0
     lora_rows = lora_init = None
@@ -173,9 +173,6 @@ def _finetune_and_measure(ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, 
         res = finetune(model, ctx.tokenizer, exs, tmp, c, eval_harmful=eval_harmful, eval_benign=eval_benign,
                        resume=False, save_model=False, final_eval=False)  # fmt: skip
     m = res["model"]
-    from aligncollapse.evaluation import KLReference
-
-    kl_eval = KLReference(ctx.model, ctx.tokenizer, eval_harmful, c.template, use_chat_template=c.use_chat_template)
     ev = evaluate_safety(m, ctx.tokenizer, eval_harmful, eval_benign, ecfg, kl_eval, judge)
     audit = audit_scores(ctx, m, projected, lora_rows, lora_init)
     return {

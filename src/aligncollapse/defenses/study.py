@@ -13,11 +13,13 @@ separately and in a second ratio that includes it.
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aligncollapse.data import EncodedSet, Example, split_examples
 from aligncollapse.defenses import DEFENSES, DefenseContext, make_defense
@@ -48,8 +50,6 @@ def task_metrics(model, tokenizer, held: Sequence[Example], cfg: FinetuneConfig)
     resp = generate(model, tokenizer, held, cfg.template, GenerationConfig(max_new_tokens=48), cfg.use_chat_template)
     ok = [answer_correct(r, e.answer) if e.answer else _norm(r) == _norm(e.response or "") for e, r in zip(held, resp)]
     data = EncodedSet(tokenizer, held, cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length)
-    import torch
-
     with torch.no_grad():
         loss = float(mean_token_loss(model.eval(), data.batch(range(len(data)))))
     return {"task_accuracy": float(np.mean(ok)), "task_loss": loss, "per_example": ok}
@@ -98,8 +98,6 @@ def run_defense_study(
             for seed in seeds:
                 path = out / "runs" / data_name / spec.replace(":", "_") / f"seed{seed}.json"
                 if path.exists():
-                    import json
-
                     runs.append(json.loads(path.read_text()))
                     continue
                 c = copy.deepcopy(cfg)
