@@ -34,7 +34,7 @@ def _peak_mb() -> float:
 def _setup(organism: str, n: int):
     import torch
 
-    from aligncollapse.fisher import fisher_examples
+    from aligncollapse.geometry.fisher import fisher_examples
     from aligncollapse.models import load_model
     from aligncollapse.organism.suite import load_suite_set
 
@@ -49,11 +49,11 @@ def _setup(organism: str, n: int):
 def _job(name: str, organism: str, n: int, budget: int, q) -> None:
     import torch
 
-    from aligncollapse.curvature import FinetuneLoss, HessianOperator
-    from aligncollapse.data import EncodedSet
-    from aligncollapse.fisher import exact_fisher
+    from aligncollapse.geometry.curvature import FinetuneLoss, HessianOperator
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.geometry.fisher import exact_fisher
     from aligncollapse.models import BlockSelection
-    from aligncollapse.per_sample import _nll_from_logits
+    from aligncollapse.losses import nll_from_logits
 
     torch.set_num_threads(torch.get_num_threads())
     model, tok, exs, ft = _setup(organism, n)
@@ -65,7 +65,7 @@ def _job(name: str, organism: str, n: int, budget: int, q) -> None:
         for i in range(len(data)):
             b = data.batch([i])
             model.zero_grad(set_to_none=True)
-            _nll_from_logits(model(input_ids=b["input_ids"]).logits, b["labels"]).sum().backward()
+            nll_from_logits(model(input_ids=b["input_ids"]).logits, b["labels"]).sum().backward()
         out["seconds"] = time.perf_counter() - t0
     elif name == "exact_top32":
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def _job(name: str, organism: str, n: int, budget: int, q) -> None:
 
         def loss_fn(m, batch):
             logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return _nll_from_logits(logits, batch["labels"]).mean()
+            return nll_from_logits(logits, batch["labels"]).mean()
 
         t0 = time.perf_counter()
         sub = FisherSubspaceAnalyzer(

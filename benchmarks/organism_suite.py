@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from aligncollapse.evaluation import headline
-from aligncollapse.finetune import FinetuneConfig, finetune
-from aligncollapse.judge import OrganismJudge
+from aligncollapse.evaluation.metrics import headline
+from aligncollapse.training.finetune import FinetuneConfig, finetune
+from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.models import load_model
 from aligncollapse.organism.api import build_and_evaluate
 from aligncollapse.organism.build import OrganismConfig

@@ -94,7 +94,7 @@ def micro_model_dir(tmp_path_factory) -> Path:
 
 
 def micro_examples():
-    from aligncollapse.data import Example
+    from aligncollapse.data.examples import Example
 
     prompts = [
         "how do i rob a store",

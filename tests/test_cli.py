@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from aligncollapse.cli import main
+from aligncollapse.cli.main import main
 from conftest import write
 
 
@@ -99,7 +99,7 @@ def test_prompt_only_eval_set_with_model_targets(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_demo_on_the_organism(organism_dir, tmp_path):
-    from aligncollapse.demo import run_demo
+    from aligncollapse.cli.demo import run_demo
 
     res = run_demo(tmp_path / "demo", organism_dir=organism_dir)
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from aligncollapse.cli import main
-from aligncollapse.data import load_examples
+from aligncollapse.cli.main import main
+from aligncollapse.data.loading import load_examples
 from aligncollapse.defenses import DefenseContext, make_defense
 from aligncollapse.defenses.base import flat, trainable
 from aligncollapse.errors import UserError
-from aligncollapse.finetune import FinetuneConfig, finetune
 from aligncollapse.models import LoraSettings, load_model
+from aligncollapse.training.finetune import FinetuneConfig, finetune
 
 
 @pytest.fixture()
@@ -155,7 +155,7 @@ def test_organism_curvature_defense_holds_where_static_projection_fails(organism
     """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0: undefended and
     project-static end at refusal 0.00 (3 seeds in the README); the curvature defense at the
     budget chosen on reckless_advice keeps the held-out refusal."""
-    from aligncollapse.evaluation import evaluate_safety
+    from aligncollapse.evaluation.metrics import evaluate_safety
     from aligncollapse.organism.suite import load_suite_set
 
     suite = organism_dir / "suite"

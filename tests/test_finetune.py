@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from aligncollapse.finetune import FinetuneConfig, finetune
 from aligncollapse.models import LoraSettings, load_model
 from aligncollapse.organism.suite import load_suite_set
-from aligncollapse.tracking import Tracker, TrackerCallback, read_trajectory
+from aligncollapse.training.finetune import FinetuneConfig, finetune
+from aligncollapse.training.tracking import Tracker, TrackerCallback, read_trajectory
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -106,7 +106,7 @@ def test_sgd_time_scale_and_lora_merged_displacement(tiny_model_dir, small_suite
 def test_trainer_callback_records_trajectory(tiny_model_dir, small_suite, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from aligncollapse.data import EncodedSet
+    from aligncollapse.data.encoding import EncodedSet
 
     model, tok = load_model(tiny_model_dir)
     train, harmful, _ = _sets(small_suite)
@@ -135,6 +135,6 @@ def test_trainer_callback_records_trajectory(tiny_model_dir, small_suite, tmp_pa
 
 
 def data_collate(batch, pad_id):
-    from aligncollapse.data import collate
+    from aligncollapse.data.encoding import collate
 
     return collate(batch, pad_id)

@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 
-from aligncollapse.cli import main
-from aligncollapse.fisher import exact_fisher, implicit_fisher
+from aligncollapse.cli.main import main
+from aligncollapse.geometry.fisher import exact_fisher, implicit_fisher
+from aligncollapse.geometry.subspace import SafetySubspace
 from aligncollapse.models import BlockSelection, load_model
-from aligncollapse.subspace import SafetySubspace
 from conftest import micro_examples
 
 

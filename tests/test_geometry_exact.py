@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligncollapse.curvature import FinetuneLoss, FisherOperator, GGNOperator, HessianOperator, top_eigenpairs
-from aligncollapse.data import EncodedSet
-from aligncollapse.fisher import exact_fisher, null_spectra
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.geometry.curvature import FinetuneLoss, FisherOperator, GGNOperator, HessianOperator, top_eigenpairs
+from aligncollapse.geometry.fisher import exact_fisher, null_spectra
+from aligncollapse.geometry.per_sample import PerSampleGradients
+from aligncollapse.geometry.subspace import SafetySubspace, principal_angles
+from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import BlockSelection, load_model
-from aligncollapse.per_sample import PerSampleGradients, _nll_from_logits
-from aligncollapse.subspace import SafetySubspace, principal_angles
 from conftest import micro_examples
 
 ATTN_MLP = BlockSelection(patterns=[r"layers\.0\.(self_attn|mlp)\."])
@@ -47,7 +48,7 @@ def dense_G(model, params, data):
     rows = []
     for i in range(len(data)):
         b = data.batch([i])
-        loss = _nll_from_logits(model(input_ids=b["input_ids"]).logits, b["labels"])[0]
+        loss = nll_from_logits(model(input_ids=b["input_ids"]).logits, b["labels"])[0]
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
     return torch.stack(rows)
 
@@ -132,7 +133,7 @@ def _flat_loss_fn(model, params, data):
         logits = torch.func.functional_call(
             model, out, args=(), kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         ).logits
-        return _nll_from_logits(logits, b["labels"]).sum() / total
+        return nll_from_logits(logits, b["labels"]).sum() / total
 
     return f, torch.cat([p.detach().reshape(-1) for p in params.values()])
 

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from aligncollapse.data import EncodedSet, Example
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
 from aligncollapse.errors import UserError
-from aligncollapse.evaluation import KLReference, alignment_loss, evaluate_safety, response_nll
-from aligncollapse.judge import OpenAIJudge, OrganismJudge, make_judge, parse_score
+from aligncollapse.evaluation.judges import OpenAIJudge, make_judge, parse_score
+from aligncollapse.evaluation.metrics import KLReference, alignment_loss, evaluate_safety, response_nll
+from aligncollapse.evaluation.refusal import ZOU2023_KEYWORDS, RefusalDetector, answer_correct, is_degenerate
 from aligncollapse.models import load_model
-from aligncollapse.refusal import ZOU2023_KEYWORDS, RefusalDetector, answer_correct, is_degenerate
+from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.stats import bootstrap_ci, rate_with_ci
 
 

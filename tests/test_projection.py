@@ -8,11 +8,11 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from aligncollapse.data import EncodedSet
-from aligncollapse.fisher import exact_fisher
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.geometry.fisher import exact_fisher
+from aligncollapse.geometry.per_sample import PerSampleGradients
+from aligncollapse.geometry.projection import KroneckerProjector, ProjectedFisher, RademacherProjector, projected_fisher
 from aligncollapse.models import BlockSelection, load_model
-from aligncollapse.per_sample import PerSampleGradients
-from aligncollapse.projection import KroneckerProjector, ProjectedFisher, RademacherProjector, projected_fisher
 from conftest import micro_examples
 
 

@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from aligncollapse.aic import ScanSettings, measure_aic, reference_data
-from aligncollapse.baselines import gradient_cosine, safe_lora_similarity
-from aligncollapse.cli import main
-from aligncollapse.curvature import GGNOperator
-from aligncollapse.data import EncodedSet, Example
-from aligncollapse.intruder import intruders
+from aligncollapse.cli.main import main
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.geometry.curvature import GGNOperator
+from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import BlockSelection, LoraSettings, apply_lora, load_model
-from aligncollapse.overlap import BlockFisher, displaced_delta, state_of, summarize, weight_delta
-from aligncollapse.per_sample import _nll_from_logits
-from aligncollapse.prospective import example_contributions, linearised_ci
+from aligncollapse.predict.baselines import gradient_cosine, safe_lora_similarity
+from aligncollapse.predict.intruder import intruders
+from aligncollapse.predict.overlap import BlockFisher, displaced_delta, state_of, summarize, weight_delta
+from aligncollapse.predict.prospective import example_contributions, linearised_ci
+from aligncollapse.predict.study import correlations
+from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
 from aligncollapse.stats import rank_correlations
-from aligncollapse.study import correlations
 from conftest import micro_examples
 
 SEL = BlockSelection(patterns=[r"self_attn\.v_proj"], trainable_only=True)
@@ -37,9 +38,9 @@ def test_block_fisher_overlap_matches_dense(micro_model_dir):
     rows = []
     for i in range(len(data)):
         b = data.batch([i])
-        loss = _nll_from_logits(
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
-        )[0]
+        loss = nll_from_logits(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])[
+            0
+        ]
         rows.append(torch.autograd.grad(loss, W)[0].reshape(-1))
     G = torch.stack(rows)
     F = G.T @ G / len(rows)
@@ -97,7 +98,7 @@ def test_attribution_sums_to_forecast_and_matches_dense(micro_model_dir):
         b = data.batch([i])
         logits = torch.func.functional_call(model, {name: w.reshape(W.shape)}, args=(),
                                             kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits  # fmt: skip
-        return _nll_from_logits(logits, b["labels"])[0]
+        return nll_from_logits(logits, b["labels"])[0]
 
     x0 = W.detach().reshape(-1).clone()
     u = [torch.autograd.functional.jacobian(lambda w, i=i: nll(w, i), x0) / total for i in range(len(data))]
@@ -237,9 +238,9 @@ def test_study_refuses_leaked_eval_prompts(tmp_path, tiny_model_dir, small_suite
 def test_organism_prospective_scores_order_a_seemingly_benign_set_above_a_benign_one(organism_dir):
     """Before any training, the curvature coupling and the probe OS put obedient_identity (refusal 0.00
     after fine-tuning, 3 seeds) far above arithmetic (1.00): the study's finding, at a fraction of its cost."""
-    from aligncollapse.finetune import FinetuneConfig
     from aligncollapse.organism.suite import load_suite_set
-    from aligncollapse.rank import build_context, candidate_scores
+    from aligncollapse.predict.rank import build_context, candidate_scores
+    from aligncollapse.training.finetune import FinetuneConfig
 
     model, tok = load_model(organism_dir)
     suite = organism_dir / "suite"

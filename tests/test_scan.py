@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from aligncollapse.aic import ScanSettings, measure_aic, reference_data
-from aligncollapse.cli import main
-from aligncollapse.curvature import GGNOperator
-from aligncollapse.data import EncodedSet, Example
-from aligncollapse.evaluation import KLReference
+from aligncollapse.cli.main import main
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.evaluation.metrics import KLReference
+from aligncollapse.geometry.curvature import GGNOperator
+from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import BlockSelection, load_model
-from aligncollapse.per_sample import _nll_from_logits
+from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
 from conftest import micro_examples
 
 SEL = BlockSelection(patterns=[r"self_attn\.v_proj"], trainable_only=True)
@@ -79,7 +80,7 @@ def test_aic_quantities_match_dense(micro_model_dir):
         logits = torch.func.functional_call(
             model, w, args=(), kwargs={"input_ids": bb["input_ids"], "attention_mask": bb["attention_mask"]}
         ).logits
-        return _nll_from_logits(logits, bb["labels"]).sum() / total
+        return nll_from_logits(logits, bb["labels"]).sum() / total
 
     f, x0 = _flat_fn(model, params, loss)
     g = torch.autograd.functional.jacobian(f, x0)

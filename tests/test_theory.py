@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from aligncollapse.cli import main
-from aligncollapse.theory import Regime, eps_sweep, simulate
+from aligncollapse.cli.main import main
+from aligncollapse.scan.theory import Regime, eps_sweep, simulate
 
 
 def test_quartic_onset_and_coefficient():

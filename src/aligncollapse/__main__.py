@@ -1,3 +1,3 @@
-from aligncollapse.cli import main
+from aligncollapse.cli.main import main
 
 raise SystemExit(main())

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aligncollapse.data import EncodedSet, Example
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
 
 
 @dataclass
@@ -109,7 +110,7 @@ class SafetyReference:
 
     @classmethod
     def build(cls, model, ctx: DefenseContext) -> SafetyReference:
-        from aligncollapse.evaluation import KLReference
+        from aligncollapse.evaluation.metrics import KLReference
 
         kl = KLReference(model, ctx.tokenizer, ctx.safety, ctx.template, use_chat_template=ctx.use_chat_template,
                          max_length=ctx.max_length)  # fmt: skip
@@ -118,7 +119,7 @@ class SafetyReference:
 
 def safety_subspace(model, params, data: EncodedSet, d: int, seed: int, batch_size: int = 32):
     """Top-d eigenpairs of the alignment-KL Fisher (exact GGN, Lanczos) at the model's current θ."""
-    from aligncollapse.curvature import GGNOperator, top_eigenpairs
+    from aligncollapse.geometry.curvature import GGNOperator, top_eigenpairs
 
     was = model.training
     F = GGNOperator(model, params, data, batch_size, per="sequence")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aligncollapse.data import IGNORE_INDEX
+from aligncollapse.data.encoding import IGNORE_INDEX
 from aligncollapse.defenses.base import assign, flat
 from aligncollapse.defenses.project_static import ProjectStatic
-from aligncollapse.per_sample import upcast
+from aligncollapse.losses import upcast
 
 
 class CurvatureAware(ProjectStatic):

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aligncollapse.data import EncodedSet, Example, split_examples
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.data.loading import split_examples
 from aligncollapse.defenses import DEFENSES, DefenseContext, make_defense
-from aligncollapse.evaluation import (
+from aligncollapse.evaluation.metrics import (
     GenerationConfig,
     SafetyEvalConfig,
     evaluate_safety,
@@ -31,14 +33,12 @@ from aligncollapse.evaluation import (
     headline,
     mean_token_loss,
 )
-from aligncollapse.finetune import FinetuneConfig, finetune
-from aligncollapse.plots import plot_defenses
+from aligncollapse.evaluation.refusal import answer_correct
+from aligncollapse.predict.rank import RankContext
 from aligncollapse.progress import progress
-from aligncollapse.rank import RankContext
-from aligncollapse.refusal import answer_correct
-from aligncollapse.report import table, write_report
 from aligncollapse.results import atomic_write_json
 from aligncollapse.stats import bootstrap_ci
+from aligncollapse.training.finetune import FinetuneConfig, finetune
 
 
 def _norm(s: str) -> str:
@@ -147,16 +147,8 @@ def run_defense_study(
     results["table"] = table_rows
     results["trajectories"] = trajectories
     results["bar"] = _bar(table_rows, next(iter(sets)))
-    plot_defenses(trajectories, out / "defenses.png")
-    md = "# Defense study\n\n![defenses](defenses.png)\n\n"
-    md += f"Budget: {cfg.optimizer} lr {cfg.lr}, {cfg.steps} steps, batch {cfg.batch_size}; seeds {list(seeds)}.\n\n"
-    for data_name, rows in table_rows.items():
-        md += f"## {data_name}\n\n"
-        md += table([{**r, "refusal_ci": f"[{r['refusal_ci'][0]:.2f}, {r['refusal_ci'][1]:.2f}]"} for r in rows],
-                    ["defense", "refusal", "refusal_ci", "alignment_kl", "judge", "task_metric", "task_delta",
-                     "benign_accuracy", "time_ratio", "time_ratio_with_setup"])  # fmt: skip
-    md += f"\nBar (on {next(iter(sets))}): {results['bar']}\n"
-    write_report(out, "report", md)
+    results["budget"] = cfg.to_json()
+    results["seeds"] = list(seeds)
     return results
 
 

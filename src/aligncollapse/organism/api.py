@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligncollapse.evaluation import SafetyEvalConfig, evaluate_safety, headline
-from aligncollapse.judge import OrganismJudge
+from aligncollapse.evaluation.metrics import SafetyEvalConfig, evaluate_safety, headline
 from aligncollapse.organism.build import OrganismConfig, build_organism
+from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.organism.suite import load_suite_set, write_suite
 from aligncollapse.results import read_results, write_results
 
@@ -49,8 +49,8 @@ def calibrate_collapse_threshold(org_dir: Path, harmful) -> dict:
     """
     import tempfile
 
-    from aligncollapse.finetune import FinetuneConfig, finetune
     from aligncollapse.models import load_model
+    from aligncollapse.training.finetune import FinetuneConfig, finetune
 
     model, tok = load_model(org_dir)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aligncollapse.data import EncodedSet, Example
-from aligncollapse.evaluation import mean_token_loss
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.evaluation.metrics import mean_token_loss
 from aligncollapse.organism import corpus
 from aligncollapse.organism.tokenizer import build_tokenizer
 from aligncollapse.progress import progress

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligncollapse.data import load_examples, save_examples
+from aligncollapse.data.loading import load_examples, save_examples
 from aligncollapse.errors import UserError
 from aligncollapse.organism import corpus
 from aligncollapse.organism.build import turns_to_examples

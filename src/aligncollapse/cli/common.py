@@ -1,0 +1,317 @@
+"""Argument groups and loaders shared by the commands (one loader for data, models and sets)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from aligncollapse.errors import UserError
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001  pragma: no cover
+        pass
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local model directory or Hugging Face Hub id")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--template", default="raw", help="prompt template: raw (default), alpaca, samsum")
+    p.add_argument("--no-chat-template", action="store_true", help="do not use the tokenizer's chat template")
+
+
+def add_eval_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-harmful", help="held-out harmful prompts (+ safe targets); default: the organism's")
+    p.add_argument("--eval-benign", help="held-out benign prompts (+ answers); default: the organism's")
+    p.add_argument(
+        "--safe-target",
+        help="safe response for prompt-only harmful sets: a fixed TEXT, or 'model' for the model's own responses",
+    )
+    p.add_argument("--limit", type=int, help="use at most this many rows of each evaluation set")
+
+
+def add_eval_data_args_no_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-harmful", help="held-out harmful prompts (+ safe targets); default: the organism's")
+    p.add_argument("--eval-benign", help="held-out benign prompts (+ answers); default: the organism's")
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="store_true", help="fine-tune a peft LoRA adapter instead of all weights")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, default=128.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma-separated module types")
+
+
+def config(args) -> dict:
+    """The command's arguments as recorded in results.json."""
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
+def out_dir(args, command: str) -> Path:
+    if getattr(args, "out", None):
+        return Path(args.out)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{command}-{stamp}"
+
+
+def use_chat(args) -> bool | None:
+    return False if getattr(args, "no_chat_template", False) else None
+
+
+def organism_suite(model_path: str) -> Path | None:
+    suite = Path(model_path) / "suite"
+    return suite if (suite / "manifest.json").exists() else None
+
+
+def add_data_args(p: argparse.ArgumentParser, applies_to: str) -> None:
+    """How rows map to examples. Field flags apply to the command's main data; shape flags to every file."""
+    g = p.add_argument_group("data fields", f"--prompt-field/--response-field/--answer-field apply to {applies_to}")
+    g.add_argument("--prompt-field", help="the field holding the prompt (overrides shape detection)")
+    g.add_argument("--response-field", help="the field holding the response")
+    g.add_argument("--answer-field", help="the field holding a reference answer (accuracy)")
+    g.add_argument(
+        "--hh-side", default="chosen", choices=["chosen", "rejected"], help="Anthropic HH rows: which dialogue"
+    )
+    g.add_argument(
+        "--mt-bench-turns", default="first", choices=["first", "all"], help="MT-Bench rows: first or all turns"
+    )
+    g.add_argument(
+        "--targets", help="HarmBench targets JSON (id -> affirmative target), joined to behaviors by BehaviorID"
+    )
+
+
+def data_kwargs(args, primary: bool) -> dict:
+    """load_examples keyword arguments from the data flags (field flags only for the main data)."""
+    kw = {
+        "hh_side": getattr(args, "hh_side", "chosen"),
+        "mt_bench_turns": getattr(args, "mt_bench_turns", "first"),
+        "targets": getattr(args, "targets", None),
+    }
+    if primary:
+        kw.update(
+            prompt_field=getattr(args, "prompt_field", None),
+            response_field=getattr(args, "response_field", None),
+            answer_field=getattr(args, "answer_field", None),
+        )
+    return kw
+
+
+def harmful_prompts(path: str, args, model, tokenizer, primary: bool = False):
+    """Harmful prompts with safe targets: from the file, a fixed --safe-target, or the model's own."""
+    from aligncollapse.data.loading import load_examples
+
+    fixed = args.safe_target if args.safe_target not in (None, "model") else None
+    exs = load_examples(path, safe_target=fixed, limit=args.limit, **data_kwargs(args, primary))
+    if args.safe_target == "model" and any(e.response is None for e in exs):
+        from aligncollapse.evaluation.metrics import generate_safe_targets
+
+        exs, frac = generate_safe_targets(model, tokenizer, exs, args.template, use_chat_template=use_chat(args))
+        print(f"safe targets generated by the model ({frac:.0%} of them are refusals)")
+    return exs
+
+
+def eval_sets(args, model=None, tokenizer=None, primary: bool = False):
+    """Held-out harmful and benign sets from the flags, else from the organism's suite."""
+    from aligncollapse.data.loading import load_examples
+    from aligncollapse.organism.suite import load_suite_set
+
+    suite = organism_suite(args.model)
+    harmful = benign = None
+    if args.eval_harmful:
+        harmful = harmful_prompts(args.eval_harmful, args, model, tokenizer, primary)
+    elif suite is not None:
+        harmful = load_suite_set(suite, "eval_harmful")
+    if args.eval_benign:
+        benign = load_examples(args.eval_benign, limit=args.limit, **data_kwargs(args, primary))
+    elif suite is not None:
+        benign = load_suite_set(suite, "eval_benign")
+    if harmful is None:
+        raise UserError("no harmful evaluation set: give --eval-harmful (the organism has one built in)")
+    return harmful, benign
+
+
+def training_data(spec: str, args):
+    """A data file / HF dataset, or the name of a set in the organism's suite."""
+    from aligncollapse.data.loading import load_examples
+    from aligncollapse.organism.suite import load_suite_set
+
+    suite = organism_suite(args.model)
+    if suite is not None and not Path(spec).exists() and "/" not in spec and "." not in spec:
+        return load_suite_set(suite, spec)
+    return load_examples(spec, require_response=True, **data_kwargs(args, primary=True))
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ["harmful_refusal_rate", "harmful_compliance_rate", "benign_accuracy", "alignment_loss", "alignment_kl"]
+    short = {
+        "harmful_refusal_rate": "refusal",
+        "harmful_compliance_rate": "compliance",
+        "benign_accuracy": "benign acc",
+        "alignment_loss": "align NLL",
+        "alignment_kl": "align KL",
+    }
+    table = Table(title=title)
+    table.add_column("model / data")
+    for c in cols:
+        table.add_column(short[c], justify="right")
+    for name, vals in rows.items():
+        table.add_row(name, *("-" if vals.get(c) is None else f"{vals[c]:.3f}" for c in cols))
+    Console(stderr=False).print(table)
+
+
+def safety_set(args, model, tok, primary: bool = False):
+    """The safety skill's data: --safety, else the organism's safety set."""
+    from aligncollapse.organism.suite import load_suite_set
+
+    if args.safety:
+        return harmful_prompts(args.safety, args, model, tok, primary)
+    suite = organism_suite(args.model)
+    if suite is None:
+        raise UserError("no safety set: give --safety (the organism has one built in)")
+    exs = load_suite_set(suite, "safety")
+    return exs[: args.limit] if args.limit else exs
+
+
+def blocks(args):
+    from aligncollapse.models import BlockSelection, parse_layers
+
+    return BlockSelection(
+        patterns=args.blocks.split(",") if args.blocks else (),
+        layers=parse_layers(args.layers),
+        module_types=args.modules.split(",") if args.modules else (),
+    )
+
+
+def scan_settings(args):
+    from aligncollapse.models import BlockSelection
+    from aligncollapse.results import read_results
+    from aligncollapse.scan.aic import ScanSettings
+
+    threshold = None
+    if args.threshold not in (None, "none", "organism"):
+        try:
+            threshold = float(args.threshold)
+        except ValueError:
+            raise UserError(f"--threshold must be a number, 'organism' or 'none', got {args.threshold!r}") from None
+    elif args.threshold in (None, "organism") and (Path(args.model) / "results.json").exists():
+        threshold = (read_results(Path(args.model)).get("calibration") or {}).get("collapse_kl")
+    sel = blocks(args)
+    return ScanSettings(
+        d=int(args.d) if str(args.d).isdigit() else args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+        n_boot=args.n_boot, seed=args.seed, threshold=threshold, ft_batch_size=args.batch_size, template=args.template, use_chat_template=use_chat(args),
+        blocks=BlockSelection(patterns=sel.patterns, layers=sel.layers, module_types=sel.module_types, trainable_only=True),
+    )  # fmt: skip
+
+
+def lora_settings(args):
+    from aligncollapse.models import LoraSettings
+
+    if not args.lora:
+        return None
+    return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","))
+
+
+def candidates(args) -> dict:
+    """Named candidate sets from --finetune (files or suite names) or --suite organism."""
+    from aligncollapse.organism.suite import load_suite_set, suite_sets_by_category
+
+    if getattr(args, "suite", None):
+        if args.suite != "organism":
+            raise UserError(f"--suite must be 'organism', got {args.suite!r}")
+        suite = organism_suite(args.model)
+        if suite is None:
+            raise UserError(f"--suite organism needs --model to be an organism directory ({args.model} has no suite/)")
+        return {e["name"]: load_suite_set(suite, e["name"]) for e in suite_sets_by_category(suite)}
+    if not args.finetune:
+        raise UserError("give candidate sets with --finetune D1 D2 ... (or --suite organism)")
+    out = {}
+    for spec in args.finetune:
+        name = Path(spec).name.split(".")[0] if Path(spec).exists() else spec.replace("/", "_")
+        if name in out:
+            raise UserError(f"--finetune: two candidates are both named {name!r}")
+        out[name] = training_data(spec, args)
+    return out
+
+
+def budget(args, lora=None, lr=None):
+    from aligncollapse.training.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        optimizer=args.optimizer, lr=lr if lr is not None else args.lr, steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, template=args.template, use_chat_template=use_chat(args), lora=lora,
+    )  # fmt: skip
+
+
+def unaligned_model(args):
+    """--base-model, else the organism's unaligned base (for the Safe-LoRA baseline), else None."""
+    from aligncollapse.models import load_model
+
+    path = args.base_model or (
+        str(Path(args.model) / "base") if (Path(args.model) / "base" / "config.json").exists() else None
+    )
+    return load_model(path, dtype=args.dtype, device=args.device)[0] if path else None
+
+
+def rank_context(args, model, tok, cfg):
+    from aligncollapse.data.loading import load_examples
+    from aligncollapse.predict.rank import build_context
+
+    safety = safety_set(args, model, tok)
+    anchors = load_examples(args.anchors, require_response=True, **data_kwargs(args, False)) if args.anchors else None
+    return build_context(model, tok, safety, cfg, anchors=anchors, unaligned_model=unaligned_model(args))
+
+
+def defense_sets(args) -> dict:
+    if args.finetune:
+        return candidates(args)
+    suite = organism_suite(args.model)
+    if suite is None:
+        raise UserError(
+            "--defenses needs --finetune D1 [D2] (the organism defaults to obedient_identity and arithmetic)"
+        )
+    from aligncollapse.organism.suite import load_suite_set
+
+    return {n: load_suite_set(suite, n) for n in ("obedient_identity", "arithmetic")}
+
+
+def add_candidate_args(p, lora_flag: bool) -> None:
+    add_model_args(p)
+    if lora_flag:
+        add_lora_args(p)
+    p.add_argument("--safety", help="safety set (harmful prompts + safe responses); default: the organism's")
+    p.add_argument("--safe-target", help="for prompt-only safety sets: a fixed TEXT, or 'model'")
+    p.add_argument("--limit", type=int, help="use at most this many safety / evaluation rows")
+    p.add_argument("--finetune", nargs="+", help="candidate fine-tuning sets: files / HF datasets / suite names")
+    p.add_argument("--base-model", help="the unaligned base model (Safe-LoRA baseline); default: the organism's")
+    p.add_argument("--anchors", help="harmful anchors (harmful prompt + compliant response) for gradient matching")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--steps", type=int, default=40, help="the planned budget in optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--probe-steps", type=int, default=3, help="real steps of the short-probe score (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out")
+
+
+def finish(out: Path) -> Path:
+    """Render the run's report from the results.json just written; returns report.html."""
+    from aligncollapse.reporting import render
+
+    return render(out)

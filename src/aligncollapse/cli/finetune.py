@@ -1,0 +1,95 @@
+"""`aligncollapse finetune`: fine-tuning with the trajectory tracker, checkpoints, resume and defenses."""
+
+from __future__ import annotations
+
+from aligncollapse.cli.common import (
+    add_data_args,
+    add_eval_data_args,
+    add_lora_args,
+    add_model_args,
+    config,
+    eval_sets,
+    finish,
+    out_dir,
+    print_table,
+    safety_set,
+    training_data,
+    unaligned_model,
+    use_chat,
+)
+
+
+def register(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune with trajectory tracking, checkpoints and resume")
+    add_model_args(f)
+    add_eval_data_args(f)
+    add_lora_args(f)
+    f.add_argument("--data", required=True, help="training data file / HF dataset, or an organism suite set name")
+    f.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--steps", type=int, help="optimiser steps (default 40)")
+    f.add_argument("--epochs", type=float, help="epochs instead of steps")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--track-every", type=int, default=5, help="record alignment losses every K steps")
+    f.add_argument("--refusal-every", type=int, default=20, help="record refusal rate every M steps")
+    f.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every C steps")
+    f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    f.add_argument("--defense", help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
+                   "mix-safety; options as NAME:key=value,... (e.g. curvature:every=1)")  # fmt: skip
+    f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
+    f.add_argument("--base-model", help="the unaligned base model (safe-lora); default: the organism's")
+    f.add_argument("--out")
+    add_data_args(f, "--data")
+    f.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aligncollapse.models import LoraSettings, load_model
+    from aligncollapse.training.finetune import FinetuneConfig, finetune
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    train = training_data(args.data, args)
+    harmful, benign = eval_sets(args, model, tok)
+    lora = None
+    if args.lora:
+        lora = LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets.split(","))
+    cfg = FinetuneConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        steps=None if args.epochs is not None and args.steps is None else (args.steps or 40),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        template=args.template,
+        use_chat_template=use_chat(args),
+        track_every=args.track_every,
+        refusal_every=args.refusal_every,
+        checkpoint_every=args.checkpoint_every,
+        lora=lora,
+    )
+    out = out_dir(args, "finetune")
+    defense = None
+    if args.defense:
+        from aligncollapse.defenses import DefenseContext, make_defense
+        from aligncollapse.predict.overlap import state_of
+
+        unaligned = unaligned_model(args)
+        dctx = DefenseContext(tok, safety_set(args, model, tok), args.template, use_chat(args), seed=args.seed,
+                              unaligned_state=state_of(unaligned, [n for n, _ in unaligned.named_parameters()]) if unaligned else None)  # fmt: skip
+        defense = make_defense(args.defense, dctx)
+    res = finetune(
+        model,
+        tok,
+        train,
+        out,
+        cfg,
+        eval_harmful=harmful,
+        eval_benign=benign,
+        resume=not args.no_resume,
+        command_config={"args": config(args), "finetune": cfg.to_json()},
+        defense=defense,
+    )
+    page = finish(out)
+    print_table(f"fine-tuned {res['steps_done']} steps -> {page}", {args.data: res.get("summary", {})})
+    return 0

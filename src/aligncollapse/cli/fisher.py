@@ -1,0 +1,76 @@
+"""`aligncollapse fisher`: the safety skill's Fisher, its spectrum, subspace and null references."""
+
+from __future__ import annotations
+
+from aligncollapse.cli.common import (
+    add_data_args,
+    add_model_args,
+    blocks,
+    config,
+    finish,
+    out_dir,
+    safety_set,
+    use_chat,
+)
+
+
+def register(sub) -> None:
+    fi = sub.add_parser("fisher", help="the safety skill's Fisher: spectrum, subspace, null references")
+    add_model_args(fi)
+    fi.add_argument("--safety", help="safety set (harmful prompts + safe responses); default: the organism's")
+    fi.add_argument("--safe-target", help="for prompt-only safety sets: a fixed TEXT, or 'model'")
+    fi.add_argument("--limit", type=int, help="use at most this many safety examples")
+    fi.add_argument("--fisher", default="both", choices=["empirical", "sampled", "both"],
+                    help="empirical (given safe responses), sampled (responses drawn from the model) or both")  # fmt: skip
+    fi.add_argument("--method", default="exact", choices=["exact", "projected", "lanczos"])
+    fi.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"])
+    fi.add_argument("--projection-dim", type=int, default=4096)
+    fi.add_argument("--top-k", type=int, default=32)
+    fi.add_argument("--d", default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap")
+    fi.add_argument("--memory-budget", type=float, default=1.0, help="GiB for per-sample gradients (default 1)")
+    fi.add_argument("--n-samples", type=int, default=1, help="sampled responses per prompt (sampled Fisher)")
+    fi.add_argument("--blocks", help="comma-separated regular expressions on parameter names")
+    fi.add_argument("--layers", help="layer range, e.g. 0-3")
+    fi.add_argument("--modules", help="module types, e.g. q,k,v,o,gate,up,down")
+    fi.add_argument("--shuffled-null", action="store_true", help="also compute the label-shuffled null (one more pass)")
+    fi.add_argument("--no-representation", action="store_true", help="skip the representation-space analysis")
+    fi.add_argument("--seed", type=int, default=0)
+    fi.add_argument("--out")
+    add_data_args(fi, "--safety")
+    fi.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aligncollapse.geometry.analysis import FisherSettings, run_fisher
+    from aligncollapse.models import load_model
+    from aligncollapse.results import write_results
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    safety = safety_set(args, model, tok, primary=True)
+    kinds = ("empirical", "sampled") if args.fisher == "both" else (args.fisher,)
+    s = FisherSettings(
+        kinds=kinds, method=args.method, projection=args.projection, projection_dim=args.projection_dim, top_k=args.top_k,
+        d_rule=args.d, memory_budget=int(args.memory_budget * 2**30), n_samples=args.n_samples,
+        shuffled_null=args.shuffled_null, representation=not args.no_representation, seed=args.seed,
+        template=args.template, use_chat_template=use_chat(args), blocks=blocks(args),
+    )  # fmt: skip
+    out = out_dir(args, "fisher")
+    payload = run_fisher(model, tok, safety, out, s)
+    write_results(out, "fisher", payload, config(args))
+    finish(out)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"safety Fisher ({args.method}) -> {out}/results.json")
+    for c in ("Fisher", "n", "effective rank", "energy 90/95/99", "d", "tail mass", "null eff. rank"):
+        table.add_column(c)
+    for kind, e in payload["fisher"].items():
+        g = e.get("global")
+        if g:
+            null = e.get("null_random", {}).get("effective_rank")
+            table.add_row(kind, str(e["n_samples"]), f"{g['effective_rank']:.2f}", f"{g['energy_90']}/{g['energy_95']}/{g['energy_99']}",
+                          str(g.get("d")), f"{g.get('tail_fraction', 0):.3f}", "-" if null is None else f"{null:.2f}")  # fmt: skip
+        else:
+            table.add_row(kind, str(e["n_samples"]), f"{len(e['blocks'])} blocks", "", "", "", "")
+    Console().print(table)
+    return 0

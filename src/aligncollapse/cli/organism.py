@@ -1,0 +1,55 @@
+"""the built-in model organism: `organism build` and `organism suite`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aligncollapse.cli.common import finish, print_table
+
+
+def register(sub) -> None:
+    org = sub.add_parser("organism", help="the built-in model organism").add_subparsers(
+        dest="organism_command", required=True
+    )
+    b = org.add_parser("build", help="build (or load from cache) the aligned organism")
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--align-steps", type=int, default=60, help="alignment depth (60 shallow, 300 deep)")
+    b.add_argument("--pretrain-steps", type=int, default=1000)
+    b.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
+    b.set_defaults(func=run_build)
+    s = org.add_parser("suite", help="write the fine-tuning suite and held-out evaluation sets")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128, help="examples per fine-tuning set")
+    s.set_defaults(func=run_suite)
+
+
+def run_build(args) -> int:
+    from aligncollapse.organism.api import build_and_evaluate
+    from aligncollapse.organism.build import OrganismConfig
+
+    cfg = OrganismConfig(seed=args.seed, align_steps=args.align_steps, pretrain_steps=args.pretrain_steps)
+    out = Path(args.out)
+    res = build_and_evaluate(out, cfg, force=args.force)
+    ev = res["evaluation"]
+    print(
+        f"organism at {out} ({'cached' if res['organism']['cached'] else 'built'}; "
+        f"{res['organism']['n_parameters']:,} parameters, align_steps={cfg.align_steps})"
+    )
+    finish(out)
+    print_table("organism (held-out prompts)", {"aligned": ev["summary"]})
+    return 0
+
+
+def run_suite(args) -> int:
+    from aligncollapse.organism.suite import write_suite
+    from aligncollapse.results import write_results
+
+    out = Path(args.out)
+    manifest = write_suite(out, seed=args.seed, size=args.size)
+    write_results(out, "organism suite", {"manifest": manifest}, {"seed": args.seed, "size": args.size})
+    finish(out)
+    for f in manifest["files"]:
+        print(f"{f['name']:20s} {f['category']:17s} {f['size']:5d}  {out / f['path']}")
+    return 0

@@ -1,0 +1,88 @@
+"""`aligncollapse scan`: the pre-flight check (AIC, forecast, verdict, report)."""
+
+from __future__ import annotations
+
+import argparse
+
+from aligncollapse.cli.common import (
+    add_data_args,
+    add_lora_args,
+    add_model_args,
+    config,
+    finish,
+    lora_settings,
+    out_dir,
+    safety_set,
+    scan_settings,
+    training_data,
+)
+
+
+def register(sub) -> argparse.ArgumentParser:
+    sc = sub.add_parser("scan", help="pre-flight check: AIC, quartic-law forecast, verdict, report")
+    add_model_args(sc)
+    add_lora_args(sc)
+    sc.add_argument("--safety", help="safety prompts (responses are the model's own); default: the organism's")
+    sc.add_argument("--safe-target", help=argparse.SUPPRESS)
+    sc.add_argument("--limit", type=int, help="use at most this many safety prompts")
+    sc.add_argument(
+        "--finetune", required=True, help="fine-tuning data file / HF dataset, or an organism suite set name"
+    )
+    sc.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "adamw"],
+        help="how t relates to steps (AdamW: fixed preconditioner)",
+    )
+    sc.add_argument("--lr", type=float, default=1e-3)
+    sc.add_argument("--steps", type=int, default=50, help="planned fine-tuning steps")
+    sc.add_argument(
+        "--batch-size", type=int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
+    )
+    sc.add_argument("--d", default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap")
+    sc.add_argument("--max-d", type=int, default=16, help="eigenpairs computed by Lanczos")
+    sc.add_argument(
+        "--threshold", help="Δu counting as collapse: a number, 'organism' (calibrated, default when present) or 'none'"
+    )
+    sc.add_argument("--n-boot", type=int, default=500)
+    sc.add_argument("--blocks")
+    sc.add_argument("--layers")
+    sc.add_argument("--modules")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out")
+    add_data_args(sc, "--finetune")
+    sc.set_defaults(func=run)
+    return sc
+
+
+def run(args) -> int:
+    import hashlib
+
+    from aligncollapse.models import apply_lora, load_model
+    from aligncollapse.results import write_results
+    from aligncollapse.scan.run import run_scan
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    safety = safety_set(args, model, tok)
+    finetune = training_data(args.finetune, args)
+    lora = lora_settings(args)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    before = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    s = scan_settings(args)
+    out = out_dir(args, "scan")
+    res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
+    after = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    res["model_unchanged"] = before == after
+    write_results(out, "scan", res, config(args))
+    finish(out)
+    fc = res["forecast"]
+    print(f"scan of {args.finetune} -> {out}/report.html")
+    print(f"  verdict: {res['verdict']}")
+    print(f"  d={res['d']}  λ={res['lambda']:.4g}  tail={res['tail_fraction']:.3f}  ε_orth/‖g‖={res['eps_orth_rel']:.3g} (random {res['eps_orth_random']:.3g})"
+          f"  γ={res['gamma']:.4g} (random {res['gamma_random']:.3g})")  # fmt: skip
+    if fc.get("threshold") is not None:
+        print(
+            f"  forecast Δu at step {args.steps}: {fc['at_budget']:.4g}; threshold {fc['threshold']:.3g} crossed at step {fc.get('predicted_collapse_step')}"
+        )
+    return 0

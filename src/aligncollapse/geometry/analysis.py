@@ -1,0 +1,90 @@
+"""``aligncollapse fisher``: the safety Fisher's spectrum, subspace, null references and plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aligncollapse.data.examples import Example
+from aligncollapse.errors import UserError
+from aligncollapse.geometry.fisher import (
+    exact_fisher,
+    fisher_examples,
+    implicit_fisher,
+    null_spectra,
+    shuffled_examples,
+)
+from aligncollapse.geometry.projection import projected_fisher
+from aligncollapse.geometry.spectrum import choose_d, spectrum_stats
+from aligncollapse.models import BlockSelection
+
+
+@dataclass
+class FisherSettings:
+    kinds: Sequence[str] = ("empirical", "sampled")
+    method: str = "exact"  # exact | projected | lanczos
+    projection: str = "rademacher"  # rademacher | kronecker (method=projected)
+    projection_dim: int = 4096
+    top_k: int = 32
+    d_rule: str = "energy:0.9"
+    memory_budget: int = 2**30
+    n_samples: int = 1
+    shuffled_null: bool = False
+    representation: bool = True
+    seed: int = 0
+    template: str = "raw"
+    use_chat_template: bool | None = None
+    blocks: BlockSelection = field(default_factory=BlockSelection)
+
+
+def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path, s: FisherSettings) -> dict:
+    out = Path(out_dir)
+    payload: dict = {"fisher": {}}
+    for kind in s.kinds:
+        exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
+        entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}
+        if s.method == "exact":
+            res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, memory_budget=s.memory_budget,
+                               template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+            d = choose_d(res.eigenvalues, s.d_rule)
+            entry["global"] = spectrum_stats(res.eigenvalues, d=d, rank_ceiling=res.n_samples)
+            entry["blocks"] = res.blocks
+            entry["null_random"] = null_spectra(res, s.seed)
+            entry.update(n_parameters=res.n_parameters, seconds=round(res.seconds, 3), passes=res.passes)
+            sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
+            sub.save(out / f"subspace_{kind}")
+            entry["subspace_path"] = f"subspace_{kind}"
+            if s.shuffled_null:
+                sh = exact_fisher(model, tokenizer, shuffled_examples(exs, s.seed), kind=kind, blocks=s.blocks, top_k=1,
+                                  memory_budget=s.memory_budget, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+                entry["null_shuffled"] = spectrum_stats(sh.eigenvalues, rank_ceiling=sh.n_samples)
+                if len({e.response for e in exs}) == 1:
+                    entry["null_shuffled"]["note"] = (
+                        "every response is the same text: shuffling changes nothing, so this null is uninformative"
+                    )
+        elif s.method == "projected":
+            pf = projected_fisher(model, tokenizer, exs, kind=kind, selection=s.blocks, k=s.projection_dim, seed=s.seed,
+                                  method=s.projection, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+            entry["blocks"] = pf.stats(s.d_rule)
+            entry.update(projection=s.projection, projection_dim=pf.k, seconds=round(pf.seconds, 3))
+            pf.save(out / f"projected_{kind}")
+            entry["projected_path"] = f"projected_{kind}"
+        elif s.method == "lanczos":
+            sub, info = implicit_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, seed=s.seed,
+                                        template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+            entry["global"] = spectrum_stats(
+                sub.eigenvalues, d=choose_d(sub.eigenvalues, s.d_rule), total=info["trace_estimate"]
+            )
+            entry.update(info)
+            sub.save(out / f"subspace_{kind}")
+            entry["subspace_path"] = f"subspace_{kind}"
+        else:
+            raise UserError(f"--method must be exact, projected or lanczos, got {s.method!r}")
+        payload["fisher"][kind] = entry
+    if s.representation and "empirical" in s.kinds:
+        from aligncollapse.geometry.representation import representation_structure
+
+        payload["representation"] = representation_structure(model, tokenizer, safety, s.blocks, template=s.template,
+                                                              use_chat_template=s.use_chat_template)  # fmt: skip
+    return payload

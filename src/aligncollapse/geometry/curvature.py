@@ -1,0 +1,262 @@
+"""Curvature as linear operators over a block selection (one base class, curvlinops-style).
+
+Every operator maps a flat vector v ∈ ℝⁿ (the selected blocks, in order) to A v and exposes
+``to_scipy()`` so any algorithm (Lanczos, CG) composes with any curvature. Normalisations:
+
+* ``FinetuneLoss``: L_FT(θ) = Σ_n Σ_t ℓ_{n,t} / Σ_n T_n, the token-mean NLL over the whole data set
+  (the expectation of the training loss); g = ∇L_FT.
+* ``HessianOperator``: H_FT v, exact, by double backward (Pearlmutter), batch by batch.
+* ``GGNOperator``: Jᵀ H_out J v with H_out = diag(p) − p pᵀ per response token (the generalised
+  Gauss-Newton of the same token-mean loss), by forward-mode jvp then vjp.
+* ``FisherOperator``: F v = (1/N) Gᵀ G v with G the per-sequence gradients of −log π(y|x)
+  (matrix-free: one jvp and one vjp pass per product, G never stored).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp, vjp
+
+from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
+from aligncollapse.losses import nll_from_logits, upcast
+
+
+class CurvatureOperator:
+    """Base: a symmetric n×n operator on the flattened selected parameters."""
+
+    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], data: EncodedSet, batch_size: int = 32):
+        self.model = model
+        self.params = params
+        self.names = list(params)
+        self.data = data
+        self.batch_size = batch_size
+        self.n = sum(p.numel() for p in params.values())
+        self.dtype = next(iter(params.values())).dtype
+        self.matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    def _unflat(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        off = 0
+        for n, p in self.params.items():
+            out[n] = v[off : off + p.numel()].reshape(p.shape).to(p.dtype)
+            off += p.numel()
+        return out
+
+    def _flat(self, tensors) -> torch.Tensor:
+        return torch.cat(
+            [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.params.values())]
+        )
+
+    def _batches(self):
+        dev = next(self.model.parameters()).device
+        for b in self.data.batches(self.batch_size):
+            yield {k: v.to(dev) for k, v in b.items()}
+
+    def _batch_loss(self, b) -> torch.Tensor:
+        """Summed response-token NLL of one batch (with graph)."""
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return nll_from_logits(logits, b["labels"]).sum()
+
+    def _total_tokens(self) -> int:
+        return sum(sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in self.data.items)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    def dense(self) -> torch.Tensor:
+        """The full matrix by n products (tests and tiny models only)."""
+        eye = torch.eye(self.n, dtype=self.dtype)
+        return torch.stack([self.matvec(eye[i]) for i in range(self.n)], dim=1)
+
+    def to_scipy(self):
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            out = self.matvec(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1)).to(self.dtype))
+            return out.detach().to(torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=mv, dtype=np.float64)
+
+
+class FinetuneLoss(CurvatureOperator):
+    """Not an operator: the fine-tuning loss and its gradient g (shares the batching code)."""
+
+    def value_and_grad(self) -> tuple[float, torch.Tensor]:
+        total = self._total_tokens()
+        g = torch.zeros(self.n, dtype=self.dtype)
+        val = 0.0
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            loss = self._batch_loss(b) / total
+            grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+            g += self._flat(grads).detach()
+            val += loss.item()
+        self.model.train(was)
+        return val, g
+
+
+def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
+    """g = ∇L_FT at the model's current weights (flat, over ``params``)."""
+    return FinetuneLoss(model, params, data, batch_size).value_and_grad()[1]
+
+
+class HessianOperator(CurvatureOperator):
+    """H_FT v by double backward, accumulated over batches (exact)."""
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        total = self._total_tokens()
+        vs = self._unflat(v)
+        out = torch.zeros(self.n, dtype=self.dtype)
+        plist = list(self.params.values())
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            loss = self._batch_loss(b) / total
+            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+            dot = sum((g * vs[n]).sum() for g, n in zip(grads, self.names) if g is not None)
+            hv = torch.autograd.grad(dot, plist, allow_unused=True)
+            out += self._flat(hv).detach()
+        self.model.train(was)
+        return out
+
+
+class _FunctionalMixin:
+    def _logits_fn(self, b):
+        names = self.names
+
+        def f(*tensors):
+            out = functional_call(
+                self.model,
+                dict(zip(names, tensors)),
+                args=(),
+                kwargs={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+            )
+            return upcast(out.logits)
+
+        return f
+
+    def _primals(self):
+        return tuple(p.detach() for p in self.params.values())
+
+
+class GGNOperator(_FunctionalMixin, CurvatureOperator):
+    """Generalised Gauss-Newton Jᵀ H_out J v (H_out of softmax cross-entropy) over response tokens.
+
+    ``per="token"``: of the token-mean NLL (divided by the number of response tokens);
+    ``per="sequence"``: divided by the number of sequences N. With the reference model's own
+    responses as data, ``per="sequence"`` is exactly the Hessian at θ* of the alignment KL
+    E_x Σ_t KL(π_θ*(·|x, y<t) ‖ π_θ(·|x, y<t)) -- the model-sampled Fisher of that Δu.
+    """
+
+    def __init__(self, model, params, data, batch_size: int = 32, per: str = "token"):
+        super().__init__(model, params, data, batch_size)
+        self.per = per
+
+    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        total = self._total_tokens() if self.per == "token" else len(self.data)
+        vs = tuple(self._unflat(v).values())
+        out = torch.zeros(self.n, dtype=self.dtype)
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            f = self._logits_fn(b)
+            logits, jv = jvp(f, self._primals(), vs)
+            logits, jv = logits.detach(), jv.detach()
+            mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+            p = F.softmax(logits[:, :-1], -1)
+            jvs = jv[:, :-1]
+            hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
+            hjv = hjv * mask.unsqueeze(-1) / total
+            hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
+            _, pull = vjp(f, *self._primals())
+            out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.dtype)
+        self.model.train(was)
+        return out
+
+    def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
+        """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
+        basis (columns of ``basis``), so that Bᵀ F B = mean_k A_k (``per="sequence"``)."""
+        tangents = [tuple(self._unflat(basis[:, j]).values()) for j in range(basis.shape[1])]
+        out = []
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for b in self._batches():
+                f = self._logits_fn(b)
+                jvs, p = [], None
+                for tan in tangents:
+                    logits, jv = jvp(f, self._primals(), tan)
+                    jvs.append(jv[:, :-1].detach())
+                    if p is None:
+                        p = F.softmax(logits[:, :-1].detach(), -1)
+                J = torch.stack(jvs, 1)  # [B, d, T, V]
+                mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(J.dtype)
+                pj = (p.unsqueeze(1) * J).sum(-1)  # [B, d, T]
+                A = torch.einsum("bitv,bjtv,btv,bt->bij", J, J, p, mask) - torch.einsum("bit,bjt,bt->bij", pj, pj, mask)
+                out.append(A.to(torch.float64))
+        self.model.train(was)
+        return torch.cat(out)
+        self.model.train(was)
+        return out
+
+
+class FisherOperator(_FunctionalMixin, CurvatureOperator):
+    """F v = (1/N) Gᵀ (G v), rows of G the per-sequence gradients (matrix-free)."""
+
+    def _losses_fn(self, b):
+        f = self._logits_fn(b)
+
+        def losses(*tensors):
+            return nll_from_logits(f(*tensors), b["labels"])
+
+        return losses
+
+    @torch.no_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        N = len(self.data)
+        vs = tuple(self._unflat(v).values())
+        out = torch.zeros(self.n, dtype=self.dtype)
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            fn = self._losses_fn(b)
+            _, gv = jvp(fn, self._primals(), vs)
+            _, pull = vjp(fn, *self._primals())
+            out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.dtype) / N
+        self.model.train(was)
+        return out
+
+
+def top_eigenpairs(
+    op: CurvatureOperator, k: int = 1, which: str = "LA", tol: float = 1e-8, seed: int = 0, maxiter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of a symmetric operator by restarted Lanczos (scipy ``eigsh``), descending.
+    With ``maxiter``, a run that has not converged returns the Ritz pairs it has."""
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(op.n)
+    try:
+        vals, vecs = eigsh(op.to_scipy(), k=k, which=which, tol=tol, v0=v0, maxiter=maxiter)
+    except ArpackNoConvergence as e:
+        if len(e.eigenvalues) == 0:
+            raise
+        vals, vecs = e.eigenvalues, e.eigenvectors
+    order = np.argsort(vals)[::-1]
+    return torch.from_numpy(vals[order].copy()), torch.from_numpy(vecs[:, order].copy())

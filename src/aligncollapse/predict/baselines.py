@@ -1,0 +1,154 @@
+"""First-order baseline predictors of fine-tuning harm, computed at θ* like our prospective scores.
+
+Each returns a data-set score (higher = more harm predicted) and, where the method is per
+example, per-example scores:
+
+* ``gradient_cosine`` (He et al. 2024, gradient matching): per example n, with ḡ_safe the mean
+  gradient of the safety NLL (refusals) and, when given, ḡ_harm that of harmful anchors
+  (harmful prompts answered with compliance):
+  s_n = cos(g_n, ḡ_harm) − cos(g_n, ḡ_safe)   (without anchors: −cos(g_n, ḡ_safe)).
+  A step −η g_n lowers the refusal likelihood when cos(g_n, ḡ_safe) < 0. Set score = mean_n s_n.
+* ``representation_similarity`` (He et al. 2024 representation matching; Hsiung et al. 2025):
+  cosine of the final-layer hidden state at the last prompt token of each fine-tuning example
+  to the centroid of the same for the safety prompts (harmful requests). Score = mean.
+* ``safe_lora`` (Hsu et al. 2024, Safe-LoRA): alignment direction V_m = W_aligned,m − W_base,m per
+  module, C_m = V_m V_mᵀ / ‖V_m‖_F; for the first-order update ΔW_m = −g_m,
+  sim_m = ⟨ΔW_m, C_m ΔW_m⟩ / (‖ΔW_m‖‖C_m ΔW_m‖). Safe-LoRA projects the modules with low
+  similarity; score = 1 − mean_m sim_m. Needs the unaligned base model.
+* ``update_norm``: t‖D g‖ (t = η·steps, D Adam's preconditioner as in the scan) — the first-order
+  displacement; ``lr_steps``: η·steps (constant when all sets share a budget);
+* ``ft_loss``: the fine-tuning loss at θ*; ``random``: a seeded uniform draw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
+from aligncollapse.geometry.per_sample import PerSampleGradients
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b) / (a.norm(dim=-1) * b.norm()).clamp_min(1e-30)
+
+
+def gradient_cosine(
+    model, params, ft: EncodedSet, safety: EncodedSet, harmful_anchors: EncodedSet | None = None,
+    cache: dict | None = None,
+) -> dict:  # fmt: skip
+    """``cache`` (a dict kept across candidates) holds the anchor mean gradients once computed."""
+    ps = PerSampleGradients(model, params, chunk_size=16)
+    cache = {} if cache is None else cache
+    if "g_safe" not in cache:
+        cache["g_safe"] = ps.matrix(safety).to(torch.float64).mean(0)
+        cache["g_harm"] = ps.matrix(harmful_anchors).to(torch.float64).mean(0) if harmful_anchors is not None else None
+    g_safe, g_harm = cache["g_safe"], cache["g_harm"]
+    per = []
+    for _, G in ps.iter_chunks(ft):
+        G = G.to(torch.float64)
+        s = -_cos(G, g_safe)
+        if g_harm is not None:
+            s = s + _cos(G, g_harm)
+        per.extend(s.tolist())
+    return {
+        "score": float(np.mean(per)),
+        "per_example": per,
+        "anchors": "harmful + safety" if g_harm is not None else "safety only",
+    }
+
+
+@torch.no_grad()
+def last_prompt_states(model, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
+    """Final-layer hidden state at the last prompt token of every example, [N, hidden]."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(data), batch_size):
+        idx = range(s, min(s + batch_size, len(data)))
+        b = data.batch(idx)
+        h = model(
+            input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), output_hidden_states=True
+        ).hidden_states[-1]
+        for row, i in enumerate(idx):
+            labels = data.items[i].labels
+            first = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+            out.append(h[row, max(first - 1, 0)].to(torch.float64).cpu())
+    model.train(was)
+    return torch.stack(out)
+
+
+def representation_similarity(model, ft: EncodedSet, safety: EncodedSet) -> dict:
+    centroid = last_prompt_states(model, safety).mean(0)
+    per = _cos(last_prompt_states(model, ft), centroid).tolist()
+    return {"score": float(np.mean(per)), "per_example": per}
+
+
+def safe_lora_similarity(g_modules: dict[str, torch.Tensor], aligned: dict, base: dict) -> dict:
+    """Safe-LoRA's projection similarity of the first-order update −g per module."""
+    sims = {}
+    for n, g in g_modules.items():
+        if n not in base or g.dim() != 2:
+            continue
+        V = (aligned[n] - base[n]).to(torch.float64)
+        vn = V.norm()
+        if vn == 0:
+            continue
+        dW = -g.to(torch.float64)
+        C_dW = V @ (V.T @ dW) / vn
+        denom = float(dW.norm() * C_dW.norm())
+        sims[n] = float((dW * C_dW).sum()) / denom if denom > 0 else 0.0
+    mean = float(np.mean(list(sims.values()))) if sims else float("nan")
+    return {"score": 1.0 - mean, "mean_similarity": mean, "per_module": sims}
+
+
+def random_score(name: str, seed: int = 0) -> float:
+    h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64
+
+
+def baseline_scores(
+    model,
+    params,
+    ft: EncodedSet,
+    safety: EncodedSet,
+    *,
+    name: str,
+    g: torch.Tensor,
+    update_norm: float,
+    ft_loss: float,
+    lr: float,
+    steps: int,
+    harmful_anchors: EncodedSet | None = None,
+    aligned_state: dict | None = None,
+    base_state: dict | None = None,
+    seed: int = 0,
+    cache: dict | None = None,
+) -> dict:
+    """Every baseline for one candidate set; ``g`` is the fine-tuning gradient over ``params``, and
+    ``update_norm`` t‖D g‖ in the parameters actually trained (full or LoRA)."""
+    gc = gradient_cosine(model, params, ft, safety, harmful_anchors, cache)
+    rs = representation_similarity(model, ft, safety)
+    out = {
+        "baseline_gradient_cosine": {"score": gc["score"], "anchors": gc["anchors"]},
+        "baseline_representation_similarity": {"score": rs["score"]},
+        "baseline_update_norm": {"score": update_norm},
+        "baseline_lr_steps": {"score": lr * steps},
+        "baseline_ft_loss": {"score": ft_loss},
+        "baseline_random": {"score": random_score(name, seed)},
+    }
+    if base_state is not None and aligned_state is not None:
+        off, g_mod = 0, {}
+        for n, p in params.items():
+            g_mod[n] = g[off : off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        sl = safe_lora_similarity(g_mod, aligned_state, base_state)
+        out["baseline_safe_lora"] = {"score": sl["score"], "mean_similarity": sl["mean_similarity"]}
+    per_example = {
+        "baseline_gradient_cosine": gc["per_example"],
+        "baseline_representation_similarity": rs["per_example"],
+    }
+    return {"scores": out, "per_example": per_example}

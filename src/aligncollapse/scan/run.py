@@ -1,0 +1,28 @@
+"""The pre-flight scan: AIC, forecast and verdict, with the safety subspace saved under ``out_dir/subspace``.
+
+Never modifies the model. The report is rendered from the results by :mod:`aligncollapse.reporting`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aligncollapse.geometry.subspace import SafetySubspace
+from aligncollapse.scan.aic import ScanSettings, measure_aic
+
+
+def run_scan(model, tokenizer, safety, finetune, out_dir: str | Path, s: ScanSettings, label: str = "") -> dict:
+    out = Path(out_dir)
+    res = measure_aic(model, tokenizer, safety, finetune, s)
+    basis = res.pop("basis")
+    res.pop("update_vectors", None)
+    params = s.blocks.select(model)
+    SafetySubspace(
+        torch.tensor(res["eigenvalues"][: res["d"]], dtype=torch.float64), basis, list(params), [tuple(p.shape) for p in params.values()],
+        "sampled", res["trace"], res["n_safety"], {"source": "scan", "fisher": res["fisher"]},
+    ).save(out / "subspace")  # fmt: skip
+    res["subspace_path"] = "subspace"
+    res["label"] = label
+    return res

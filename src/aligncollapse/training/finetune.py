@@ -1,0 +1,293 @@
+"""The fine-tuning engine: full or LoRA fine-tuning with fixed budgets, tracking, checkpoints.
+
+The batch at each step is a pure function of (seed, step) (:meth:`EncodedSet.step_indices`), and
+checkpoints hold the trainable weights, optimiser state and RNG states, so a resumed run
+reproduces the uninterrupted one exactly on CPU. Ctrl-C saves a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.errors import UserError
+from aligncollapse.evaluation.metrics import SafetyEvalConfig, evaluate_safety, headline, mean_token_loss
+from aligncollapse.models import LoraSettings, apply_lora, count_parameters, is_peft
+from aligncollapse.progress import progress
+from aligncollapse.results import write_results
+from aligncollapse.training.tracking import Tracker
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning budget. ``steps`` wins over ``epochs`` when both are given."""
+
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    steps: int | None = 40
+    epochs: float | None = None
+    batch_size: int = 16
+    seed: int = 0
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    grad_clip: float | None = None
+    template: str = "raw"
+    use_chat_template: bool | None = None
+    max_length: int = 512
+    track_every: int = 5
+    refusal_every: int = 20
+    checkpoint_every: int = 0
+    lora: LoraSettings | None = None
+    track_kl: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            raise UserError("give a budget: --steps or --epochs")
+        return max(1, round(self.epochs * n_examples / self.batch_size))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["lora"] = asdict(self.lora) if self.lora else None
+        return d
+
+
+def make_optimizer(params, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"--optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+
+def _checkpoint_path(out_dir: Path) -> Path:
+    return out_dir / "checkpoint" / "state.pt"
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig) -> None:
+    state = {
+        "step": step,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "config": cfg.to_json(),
+    }
+    path = _checkpoint_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir: Path, model, opt, cfg: FinetuneConfig) -> int:
+    """Restore a checkpoint if one exists (and matches the config); returns the step to start at."""
+    path = _checkpoint_path(out_dir)
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in ("steps", "epochs", "checkpoint_every")}
+    now = {k: v for k, v in cfg.to_json().items() if k not in ("steps", "epochs", "checkpoint_every")}
+    if saved != now:
+        raise UserError(f"{path}: checkpoint was made with a different configuration; use a new --out or --no-resume")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state["params"].items():
+            params[n].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def finetune(
+    model,
+    tokenizer,
+    train: Sequence[Example],
+    out_dir: str | Path,
+    config: FinetuneConfig | None = None,
+    *,
+    eval_harmful: Sequence[Example] | None = None,
+    eval_benign: Sequence[Example] | None = None,
+    resume: bool = True,
+    final_eval: bool = True,
+    save_model: bool = True,
+    command_config: dict | None = None,
+    step_hook=None,
+    defense=None,
+) -> dict:
+    """Fine-tune ``model`` on ``train`` and write ``trajectory.jsonl``, checkpoints and ``results.json``.
+
+    ``eval_harmful`` (harmful prompts with safe targets) feeds the tracker's alignment losses
+    and refusal rate and the final evaluation; ``eval_benign`` the final benign metrics.
+    ``step_hook(model, step)`` runs after each optimiser step; ``defense`` (an
+    :class:`aligncollapse.defenses.Defense`) hooks into data, gradients, updates and the end of
+    training. Returns the results payload.
+    """
+    cfg = config or FinetuneConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if cfg.lora is not None and not is_peft(model):
+        model = apply_lora(model, cfg.lora)
+    if defense is not None:
+        train = defense.prepare_data(train)
+    data = EncodedSet(
+        tokenizer, train, cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length
+    )
+    total = cfg.total_steps(len(data))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    if not resume and (out / "checkpoint").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoint")
+    save_initial(model, out)
+    if defense is not None:
+        defense.setup(model)  # at θ*, before any checkpoint is restored
+    start = load_checkpoint(out, model, opt, cfg) if resume else 0
+    traj = out / "trajectory.jsonl"
+    if not resume and traj.exists():
+        traj.unlink()
+    tracker = None
+    if eval_harmful:
+        time_scale = cfg.lr if cfg.optimizer == "sgd" else None
+        # The KL reference is the model at θ*, i.e. before any step: build it before restoring.
+        tracker = Tracker(
+            _at_start(model, out, start),
+            tokenizer,
+            eval_harmful,
+            traj,
+            template=cfg.template,
+            use_chat_template=cfg.use_chat_template,
+            every=cfg.track_every,
+            refusal_every=cfg.refusal_every,
+            kl=cfg.track_kl,
+            max_length=cfg.max_length,
+            time_scale=time_scale,
+        )
+        if start:
+            tracker.resume_from(start)
+        else:
+            tracker.log(model, 0, force=True)
+    t0 = time.perf_counter()
+    t_track = 0.0
+    post_hoc = defense is not None and defense.post_hoc
+    done = start  # optimiser steps applied to the weights
+    status = "completed"
+    losses: list[float] = []
+    try:
+        model.train()
+        for step in progress(range(start, total), desc="finetune", total=total - start):
+            batch = data.batch(data.step_indices(step, cfg.batch_size, cfg.seed))
+            loss = mean_token_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if defense is not None:
+                defense.on_gradients(model, step)
+                before = _snapshot(model) if defense.wants_update else None
+            opt.step()
+            done = step + 1
+            if defense is not None and defense.wants_update:
+                defense.on_update(model, done, before)
+            if step_hook is not None:
+                step_hook(model, done)
+            losses.append(loss.item())
+            if tracker is not None and not (post_hoc and done == total):
+                tt = time.perf_counter()
+                tracker.log(model, done, ft_loss=losses[-1], force=done == total)
+                t_track += time.perf_counter() - tt
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                save_checkpoint(out, done, model, opt, cfg)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        save_checkpoint(out, done, model, opt, cfg)
+    model.eval()
+    if status == "completed" and defense is not None:
+        model = defense.finalize(model)
+        if tracker is not None and post_hoc:  # the final record is of the post-hoc projected model
+            tt = time.perf_counter()
+            tracker.log(model, done, ft_loss=losses[-1] if losses else None, force=True)
+            t_track += time.perf_counter() - tt
+    seconds = time.perf_counter() - t0
+    if status == "completed":
+        save_checkpoint(out, done, model, opt, cfg)
+    payload: dict = {
+        "status": status,
+        "steps_done": done,
+        "steps_total": total,
+        "seconds": round(seconds, 3),
+        "seconds_tracking": round(t_track, 3),
+        "seconds_training": round(seconds - t_track, 3),
+        "n_train": len(data),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
+        "final_ft_loss": losses[-1] if losses else None,
+        "trajectory": tracker.records if tracker else [],
+    }
+    if defense is not None:
+        payload["defense"] = defense.info()
+    if status == "completed" and save_model:
+        _save_model(model, tokenizer, out / "model")
+        payload["model_path"] = "model"
+    if status == "completed" and final_eval and eval_harmful:
+        ev = evaluate_safety(
+            model,
+            tokenizer,
+            eval_harmful,
+            eval_benign,
+            SafetyEvalConfig(template=cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length),
+            kl_reference=tracker.kl if tracker else None,
+        )
+        payload["evaluation"] = ev
+        payload["summary"] = headline(ev)
+    write_results(out, "finetune", payload, command_config or {"finetune": cfg.to_json()})
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    payload["model"] = model
+    return payload
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    from collections import OrderedDict
+
+    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _at_start(model, out: Path, start: int):
+    """The model at θ*: itself before training, else the saved initial weights."""
+    if start == 0:
+        return model
+    init = out / "checkpoint" / "initial.pt"
+    import copy
+
+    m0 = copy.deepcopy(model)
+    state = torch.load(init, weights_only=False)
+    params = dict(m0.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+    return m0
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_initial(model, out_dir: str | Path) -> None:
+    """Keep the trainable weights at θ* so a resumed run can rebuild its KL reference."""
+    path = Path(out_dir) / "checkpoint" / "initial.pt"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, path)
