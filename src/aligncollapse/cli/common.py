@@ -9,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
+from aligncollapse.cli.args import fraction, nonneg_int, positive_float, positive_int
 from aligncollapse.errors import UserError
 
 
@@ -40,7 +41,7 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
         "--safe-target",
         help="safe response for prompt-only harmful sets: a fixed TEXT, or 'model' for the model's own responses",
     )
-    p.add_argument("--limit", type=int, help="use at most this many rows of each evaluation set")
+    p.add_argument("--limit", type=positive_int, help="use at most this many rows of each evaluation set")
 
 
 def add_eval_data_args_no_limit(p: argparse.ArgumentParser) -> None:
@@ -50,9 +51,9 @@ def add_eval_data_args_no_limit(p: argparse.ArgumentParser) -> None:
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="fine-tune a peft LoRA adapter instead of all weights")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=float, default=128.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-r", type=positive_int, default=64)
+    p.add_argument("--lora-alpha", type=positive_float, default=128.0)
+    p.add_argument("--lora-dropout", type=fraction, default=0.05)
     p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="comma-separated module types")
 
 
@@ -206,15 +207,12 @@ def scan_settings(args):
 
     threshold = None
     if args.threshold not in (None, "none", "organism"):
-        try:
-            threshold = float(args.threshold)
-        except ValueError:
-            raise UserError(f"--threshold must be a number, 'organism' or 'none', got {args.threshold!r}") from None
+        threshold = float(args.threshold)
     elif args.threshold in (None, "organism") and (Path(args.model) / "results.json").exists():
         threshold = (read_results(Path(args.model)).get("calibration") or {}).get("collapse_kl")
     sel = blocks(args)
     return ScanSettings(
-        d=int(args.d) if str(args.d).isdigit() else args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+        d=args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
         n_boot=args.n_boot, seed=args.seed, threshold=threshold, ft_batch_size=args.batch_size, template=args.template, use_chat_template=use_chat(args),
         blocks=BlockSelection(patterns=sel.patterns, layers=sel.layers, module_types=sel.module_types, trainable_only=True),
     )  # fmt: skip
@@ -297,16 +295,16 @@ def add_candidate_args(p, lora_flag: bool) -> None:
         add_lora_args(p)
     p.add_argument("--safety", help="safety set (harmful prompts + safe responses); default: the organism's")
     p.add_argument("--safe-target", help="for prompt-only safety sets: a fixed TEXT, or 'model'")
-    p.add_argument("--limit", type=int, help="use at most this many safety / evaluation rows")
+    p.add_argument("--limit", type=positive_int, help="use at most this many safety / evaluation rows")
     p.add_argument("--finetune", nargs="+", help="candidate fine-tuning sets: files / HF datasets / suite names")
     p.add_argument("--base-model", help="the unaligned base model (Safe-LoRA baseline); default: the organism's")
     p.add_argument("--anchors", help="harmful anchors (harmful prompt + compliant response) for gradient matching")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--steps", type=int, default=40, help="the planned budget in optimiser steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--probe-steps", type=int, default=3, help="real steps of the short-probe score (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--steps", type=positive_int, default=40, help="the planned budget in optimiser steps")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--probe-steps", type=nonneg_int, default=3, help="real steps of the short-probe score (0: off)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out")
 
 

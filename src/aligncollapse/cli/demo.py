@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aligncollapse.cli.args import positive_int
 from aligncollapse.cli.common import out_dir, print_table
 from aligncollapse.evaluation.metrics import headline
 from aligncollapse.models import load_model
@@ -99,8 +100,8 @@ def register(sub) -> None:
     d = sub.add_parser("demo", help="build the organism, evaluate, fine-tune on a benign and a seemingly-benign set")
     d.add_argument("--out", help="output directory (default runs/demo-<timestamp>)")
     d.add_argument("--organism", help="organism directory (default: the cache)")
-    d.add_argument("--align-steps", type=int, default=60)
-    d.add_argument("--steps", type=int, default=40, help="fine-tuning steps per set")
+    d.add_argument("--align-steps", type=positive_int, default=60)
+    d.add_argument("--steps", type=positive_int, default=40, help="fine-tuning steps per set")
     d.set_defaults(func=run)
 
 

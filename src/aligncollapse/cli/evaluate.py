@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import nonneg_int, positive_int
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -22,9 +23,9 @@ def register(sub) -> None:
     e.add_argument("--reference", help="aligned reference model for the KL form of alignment loss")
     e.add_argument("--refusal", default="zou2023", help="refusal detector: zou2023, xstest or a JSON keyword list")
     e.add_argument("--judge", help="harmfulness judge: organism, hf:PATH or openai:MODEL@URL (off by default)")
-    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--max-new-tokens", type=positive_int, default=48)
     e.add_argument("--sample", action="store_true", help="sample (T=0.7, top-p 0.8, top-k 20) instead of greedy")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=nonneg_int, default=0)
     e.add_argument("--out")
     add_data_args(e, "--eval-harmful and --eval-benign")
     e.set_defaults(func=run)

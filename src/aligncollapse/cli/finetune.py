@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import nonneg_int, positive_float, positive_int
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -26,14 +27,14 @@ def register(sub) -> None:
     add_lora_args(f)
     f.add_argument("--data", required=True, help="training data file / HF dataset, or an organism suite set name")
     f.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    f.add_argument("--lr", type=float, default=5e-4)
-    f.add_argument("--steps", type=int, help="optimiser steps (default 40)")
-    f.add_argument("--epochs", type=float, help="epochs instead of steps")
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--track-every", type=int, default=5, help="record alignment losses every K steps")
-    f.add_argument("--refusal-every", type=int, default=20, help="record refusal rate every M steps")
-    f.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every C steps")
+    f.add_argument("--lr", type=positive_float, default=5e-4)
+    f.add_argument("--steps", type=positive_int, help="optimiser steps (default 40)")
+    f.add_argument("--epochs", type=positive_float, help="epochs instead of steps")
+    f.add_argument("--batch-size", type=positive_int, default=16)
+    f.add_argument("--seed", type=nonneg_int, default=0)
+    f.add_argument("--track-every", type=positive_int, default=5, help="record alignment losses every K steps")
+    f.add_argument("--refusal-every", type=nonneg_int, default=20, help="record refusal rate every M steps")
+    f.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="save a checkpoint every C steps")
     f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     f.add_argument("--defense", help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
                    "mix-safety; options as NAME:key=value,... (e.g. curvature:every=1)")  # fmt: skip

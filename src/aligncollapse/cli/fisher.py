@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import nonneg_int, positive_float, positive_int, subspace_d
 from aligncollapse.cli.common import (
     add_data_args,
     add_model_args,
@@ -19,22 +20,26 @@ def register(sub) -> None:
     add_model_args(fi)
     fi.add_argument("--safety", help="safety set (harmful prompts + safe responses); default: the organism's")
     fi.add_argument("--safe-target", help="for prompt-only safety sets: a fixed TEXT, or 'model'")
-    fi.add_argument("--limit", type=int, help="use at most this many safety examples")
+    fi.add_argument("--limit", type=positive_int, help="use at most this many safety examples")
     fi.add_argument("--fisher", default="both", choices=["empirical", "sampled", "both"],
                     help="empirical (given safe responses), sampled (responses drawn from the model) or both")  # fmt: skip
     fi.add_argument("--method", default="exact", choices=["exact", "projected", "lanczos"])
     fi.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"])
-    fi.add_argument("--projection-dim", type=int, default=4096)
-    fi.add_argument("--top-k", type=int, default=32)
-    fi.add_argument("--d", default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap")
-    fi.add_argument("--memory-budget", type=float, default=1.0, help="GiB for per-sample gradients (default 1)")
-    fi.add_argument("--n-samples", type=int, default=1, help="sampled responses per prompt (sampled Fisher)")
+    fi.add_argument("--projection-dim", type=positive_int, default=4096)
+    fi.add_argument("--top-k", type=positive_int, default=32)
+    fi.add_argument(
+        "--d", type=subspace_d, default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap"
+    )
+    fi.add_argument(
+        "--memory-budget", type=positive_float, default=1.0, help="GiB for per-sample gradients (default 1)"
+    )
+    fi.add_argument("--n-samples", type=positive_int, default=1, help="sampled responses per prompt (sampled Fisher)")
     fi.add_argument("--blocks", help="comma-separated regular expressions on parameter names")
     fi.add_argument("--layers", help="layer range, e.g. 0-3")
     fi.add_argument("--modules", help="module types, e.g. q,k,v,o,gate,up,down")
     fi.add_argument("--shuffled-null", action="store_true", help="also compute the label-shuffled null (one more pass)")
     fi.add_argument("--no-representation", action="store_true", help="skip the representation-space analysis")
-    fi.add_argument("--seed", type=int, default=0)
+    fi.add_argument("--seed", type=nonneg_int, default=0)
     fi.add_argument("--out")
     add_data_args(fi, "--safety")
     fi.set_defaults(func=run)

@@ -12,12 +12,13 @@ import sys
 
 from aligncollapse import __version__
 from aligncollapse.cli import demo, evaluate, finetune, fisher, organism, rank, report, scan, study, theory, validate
+from aligncollapse.cli.args import Parser
 from aligncollapse.cli.common import quiet_libraries
 from aligncollapse.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aligncollapse", description=__doc__)
+    parser = Parser(prog="aligncollapse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"aligncollapse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     organism.register(sub)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import fraction
 from aligncollapse.cli.common import (
     add_candidate_args,
     add_data_args,
@@ -19,7 +20,7 @@ def register(sub) -> None:
     rk = sub.add_parser("rank", help="rank candidate fine-tuning sets and their examples by predicted harm")
     add_candidate_args(rk, lora_flag=True)
     rk.add_argument("--by", default="prospective_second_order", help="the score to rank by")
-    rk.add_argument("--drop-fraction", type=float, default=0.0,
+    rk.add_argument("--drop-fraction", type=fraction, default=0.0,
                     help="also write each set without its riskiest fraction of examples (filtered/<set>.jsonl)")  # fmt: skip
     add_data_args(rk, "--finetune")
     rk.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from aligncollapse.cli.args import int_at_least, nonneg_int, positive_float, positive_int, subspace_d, threshold
 from aligncollapse.cli.common import (
     add_data_args,
     add_lora_args,
@@ -24,7 +25,7 @@ def register(sub) -> argparse.ArgumentParser:
     add_lora_args(sc)
     sc.add_argument("--safety", help="safety prompts (responses are the model's own); default: the organism's")
     sc.add_argument("--safe-target", help=argparse.SUPPRESS)
-    sc.add_argument("--limit", type=int, help="use at most this many safety prompts")
+    sc.add_argument("--limit", type=positive_int, help="use at most this many safety prompts")
     sc.add_argument(
         "--finetune", required=True, help="fine-tuning data file / HF dataset, or an organism suite set name"
     )
@@ -34,21 +35,25 @@ def register(sub) -> argparse.ArgumentParser:
         choices=["sgd", "adamw"],
         help="how t relates to steps (AdamW: fixed preconditioner)",
     )
-    sc.add_argument("--lr", type=float, default=1e-3)
-    sc.add_argument("--steps", type=int, default=50, help="planned fine-tuning steps")
+    sc.add_argument("--lr", type=positive_float, default=1e-3)
+    sc.add_argument("--steps", type=positive_int, default=50, help="planned fine-tuning steps")
     sc.add_argument(
-        "--batch-size", type=int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
+        "--batch-size", type=nonneg_int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
     )
-    sc.add_argument("--d", default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap")
-    sc.add_argument("--max-d", type=int, default=16, help="eigenpairs computed by Lanczos")
     sc.add_argument(
-        "--threshold", help="Δu counting as collapse: a number, 'organism' (calibrated, default when present) or 'none'"
+        "--d", type=subspace_d, default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap"
     )
-    sc.add_argument("--n-boot", type=int, default=500)
+    sc.add_argument("--max-d", type=positive_int, default=16, help="eigenpairs computed by Lanczos")
+    sc.add_argument(
+        "--threshold",
+        type=threshold,
+        help="Δu counting as collapse: a number, 'organism' (calibrated, default when present) or 'none'",
+    )
+    sc.add_argument("--n-boot", type=int_at_least(20), default=500)
     sc.add_argument("--blocks")
     sc.add_argument("--layers")
     sc.add_argument("--modules")
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--seed", type=nonneg_int, default=0)
     sc.add_argument("--out")
     add_data_args(sc, "--finetune")
     sc.set_defaults(func=run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import fraction, int_at_least, int_list, name_list, positive_float, positive_int
 from aligncollapse.cli.common import (
     add_candidate_args,
     add_data_args,
@@ -25,15 +26,15 @@ def register(sub) -> None:
     add_candidate_args(st, lora_flag=False)
     add_eval_data_args_no_limit(st)
     st.add_argument("--suite", help="'organism': every set of the organism's suite")
-    st.add_argument("--modes", default="full,lora", help="full and/or lora")
-    st.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
-    st.add_argument("--lora-r", type=int, default=8)
-    st.add_argument("--lora-alpha", type=float, default=16.0)
-    st.add_argument("--lora-dropout", type=float, default=0.0)
+    st.add_argument("--modes", type=name_list(("full", "lora")), default="full,lora", help="full and/or lora")
+    st.add_argument("--seeds", type=int_list, default="0,1,2", help="fine-tuning seeds, comma-separated")
+    st.add_argument("--lora-r", type=positive_int, default=8)
+    st.add_argument("--lora-alpha", type=positive_float, default=16.0)
+    st.add_argument("--lora-dropout", type=fraction, default=0.0)
     st.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
-    st.add_argument("--lora-lr", type=float, default=2e-3)
+    st.add_argument("--lora-lr", type=positive_float, default=2e-3)
     st.add_argument("--judge", help="harmfulness judge: organism (default on the organism), hf:PATH, openai:MODEL@URL")
-    st.add_argument("--n-boot", type=int, default=1000)
+    st.add_argument("--n-boot", type=int_at_least(20), default=1000)
     st.add_argument("--defenses", nargs="+",
                     help="defenses to compare (defense study): names with options (curvature:every=1,d=8) or 'all'")  # fmt: skip
     add_data_args(st, "--finetune")
@@ -58,16 +59,14 @@ def run(args) -> int:
         from aligncollapse.defenses.study import run_defense_study
 
         sets = defense_sets(args)
-        res = run_defense_study(ctx, sets, out, base_cfg, args.defenses, [int(x) for x in args.seeds.split(",")],
+        res = run_defense_study(ctx, sets, out, base_cfg, args.defenses, args.seeds,
                                 harmful, benign, judge=judge, unaligned=unaligned_model(args))  # fmt: skip
         write_results(out, "study defenses", res, config(args))
         finish(out)
         _print_defense_table(res, out)
         return 0
     cands = candidates(args)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"full", "lora"}:
-        raise UserError(f"--modes takes full and/or lora, got {args.modes!r}")
+    modes = args.modes
     configs = {}
     if "full" in modes:
         configs["full"] = base_cfg
@@ -82,7 +81,7 @@ def run(args) -> int:
         cats = {e["name"]: e["category"] for e in read_manifest(suite)}
     from aligncollapse.predict.study import run_study
 
-    res = run_study(ctx, cands, out, configs, [int(x) for x in args.seeds.split(",")], harmful, benign, judge=judge,
+    res = run_study(ctx, cands, out, configs, args.seeds, harmful, benign, judge=judge,
                     probe_steps=args.probe_steps, n_boot=args.n_boot, categories=cats)  # fmt: skip
     write_results(out, "study", res, config(args))
     finish(out)

@@ -1,6 +1,6 @@
 """The one interface every defense implements, and what the defenses share.
 
-A defense hooks into :func:`aligncollapse.finetune.finetune` at five points, each optional:
+A defense hooks into :func:`aligncollapse.training.finetune.finetune` at five points, each optional:
 
 * ``prepare_data(train)``: change the fine-tuning data (data-level defenses);
 * ``setup(model)``: once, at θ* before the first step (estimate subspaces, keep θ*);

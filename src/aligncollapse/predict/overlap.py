@@ -9,7 +9,7 @@ cross-module blocks ignored. Two variants of F̂_m share one interface (``overla
 
 * :class:`BlockFisher` (exact): the per-sample gradients g_{n,m} themselves, so
   OS_m = (1/N) Σ_n (g_{n,m} · vec ΔW_m)²;
-* :class:`aligncollapse.projection.ProjectedFisher` (the paper's): the same after a Rademacher
+* :class:`aligncollapse.geometry.projection.ProjectedFisher` (the paper's): the same after a Rademacher
   projection R_m to k dimensions, OS_m = (1/N) Σ_n (R g_{n,m} · R vec ΔW_m)².
 
 Normalised (Rayleigh-quotient) form: OS_m / ‖vec ΔW_m‖² (projected: / ‖R vec ΔW_m‖²), which
@@ -52,7 +52,7 @@ class BlockFisher:
 
     Holds the per-sample gradient rows G_m ∈ ℝ^{N×d_m} (float32) for every module; memory is
     N·Σ d_m floats, so it is meant for models up to a few hundred million selected weights
-    (use :func:`aligncollapse.projection.projected_fisher` beyond that).
+    (use :func:`aligncollapse.geometry.projection.projected_fisher` beyond that).
     """
 
     kind = "exact"
@@ -96,7 +96,7 @@ class BlockFisher:
 
 
 def projected_squared_norms(pf, delta: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """‖R_m vec ΔW_m‖² per module for a :class:`~aligncollapse.projection.ProjectedFisher`."""
+    """‖R_m vec ΔW_m‖² per module for a :class:`~aligncollapse.geometry.projection.ProjectedFisher`."""
     return {n: float(b.project(delta[n]).pow(2).sum()) for n, b in pf.blocks.items() if n in delta}
 
 

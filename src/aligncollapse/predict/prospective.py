@@ -1,7 +1,7 @@
 """Prospective harm scores, computed at θ* before any training, with per-example attribution.
 
 With t = η·steps, D g and D H D g the (preconditioned) fine-tuning gradient and curvature term of
-the scan (:mod:`aligncollapse.aic`) and F the model-sampled Fisher of the alignment KL:
+the scan (:mod:`aligncollapse.scan.aic`) and F the model-sampled Fisher of the alignment KL:
 
 * ``prospective_first_order``  = ½ t² gᵀF g: Δu of the first-order update q₁ = −t·D g;
 * ``prospective_second_order`` = the scan's forecast Δu at the budget: q₂ = −t·D g + ½t²·D H D g,

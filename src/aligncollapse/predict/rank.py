@@ -1,7 +1,7 @@
 """``aligncollapse rank``: rank candidate fine-tuning sets (and their examples) by predicted harm.
 
-One pass per candidate, all at θ*: prospective scores (:mod:`aligncollapse.prospective`) and the
-first-order baselines (:mod:`aligncollapse.baselines`). Candidates are ranked by one predictor
+One pass per candidate, all at θ*: prospective scores (:mod:`aligncollapse.predict.prospective`) and the
+first-order baselines (:mod:`aligncollapse.predict.baselines`). Candidates are ranked by one predictor
 (default ``prospective_second_order``, the scan's forecast Δu at the budget) with its CI; each
 set's examples are written to ``attribution/<set>.jsonl`` riskiest first, and with
 ``drop_fraction`` a filtered copy of the set without its riskiest examples, ready to re-scan.

@@ -2,7 +2,7 @@
 
 For every candidate set and mode (full fine-tuning, LoRA):
 
-1. pre-flight at θ*: prospective scores and first-order baselines (:mod:`aligncollapse.rank`);
+1. pre-flight at θ*: prospective scores and first-order baselines (:mod:`aligncollapse.predict.rank`);
 2. a real fine-tune with the same budget, once per seed (evaluation prompts are held out and
    never used by any predictor);
 3. audit scores from the finished update ΔW: the paper's OS (exact and projected, raw and

@@ -8,7 +8,7 @@ linking them with their headline numbers.
 
 from __future__ import annotations
 
-import html
+import html as _html
 import json
 import os
 from collections.abc import Callable
@@ -133,17 +133,17 @@ def render_index(parent: str | os.PathLike, out_dir: str | os.PathLike | None = 
             line = headline(res)
         except UserError as e:
             res, report, status, line = {}, None, f"error: {e}", ""
-        link = html.escape(str(rel / "report.html")) if report else None
-        name = html.escape(str(rel) if str(rel) != "." else parent.name)
+        link = _html.escape(str(rel / "report.html")) if report else None
+        name = _html.escape(str(rel) if str(rel) != "." else parent.name)
         rows.append(
             "<tr>"
             + (f'<td><a href="{link}">{name}</a></td>' if link else f"<td>{name}</td>")
-            + f"<td>{html.escape(str(res.get('command', '')))}</td><td>{html.escape(str(res.get('created', '')))}</td>"
-            + f"<td>{html.escape(line)}</td><td>{html.escape(status)}</td></tr>"
+            + f"<td>{_html.escape(str(res.get('command', '')))}</td><td>{_html.escape(str(res.get('created', '')))}</td>"
+            + f"<td>{_html.escape(line)}</td><td>{_html.escape(status)}</td></tr>"
         )
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>aligncollapse runs: {html.escape(parent.name)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>aligncollapse runs under {html.escape(str(parent))}</h1>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>aligncollapse runs: {_html.escape(parent.name)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>aligncollapse runs under {_html.escape(str(parent))}</h1>"
         "<table><tr><th>run</th><th>command</th><th>created</th><th>headline</th><th>report</th></tr>"
         + "".join(rows)
         + "</table></body></html>\n"

@@ -224,7 +224,7 @@ def _bootstrap(
     """Percentile CIs for ε, ε_F, γ, λ_d with M fixed (see module docstring), and the per-example
     dot products that make the forecast additive over examples: with u_n = D g_n/Σ tokens
     (Σ_n u_n = D g) and h_n = D H_n D g · T_n/Σ T (Σ_n h_n = D H D g), the products u_nᵀF g, u_nᵀF Hg,
-    h_nᵀF g, h_nᵀF Hg (see :mod:`aligncollapse.attribution`)."""
+    h_nᵀF g, h_nᵀF Hg (see :mod:`aligncollapse.predict.prospective`)."""
     if precond is not None:
         G = G * precond.to(torch.float64)
     total_tokens = float(tokens.sum())

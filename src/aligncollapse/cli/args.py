@@ -1,0 +1,125 @@
+"""Argument types that check type, range and finiteness before any work, and a parser whose errors
+are one line (``error: argument --lr: must be a finite number > 0, got 'nan'``)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def int_at_least(lo: int):
+    def check(text: str) -> int:
+        v = _int(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
+        return v
+
+    check.__name__ = f"int>={lo}"
+    return check
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    v = _float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    v = _float(text)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return v
+
+
+def subspace_d(text: str) -> str | int:
+    """An integer >= 1, ``energy:F`` with 0 < F <= 1, or ``eigengap``."""
+    if text == "eigengap":
+        return text
+    if text.startswith("energy:"):
+        v = _float(text.split(":", 1)[1])
+        if not 0.0 < v <= 1.0:
+            raise argparse.ArgumentTypeError(f"energy level must be in (0, 1], got {text!r}")
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, energy:F or eigengap, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, energy:F or eigengap, got {text!r}")
+    return v
+
+
+def threshold(text: str) -> str | float:
+    """A finite number >= 0, ``organism`` or ``none``."""
+    if text in ("organism", "none"):
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, 'organism' or 'none', got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, 'organism' or 'none', got {text!r}")
+    return v
+
+
+def int_list(text: str) -> list[int]:
+    """A non-empty comma-separated list of integers >= 0 (e.g. fine-tuning seeds)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}")
+    out = []
+    for p in parts:
+        try:
+            v = int(p)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must hold integers >= 0, got {text!r}")
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"holds a repeated value: {text!r}")
+    return out
+
+
+def name_list(allowed: tuple[str, ...]):
+    def check(text: str) -> list[str]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        bad = [p for p in parts if p not in allowed]
+        if not parts or bad:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {', '.join(allowed)}, got {text!r}")
+        return parts
+
+    check.__name__ = "names"
+    return check
