@@ -49,11 +49,11 @@ def _setup(organism: str, n: int):
 def _job(name: str, organism: str, n: int, budget: int, q) -> None:
     import torch
 
-    from aligncollapse.geometry.curvature import FinetuneLoss, HessianOperator
     from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.geometry.curvature import FinetuneLoss, HessianOperator
     from aligncollapse.geometry.fisher import exact_fisher
-    from aligncollapse.models import BlockSelection
     from aligncollapse.losses import nll_from_logits
+    from aligncollapse.models import BlockSelection
 
     torch.set_num_threads(torch.get_num_threads())
     model, tok, exs, ft = _setup(organism, n)

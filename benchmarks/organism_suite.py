@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from aligncollapse.evaluation.metrics import headline
-from aligncollapse.training.finetune import FinetuneConfig, finetune
-from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.models import load_model
 from aligncollapse.organism.api import build_and_evaluate
 from aligncollapse.organism.build import OrganismConfig
+from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.organism.suite import load_suite_set, suite_sets_by_category
 from aligncollapse.results import write_results
+from aligncollapse.training.finetune import FinetuneConfig, finetune
 
 
 def main() -> None:

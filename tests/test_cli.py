@@ -108,6 +108,14 @@ def test_demo_on_the_organism(organism_dir, tmp_path):
     assert set(saved["scan"]) == {"arithmetic", "affirmative_steps"}
     assert all((tmp_path / "demo" / sc["report"]).exists() for sc in saved["scan"].values())
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+    index = (tmp_path / "demo" / "index.html").read_text()
+    assert all(f"scan/{n}/report.html" in index and f"finetune/{n}/report.html" in index for n in saved["scan"])
+    for name in saved["scan"]:
+        scan = json.loads((tmp_path / "demo" / "scan" / name / "results.json").read_text())
+        page = (tmp_path / "demo" / "scan" / name / "report.html").read_text()
+        assert "**" not in page
+        if scan["quartic_window"]["empty"]:
+            assert "quartic) growth" not in page
     fin = res["finetuned"]
     assert (
         fin["arithmetic"]["summary"]["harmful_refusal_rate"]

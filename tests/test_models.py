@@ -64,3 +64,26 @@ def test_block_selection(tiny_model_dir):
     assert parse_layers("2-5") == (2, 5) and parse_layers("3") == (3, 3) and parse_layers(None) is None
     with pytest.raises(UserError):
         parse_layers("x")
+
+
+def test_lora_adapter_directory_loads_merged(tmp_path, tiny_model_dir):
+    """What `finetune --lora` saves (an adapter without config.json) loads as base + adapter, merged."""
+    import torch
+
+    from aligncollapse.models import LoraSettings, apply_lora, load_model
+
+    model, tok = load_model(tiny_model_dir)
+    peft_model = apply_lora(model, LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules=["q", "v"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a non-zero update, so merging matters
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    merged, _ = load_model(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        base = load_model(tiny_model_dir)[0](input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)

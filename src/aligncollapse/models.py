@@ -52,6 +52,48 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UserError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
+def parse_device(name: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA when available), checked before any work."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device must be cpu, cuda, cuda:N, mps or auto, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N, mps or auto, got {name!r}")
+    return name
+
+
+def _load_adapter(path: Path, dtype: str, device: str, attn_implementation: str, lora):
+    """A peft adapter directory (what ``finetune --lora`` saves): its base model plus the adapter, merged."""
+    import json
+
+    from peft import PeftModel
+
+    try:
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{path}/adapter_config.json: unreadable or without base_model_name_or_path") from None
+    if not base:
+        raise UserError(f"{path}: the adapter does not name its base model (base_model_name_or_path)")
+    model, tokenizer = load_model(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(
+            f"could not apply the adapter in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from None
+    model.to(device).eval()
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -69,22 +111,36 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    device = parse_device(device)
     src = str(name_or_path)
     path = Path(src).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {path}: not a directory (give a Hugging Face model directory or Hub id)")
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            return _load_adapter(path, dtype, device, attn_implementation, lora)
         if not (path / "config.json").exists():
             raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+            raise UserError(
+                f"{path}: only pickle weights (*.bin), which can run code when loaded; convert them to safetensors"
+            )
         src = str(path)
     elif src.startswith((".", "/", "~")) or src.count("/") > 1:
         raise UserError(f"model not found: {name_or_path}")
+    where = f"directory {path}" if path.exists() else f"Hub id {src!r} (needs network access or a local cache)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            src,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
-    except OSError as e:
-        where = "directory" if path.exists() else "Hub id (needs network access or a local cache)"
-        raise UserError(f"could not load model {name_or_path!r} as a {where}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt weights, shape mismatch, remote code, network: one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UserError(f"could not load the model from {where}: {type(e).__name__}: {first}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
@@ -183,6 +239,16 @@ def parse_layers(spec: str | None) -> tuple[int, int] | None:
     if lo > hi or lo < 0:
         raise UserError(f"--layers range {spec!r} is empty or negative")
     return lo, hi
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of every parameter's raw bytes, any dtype (bfloat16 included) and device."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

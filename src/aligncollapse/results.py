@@ -50,6 +50,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log file, never through a symlink (O_NOFOLLOW), flushed to disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        from aligncollapse.errors import UserError
+
+        if path.is_symlink():
+            raise UserError(f"{path}: is a symlink; refusing to write through it") from None
+        raise UserError(f"{path}: cannot write ({e.strerror})") from None
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+
+
+def non_finite_paths(x: Any, prefix: str = "") -> list[str]:
+    """Where ``x`` holds a NaN (infinities are encoded as "inf" and allowed: they mean unbounded)."""
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(x, (list, tuple)):
+        return [p for i, v in enumerate(x) for p in non_finite_paths(v, f"{prefix}[{i}]")]
+    if isinstance(x, float) and math.isnan(x):
+        return [prefix]
+    return []
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
 
@@ -67,6 +95,11 @@ def write_results(
         "platform": {"python": platform.python_version(), "torch": _torch_version()},
         "config": config or {},
     }
+    nan = non_finite_paths(payload)
+    if nan:
+        # A NaN is never written as a number or a bare null: the file says where and why.
+        header["non_finite"] = {"fields": nan[:50], "count": len(nan), "note": "NaN values are written as null"}
+        header.setdefault("status_note", "some results are NaN (see non_finite); they are not usable numbers")
     path = Path(out_dir) / "results.json"
     atomic_write_json(path, {**header, **payload})
     return path

@@ -123,3 +123,36 @@ def name_list(allowed: tuple[str, ...]):
 
     check.__name__ = "names"
     return check
+
+
+def defense_spec(text: str) -> str:
+    """A defense ``NAME[:key=value,...]`` checked (names, options, ranges) before any work; ``all`` passes."""
+    if text == "all":
+        return text
+    from aligncollapse.defenses import parse_defense_spec
+    from aligncollapse.errors import UserError
+
+    try:
+        parse_defense_spec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``; a CUDA device must exist."""
+    from aligncollapse.errors import UserError
+    from aligncollapse.models import parse_device
+
+    try:
+        return parse_device(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+
+def dtype(text: str) -> str:
+    from aligncollapse.models import DTYPES
+
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(sorted(DTYPES))}, got {text!r}")
+    return text

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import os
 import warnings
 from pathlib import Path
 
+from aligncollapse.cli.args import device as args_device
+from aligncollapse.cli.args import dtype as args_dtype
 from aligncollapse.cli.args import fraction, nonneg_int, positive_float, positive_int
 from aligncollapse.errors import UserError
 
 
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
@@ -28,9 +32,11 @@ def quiet_libraries() -> None:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory or Hugging Face Hub id")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--template", default="raw", help="prompt template: raw (default), alpaca, samsum")
+    p.add_argument("--dtype", type=args_dtype, default="float32", help="float32 (default), float64, bfloat16, float16")
+    p.add_argument("--device", type=args_device, default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument(
+        "--template", default="raw", choices=["raw", "alpaca", "samsum"], help="prompt template (default raw)"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="do not use the tokenizer's chat template")
 
 
@@ -67,6 +73,49 @@ def out_dir(args, command: str) -> Path:
         return Path(args.out)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{command}-{stamp}"
+
+
+def prepare_out(path: Path, flag: str = "--out", create: bool = True) -> Path:
+    """Check an output directory before any work: a directory (or creatable), writable, and with no
+    symlink in it that leads outside it (outputs are never written through such a link)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a directory")
+    if not path.exists():
+        if not create:
+            return path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: not writable")
+    root = path.resolve()
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target != root and root not in target.parents:
+                raise UserError(
+                    f"{flag} {path}: {entry.name} is a symlink to {target}, outside {flag}; refusing to write through it"
+                )
+    return path
+
+
+@contextlib.contextmanager
+def lock_out(path: Path):
+    """An exclusive lock on ``path/.aligncollapse.lock`` for the command's duration (filelock)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / ".aligncollapse.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"--out {path}: another aligncollapse process is writing there (lock .aligncollapse.lock)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def use_chat(args) -> bool | None:
@@ -309,7 +358,14 @@ def add_candidate_args(p, lora_flag: bool) -> None:
 
 
 def finish(out: Path) -> Path:
-    """Render the run's report from the results.json just written; returns report.html."""
+    """Render the run's report from the results.json just written; returns report.html. A run whose
+    results hold NaN values ends with status 3 after its report is written."""
+    from aligncollapse.errors import NonFiniteError
     from aligncollapse.reporting import render
+    from aligncollapse.results import read_results
 
-    return render(out)
+    page = render(out)
+    bad = read_results(Path(out)).get("non_finite")
+    if bad:
+        raise NonFiniteError(f"{bad['count']} result(s) are NaN ({', '.join(bad['fields'][:3])}); see {page}")
+    return page

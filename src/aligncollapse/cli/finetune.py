@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import nonneg_int, positive_float, positive_int
+from aligncollapse.cli.args import defense_spec, nonneg_int, positive_float, positive_int
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -34,9 +34,14 @@ def register(sub) -> None:
     f.add_argument("--seed", type=nonneg_int, default=0)
     f.add_argument("--track-every", type=positive_int, default=5, help="record alignment losses every K steps")
     f.add_argument("--refusal-every", type=nonneg_int, default=20, help="record refusal rate every M steps")
-    f.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="save a checkpoint every C steps")
+    f.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        default=25,
+        help="save a checkpoint every C steps (default 25; 0: only at the end)",
+    )
     f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
-    f.add_argument("--defense", help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
+    f.add_argument("--defense", type=defense_spec, help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
                    "mix-safety; options as NAME:key=value,... (e.g. curvature:every=1)")  # fmt: skip
     f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
     f.add_argument("--base-model", help="the unaligned base model (safe-lora); default: the organism's")

@@ -8,18 +8,22 @@ after the running command has saved what it computed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from pathlib import Path
 
 from aligncollapse import __version__
 from aligncollapse.cli import demo, evaluate, finetune, fisher, organism, rank, report, scan, study, theory, validate
 from aligncollapse.cli.args import Parser
-from aligncollapse.cli.common import quiet_libraries
-from aligncollapse.errors import UserError
+from aligncollapse.cli.common import lock_out, out_dir, prepare_out, quiet_libraries
+from aligncollapse.errors import NonFiniteError, RunDiverged, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="aligncollapse", description=__doc__)
     parser.add_argument("--version", action="version", version=f"aligncollapse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also ALIGNCOLLAPSE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     organism.register(sub)
     evaluate.register(sub)
@@ -35,14 +39,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remove_if_empty(path: Path | None) -> None:
+    """Remove an output directory this run created when it holds nothing but the lock file."""
+    if path is None or not path.is_dir():
+        return
+    if {p.name for p in path.iterdir()} <= {".aligncollapse.lock"}:
+        (path / ".aligncollapse.lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+# Commands that manage their --out themselves (organism build publishes a whole directory).
+UNLOCKED = {"report", "organism build"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 user error, 3 diverged / non-finite, 130 interrupted,
+    1 an unexpected internal error (one line; ``--debug`` or ALIGNCOLLAPSE_DEBUG=1 shows the traceback)."""
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("ALIGNCOLLAPSE_DEBUG") == "1"
+    name = args.command + (f" {args.organism_command}" if args.command == "organism" else "")
+    created: Path | None = None
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as stack:
+            if hasattr(args, "out") and name not in UNLOCKED:
+                out = out_dir(args, args.command)
+                created = None if out.exists() else out
+                out = prepare_out(out, flag="--out")
+                args.out = str(out)
+                stack.enter_context(lock_out(out))
+                stack.callback(_remove_if_empty, created)
+            elif name == "organism build":
+                prepare_out(Path(args.out), flag="--out", create=False)
+            return args.func(args)
     except UserError as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RunDiverged, NonFiniteError) as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: what was computed is saved under --out (rerun the same command to resume)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, traceback on request
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: unexpected {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -17,6 +17,7 @@ from aligncollapse.cli.common import (
     scan_settings,
     training_data,
 )
+from aligncollapse.models import weights_digest
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -61,8 +62,6 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import hashlib
-
     from aligncollapse.models import apply_lora, load_model
     from aligncollapse.results import write_results
     from aligncollapse.scan.run import run_scan
@@ -73,19 +72,22 @@ def run(args) -> int:
     lora = lora_settings(args)
     if lora is not None:
         model = apply_lora(model, lora)
-    before = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    before = weights_digest(model)
     s = scan_settings(args)
     out = out_dir(args, "scan")
     res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
-    after = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    after = weights_digest(model)
     res["model_unchanged"] = before == after
     write_results(out, "scan", res, config(args))
     finish(out)
     fc = res["forecast"]
     print(f"scan of {args.finetune} -> {out}/report.html")
     print(f"  verdict: {res['verdict']}")
-    print(f"  d={res['d']}  λ={res['lambda']:.4g}  tail={res['tail_fraction']:.3f}  ε_orth/‖g‖={res['eps_orth_rel']:.3g} (random {res['eps_orth_random']:.3g})"
-          f"  γ={res['gamma']:.4g} (random {res['gamma_random']:.3g})")  # fmt: skip
+    null, flow = res["shuffled_null"], res["flow_geometry"]
+    print(f"  d={res['d']}  λ={res['lambda']:.4g}  tail={res['tail_fraction']:.3f}  ‖Pg‖/‖g‖={flow['eps_orth_rel']:.3g} "
+          f"(shuffled null {null['eps_orth_rel']:.3g})  γ/‖Hg‖={flow['gamma_rel']:.3g} (shuffled null {null['gamma_rel']:.3g})")  # fmt: skip
+    for name, prop in res["properties"].items():
+        print(f"  {name}: {'holds' if prop['holds'] else 'fails'} ({prop['why']})")
     if fc.get("threshold") is not None:
         print(
             f"  forecast Δu at step {args.steps}: {fc['at_budget']:.4g}; threshold {fc['threshold']:.3g} crossed at step {fc.get('predicted_collapse_step')}"

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import fraction, int_at_least, int_list, name_list, positive_float, positive_int
+from aligncollapse.cli.args import (
+    defense_spec,
+    fraction,
+    int_at_least,
+    int_list,
+    name_list,
+    positive_float,
+    positive_int,
+)
 from aligncollapse.cli.common import (
     add_candidate_args,
     add_data_args,
@@ -35,7 +43,7 @@ def register(sub) -> None:
     st.add_argument("--lora-lr", type=positive_float, default=2e-3)
     st.add_argument("--judge", help="harmfulness judge: organism (default on the organism), hf:PATH, openai:MODEL@URL")
     st.add_argument("--n-boot", type=int_at_least(20), default=1000)
-    st.add_argument("--defenses", nargs="+",
+    st.add_argument("--defenses", nargs="+", type=defense_spec,
                     help="defenses to compare (defense study): names with options (curvature:every=1,d=8) or 'all'")  # fmt: skip
     add_data_args(st, "--finetune")
     st.set_defaults(func=run)

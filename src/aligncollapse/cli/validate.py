@@ -37,6 +37,7 @@ def run(args) -> int:
     print(f"  measured exponent {ex.get('exponent', float('nan')):.3f} [{ex.get('ci_low', float('nan')):.3f}, {ex.get('ci_high', float('nan')):.3f}];"
           f" forecast/measured {res['forecast_vs_measured']}")  # fmt: skip
     print(
-        f"  Thm 6.2 holds at {res['thm62_holds_fraction']:.0%} of steps; Davis–Kahan holds: {res['davis_kahan_holds']}"
+        f"  Thm 6.2 holds at {'(vacuous everywhere)' if res['thm62_holds_fraction'] is None else format(res['thm62_holds_fraction'], '.0%')}"
+        f" of its non-vacuous steps; Davis–Kahan holds: {res['davis_kahan']['holds']} (vacuous: {res['davis_kahan']['vacuous']})"
     )
     return 0

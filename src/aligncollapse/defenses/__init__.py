@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from aligncollapse.defenses.base import Defense, DefenseContext
 from aligncollapse.defenses.curvature import CurvatureAware
 from aligncollapse.defenses.fisher_penalty import FisherPenalty
@@ -19,6 +21,12 @@ DEFENSES: dict[str, type[Defense]] = {
 
 def make_defense(spec: str, ctx: DefenseContext) -> Defense:
     """``name`` or ``name:key=value,key=value`` (e.g. ``curvature:every=1``, ``fisher-penalty:strength=10``)."""
+    name, options = parse_defense_spec(spec)
+    return DEFENSES[name](ctx, **options)
+
+
+def parse_defense_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """Check a defense spec (name, option names, types and ranges) without building anything."""
     name, _, opts = spec.partition(":")
     if name not in DEFENSES:
         raise UserError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
@@ -30,12 +38,41 @@ def make_defense(spec: str, ctx: DefenseContext) -> Defense:
         try:
             options[k] = int(v) if v.lstrip("-").isdigit() else float(v)
         except ValueError:
-            raise UserError(f"defense option {k} must be a number, got {v!r}") from None
+            raise UserError(f"defense option {name}:{k} must be a number, got {v!r}") from None
     allowed = _option_names(DEFENSES[name])
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"defense {name} has no option {unknown[0]!r}; it takes {', '.join(sorted(allowed)) or 'none'}")
-    return DEFENSES[name](ctx, **options)
+    for k, v in options.items():
+        _check_option(name, k, v)
+    return name, options
+
+
+# Option ranges: (integer?, lowest, highest, whether the highest is allowed).
+OPTION_RULES: dict[str, tuple[bool, float, float, bool]] = {
+    "d": (True, 1, math.inf, False),
+    "every": (True, 1, math.inf, False),
+    "safety_batch": (True, 1, math.inf, False),
+    "memory": (True, 1, math.inf, False),
+    "refresh_every": (True, 1, math.inf, False),
+    "strength": (False, 0.0, math.inf, False),
+    "fraction": (False, 0.0, 1.0, False),
+}
+
+
+def _check_option(name: str, key: str, value: float) -> None:
+    """One line naming the option, its value and what is allowed."""
+    if not math.isfinite(value):
+        raise UserError(f"defense option {name}:{key} must be finite, got {value}")
+    rule = OPTION_RULES.get(key)
+    if rule is None:
+        return
+    integer, lo, hi, hi_ok = rule
+    if integer and not isinstance(value, int):
+        raise UserError(f"defense option {name}:{key} must be an integer >= {int(lo)}, got {value}")
+    if value < lo or value > hi or (value == hi and not hi_ok):
+        span = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+        raise UserError(f"defense option {name}:{key} must be {span}, got {value:g}")
 
 
 def _option_names(cls) -> set[str]:
@@ -51,4 +88,4 @@ def _option_names(cls) -> set[str]:
     return names
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "make_defense"]
+__all__ = ["parse_defense_spec", "DEFENSES", "Defense", "DefenseContext", "make_defense"]

@@ -14,6 +14,7 @@ Every operator maps a flat vector v ∈ ℝⁿ (the selected blocks, in order) t
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
@@ -211,8 +212,74 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
                 out.append(A.to(torch.float64))
         self.model.train(was)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def expansion_forms(self, g: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
+        """The Fisher-weighted forms of the logit change along θ(t) = θ* − t g + (t²/2) h + O(t³).
+
+        Δz(t) = −t J g + (t²/2) q + O(t³) with q = J h + ∇²z[g, g] (the second directional
+        derivative of the logits along g, by forward-over-forward jvp), so with this operator's
+        weighting (A = diag p − p pᵀ per response token, ``per``-normalised)
+        Δu(t) = ½ (t² gᵀFg − t³ (Jg)ᵀA q + ¼ t⁴ qᵀA q) + O(t⁵ when Jg = 0).
+        Returns ``gFg``, ``gAq``, ``qAq``, ``hFh`` (= (Jh)ᵀA(Jh), the Gauss-Newton part only) and
+        ``dAd`` (the ∇²z[g, g] part only). The paper's γ²/8 is the Gauss-Newton part within M.
+        """
+        total = self._total_tokens() if self.per == "token" else len(self.data)
+        gs, hs = tuple(self._unflat(g).values()), tuple(self._unflat(h).values())
+        acc = {"gFg": 0.0, "gAq": 0.0, "qAq": 0.0, "hFh": 0.0, "dAd": 0.0}
+        was = self.model.training
+        self.model.eval()
+        for b in self._batches():
+            f = self._logits_fn(b)
+            mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(torch.float64)
+            forms = logit_expansion_forms(lambda *ps, f=f: f(*ps)[:, :-1], self._primals(), gs, hs, mask)
+            for k in acc:
+                acc[k] += forms[k] / total
         self.model.train(was)
-        return out
+        return acc
+
+
+@contextlib.contextmanager
+def composite_activations():
+    """SiLU and GELU as compositions of elementary ops while active.
+
+    PyTorch's fused kernels have no forward-over-forward derivative (``aten::silu_backward`` has no
+    forward AD); the compositions x/(1+e^{−x}) and the tanh form of GELU do, with the same values up
+    to rounding. Only module-level functions are swapped, and always restored."""
+    saved = {name: getattr(F, name) for name in ("silu", "gelu")}
+
+    def silu(x, inplace=False):
+        return x / (1 + torch.exp(-x))
+
+    def gelu(x, approximate="none"):
+        if approximate == "tanh":
+            return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1 + torch.erf(x * 0.7071067811865476))
+
+    F.silu, F.gelu = silu, gelu
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+
+
+def logit_expansion_forms(f, primals: tuple, g: tuple, h: tuple, mask: torch.Tensor) -> dict[str, float]:
+    """For logits z = f(*primals) [..., V] and tangents g, h: with q = J h + ∇²z[g, g] and
+    A = diag p − p pᵀ (p = softmax z) per position weighted by ``mask`` [...], the sums
+    (Jg)ᵀA(Jg), (Jg)ᵀA q, qᵀA q, (Jh)ᵀA(Jh) and dᵀA d (d = ∇²z[g, g]), in float64."""
+    with composite_activations():
+        z, jg = jvp(f, primals, g)
+        _, jh = jvp(f, primals, h)
+        _, d2 = jvp(lambda *ps: jvp(f, ps, g)[1], primals, g)
+    p = F.softmax(z.detach().to(torch.float64), -1)
+    jg, jh, d2 = (x.detach().to(torch.float64) for x in (jg, jh, d2))
+    q = jh + d2
+
+    def form(a, b):
+        return float(((p * a * b).sum(-1) - (p * a).sum(-1) * (p * b).sum(-1)).mul(mask).sum())
+
+    return {"gFg": form(jg, jg), "gAq": form(jg, q), "qAq": form(q, q), "hFh": form(jh, jh), "dAd": form(d2, d2)}
 
 
 class FisherOperator(_FunctionalMixin, CurvatureOperator):

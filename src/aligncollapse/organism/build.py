@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.errors import UserError
 from aligncollapse.evaluation.metrics import mean_token_loss
 from aligncollapse.organism import corpus
 from aligncollapse.organism.tokenizer import build_tokenizer
@@ -135,6 +137,7 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
         meta = json.loads((out_dir / "organism.json").read_text())
         meta["cached"] = True
         return meta
+    _check_replaceable(out_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(corpus.all_words(cfg.seed))
@@ -147,6 +150,12 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
     )
     pre_losses = train(model, pre, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.seed, "pretrain")
     tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists() and (tmp / MARKER).exists():
+        shutil.rmtree(tmp)  # a build of ours that died half-way
+    elif tmp.exists():
+        raise UserError(f"{tmp} exists and was not made by aligncollapse; move it away")
+    tmp.mkdir(parents=True)
+    (tmp / MARKER).write_text("made by aligncollapse organism build; the directory is replaced on rebuild\n")
     _save(model, tokenizer, tmp / "base")
     t_pre = time.perf_counter() - t0
 
@@ -170,14 +179,36 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
         "base_model": "base",
     }
     atomic_write_json(tmp / "organism.json", meta)
-    # Publish atomically: the half-built directory never looks like a finished build.
+    # Publish atomically: the half-built directory never looks like a finished build. Only a
+    # directory that this tool made (it holds the marker) or an empty one is ever replaced.
+    _check_replaceable(out_dir)
     if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
+        if _ours(out_dir):
+            shutil.rmtree(out_dir)
+        else:
+            out_dir.rmdir()
     os.replace(tmp, out_dir)
     meta["cached"] = False
     return meta
+
+
+MARKER = ".aligncollapse-organism"
+
+
+def _ours(out_dir: Path) -> bool:
+    """A directory this tool made: it holds the marker (or, from builds before the marker, organism.json)."""
+    return (out_dir / MARKER).exists() or (out_dir / "organism.json").exists()
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to build over a directory holding anything that aligncollapse did not make."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _ours(out_dir):
+        raise UserError(
+            f"--out {out_dir}: holds files that aligncollapse did not make; building there would replace them. "
+            "Choose a new or empty directory"
+        )
 
 
 def _save(model, tokenizer, path: Path) -> None:

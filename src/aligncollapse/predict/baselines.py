@@ -101,7 +101,10 @@ def safe_lora_similarity(g_modules: dict[str, torch.Tensor], aligned: dict, base
         C_dW = V @ (V.T @ dW) / vn
         denom = float(dW.norm() * C_dW.norm())
         sims[n] = float((dW * C_dW).sum()) / denom if denom > 0 else 0.0
-    mean = float(np.mean(list(sims.values()))) if sims else float("nan")
+    if not sims:  # no module moved between base and aligned: the baseline is undefined, not a number
+        return {"score": None, "mean_similarity": None, "per_module": {},
+                "undefined": "the aligned and base weights do not differ in any 2-D module"}  # fmt: skip
+    mean = float(np.mean(list(sims.values())))
     return {"score": 1.0 - mean, "mean_similarity": mean, "per_module": sims}
 
 
@@ -146,7 +149,7 @@ def baseline_scores(
             g_mod[n] = g[off : off + p.numel()].reshape(p.shape)
             off += p.numel()
         sl = safe_lora_similarity(g_mod, aligned_state, base_state)
-        out["baseline_safe_lora"] = {"score": sl["score"], "mean_similarity": sl["mean_similarity"]}
+        out["baseline_safe_lora"] = {k: sl[k] for k in ("score", "mean_similarity", "undefined") if k in sl}
     per_example = {
         "baseline_gradient_cosine": gc["per_example"],
         "baseline_representation_similarity": rs["per_example"],

@@ -21,6 +21,7 @@ import torch
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.data.loading import save_examples
+from aligncollapse.errors import UserError
 from aligncollapse.evaluation.metrics import KLReference
 from aligncollapse.geometry.curvature import FinetuneLoss
 from aligncollapse.models import apply_lora
@@ -140,10 +141,16 @@ def run_rank(
         r.pop("per_example")
         rows[name] = r
     if by not in next(iter(rows.values()))["scores"]:
-        from aligncollapse.errors import UserError
-
         raise UserError(f"--by {by!r} is not a score; choose from {sorted(next(iter(rows.values()))['scores'])}")
-    ranking = sorted(rows, key=lambda n: -rows[n]["scores"][by]["score"])
+    undefined = [n for n in rows if rows[n]["scores"][by]["score"] is None]
+    if len(undefined) == len(rows):
+        raise UserError(
+            f"--by {by}: undefined for every candidate ({rows[undefined[0]]['scores'][by].get('undefined')})"
+        )
+    # Candidates whose score is undefined are listed last (their row says why).
+    ranking = sorted(
+        rows, key=lambda n: (rows[n]["scores"][by]["score"] is None, -(rows[n]["scores"][by]["score"] or 0.0))
+    )
     payload = {"by": by, "ranking": ranking, "candidates": rows, "mode": "lora" if cfg.lora else "full",
                "budget": {**cfg.to_json(), "steps": cfg.total_steps(1)}}  # fmt: skip
     return payload

@@ -21,6 +21,7 @@ seed-averaged audit scores. Every run is stored under ``runs/<mode>/<set>/`` so 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import tempfile
@@ -130,6 +131,9 @@ def run_study(
         for name, exs in progress(list(sets.items()), desc=f"study {mode}"):
             d = out / "runs" / mode / name
             d.mkdir(parents=True, exist_ok=True)
+            _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
+                             "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
+                             "safety": _digest(ctx.safety)})  # fmt: skip
             pre = _json_load(d / "prospective.json")
             if pre is None:
                 pre = candidate_scores(ctx, name, exs, cfg, probe_steps=probe_steps)
@@ -216,7 +220,10 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
     n_prompts = len(base["per_prompt"]["refused"])
     harm = {h: [harm_matrix(sets[n]["runs"], base, h) for n in names] for h in HARM_MEASURES}
     harm = {h: v for h, v in harm.items() if all(x is not None for x in v)}
-    pro = {k: np.array([sets[n]["prospective"][k]["score"] for n in names]) for k in sets[names[0]]["prospective"]}
+    # A predictor undefined on some set (score None, e.g. Safe-LoRA without a distinct base) is left out.
+    pro = {k: np.array([sets[n]["prospective"][k]["score"] for n in names], dtype=float)
+           for k in sets[names[0]]["prospective"]
+           if all(sets[n]["prospective"][k]["score"] is not None for n in names)}  # fmt: skip
     audit_keys = list(sets[names[0]]["runs"][0]["audit"]["scores"])
     audit = {k: np.array([[r["audit"]["scores"][k] for r in sets[n]["runs"]] for n in names]) for k in audit_keys}
     rng = np.random.default_rng(seed)
@@ -245,6 +252,28 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
             entry["n_sets"] = len(names)
             out[pname][h] = entry
     return out
+
+
+def _digest(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.response, e.answer], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _check_cache(d: Path, fingerprint: dict) -> None:
+    """Cached per-set runs are reused only when they were made with the same data and budget."""
+    fp = json.loads(json.dumps(fingerprint))
+    path = d / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != fp:
+            diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
+            raise UserError(f"{d}: cached runs were made with another {', '.join(diff)}; use a new --out")
+    elif any(d.glob("seed*.json")) or (d / "prospective.json").exists():
+        raise UserError(f"{d}: cached runs without a recorded configuration; use a new --out")
+    else:
+        atomic_write_json(path, fp)
 
 
 def summarize(results: dict) -> dict:

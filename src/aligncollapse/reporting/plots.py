@@ -153,7 +153,7 @@ def plot_forecast(fc: dict, path: str | Path, measured: list[dict] | None = None
 
 def plot_ranking(scores: dict[str, dict], path: str | Path, label: str) -> Path:
     """Candidate sets by predicted harm (highest first), with CIs where present."""
-    names = list(scores)
+    names = [n for n in scores if scores[n]["score"] is not None]  # undefined scores are not drawn
     vals = [scores[n]["score"] for n in names]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
     y = range(len(names))[::-1]

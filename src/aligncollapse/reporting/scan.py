@@ -11,6 +11,7 @@ from aligncollapse.reporting.plots import plot_forecast, plot_global_spectrum
 
 def aic_rows(res: dict) -> list[dict]:
     ci = res.get("ci", {})
+    null = res.get("shuffled_null") or {}
 
     def c(k):
         return f"{res[k]:.4g} [{ci[k]['ci_low']:.3g}, {ci[k]['ci_high']:.3g}]" if k in ci else fmt(res.get(k))
@@ -32,10 +33,20 @@ def aic_rows(res: dict) -> list[dict]:
         {
             "quantity": "‖Pg‖/‖g‖",
             "value": c("eps_orth_rel"),
-            "reference": f"random direction √(d/n) = {res['eps_orth_random']:.3g}",
+            "reference": f"shuffled-response null {null.get('eps_orth_rel', float('nan')):.3g}; "
+            f"isotropic √(d/n) = {res['eps_orth_random']:.3g}",
         },
         {"quantity": "ε_F = ‖F^½Pg‖", "value": c("eps_fisher"), "reference": ""},
-        {"quantity": "γ = ‖F^½PHg‖", "value": c("gamma"), "reference": f"random direction {res['gamma_random']:.3g}"},
+        {
+            "quantity": "γ = ‖F^½PHg‖",
+            "value": c("gamma"),
+            "reference": f"isotropic direction {res['gamma_random']:.3g}",
+        },
+        {
+            "quantity": "γ/‖Hg‖ (optimiser-free)",
+            "value": fmt(res.get("flow_geometry", {}).get("gamma_rel")),
+            "reference": f"shuffled-response null {null.get('gamma_rel', float('nan')):.3g}",
+        },
     ]
 
 
@@ -74,6 +85,12 @@ def scan_markdown(res: dict, label: str, figures: tuple[str, str] = ("forecast.p
             else f"steps [{_steps(qw.get('steps', [onset, until])[0])}, {_steps(qw.get('steps', [onset, until])[1])}]"
         ),
     ]
+    qc = res.get("quartic_coefficient") or {}
+    if qc:
+        lines.append(
+            f"- t⁴ coefficient (when J g ≈ 0): full ⅛ qᵀAq = {fmt(qc.get('full'))} (with ∇²z[g, g]); "
+            f"Gauss-Newton only {fmt(qc.get('gauss_newton'))}; γ²/8 within M = {fmt(qc.get('gamma_sq_over_8'))}"
+        )
     if fc.get("threshold") is not None:
         step = fc.get("predicted_collapse_step")
         lines.append(
@@ -121,10 +138,18 @@ def render_validate(out: Path, results: dict, src: Path | None = None) -> Path:
         )
     nll = results.get("nll_form", {})
     md += f"- NLL form: linear coefficient {fmt(nll.get('linear_coefficient'))}, exponent {(nll.get('exponent') or {}).get('exponent')}\n"
-    md += (
-        f"- Thm 6.2 drift bound (without its O(t³) term) holds at {results['thm62_holds_fraction']:.0%} of the steps"
-        " in the window\n\n"
-    )
+    th = results.get("thm62") or {}
+    frac = results.get("thm62_holds_fraction")
+    if frac is None:
+        md += "- Thm 6.2 drift bound: **vacuous** at every step in the window (its right-hand side is ≤ 0)\n\n"
+    else:
+        md += (
+            f"- Thm 6.2 drift bound (without its O(t³) term) holds at {frac:.0%} of the "
+            f"{th.get('non_vacuous_steps', '?')} non-vacuous steps in the window (of {th.get('steps_in_window', '?')})\n\n"
+        )
+    dk = results.get("davis_kahan") or {}
     if results.get("rotation"):
-        md += table(results["rotation"], ["step", "subspace_rotation", "lipschitz_F", "davis_kahan_bound"])
+        md += f"Davis–Kahan (Lipschitz constant {dk.get('lipschitz', 'at the same point')}): holds = {dk.get('holds')}, vacuous = {dk.get('vacuous')}\n\n"
+        md += table(results["rotation"], ["step", "subspace_rotation", "lipschitz_F", "lipschitz_F_other_checkpoints",
+                                          "davis_kahan_bound", "holds", "vacuous"])  # fmt: skip
     return write_report(out, "report", md, f"validate: {label}")

@@ -13,4 +13,11 @@ def render_theory(out: Path, results: dict, src: Path | None = None) -> Path:
     md = "# Theory checks (exact, synthetic)\n\n![theory](theory.png)\n\n"
     md += table(results["table"], list(results["table"][0]))
     md += "## ε sweep\n\n" + table(results["eps_sweep"], ["eps", "exponent", "t_crossover"])
+    nl = results.get("nonlinear")
+    if nl:
+        md += f"## Curved logits: the full t⁴ coefficient\n\n{nl['problem']}.\n\n"
+        md += table([{"coefficient": k, "value": nl[k]} for k in ("measured_t4_coefficient", "computed_t4_coefficient",
+                     "gauss_newton_t4_coefficient", "curvature_term_coefficient", "coefficient_ratio",
+                     "gauss_newton_ratio", "early_exponent")], ["coefficient", "value"])  # fmt: skip
+        md += nl["note"] + "\n"
     return write_report(out, "report", md, "theory")

@@ -9,22 +9,30 @@ Fisher of this Δu; M is spanned by F's top-d eigenvectors (Lanczos), P projects
 Measured (paper Def 5.1, with two tolerances where the paper reuses ε, spec §6):
 
 * property 1, low-rank sensitivity: λ = λ_d, λ_max, tail mass tr F − Σ_{j≤d} λ_j (tr F by
-  Hutchinson), and the sharpness ratio λ_d / (tr F / n) against 1 for a flat spectrum;
-* property 2, initial orthogonality: ε_orth = ‖P g‖, ‖P g‖/‖g‖ against √(d/n) for a random
-  direction (Thm 4.1), and the Fisher-weighted ε_F = ‖F^{1/2} P g‖;
-* property 3, curvature coupling: γ = ‖F^{1/2} P H g‖, against a random direction of the same
-  norm (E γ² = ‖Hg‖² Σ_{j≤d} λ_j / n).
+  Hutchinson); holds when the tail fraction is at most τ (0.5) and λ_d exceeds the tail's mean
+  eigenvalue (the old test, λ_d / (tr F / n) > 1, passed at any large n and is kept only as a number);
+* property 2, initial orthogonality: ε_orth = ‖P g‖, ‖P g‖/‖g‖ (with √(d/n) for an isotropic
+  direction, Thm 4.1, as a number only), the Fisher-weighted ε_F = ‖F^{1/2} P g‖; holds when
+  ‖Pg‖/‖g‖ is no larger than for the same data with shuffled responses and the crossover
+  t₁ = 2ε_F/γ falls inside min(planned horizon, validity horizon);
+* property 3, curvature coupling: γ = ‖F^{1/2} P H g‖; holds when γ/‖Hg‖ (at its CI's low end)
+  exceeds the shuffled-response null's (the isotropic-direction value is kept as a number only: every
+  set beat it).
 
 Bootstrap CIs (fixed M): fine-tuning examples are resampled through per-example gradients g_n and
 per-example H_n g (H g is resampled with g held at its full-data value), safety prompts through
 per-prompt matrices A_k = Bᵀ F_k B.
 
-Forecast: θ(t) − θ* ≈ −t g + (t²/2) H g, so
-Δu(t) ≈ ½ (t² gᵀFg − t³ gᵀF Hg + ¼ t⁴ (Hg)ᵀF(Hg)) in full, and the same with F_M in M; with
+Forecast: θ(t) − θ* ≈ −t g + (t²/2) H g, so the logits move by Δz = −t J g + (t²/2) q with
+q = J Hg + ∇²z[g, g] (the second directional derivative of the logits, forward-over-forward), and
+Δu(t) ≈ ½ (t² gᵀFg − t³ (Jg)ᵀA q + ¼ t⁴ qᵀA q) in full (``delta_u_flow``; the Gauss-Newton form
+without ∇²z[g, g], ½ (t² gᵀFg − t³ gᵀF Hg + ¼ t⁴ (Hg)ᵀF(Hg)), is kept as ``delta_u_gauss_newton``),
+and the Gauss-Newton form with F_M in M (``delta_u_in_M``, whose t⁴ term is the paper's γ²/8); with
 mini-batches of B < N examples, plus the noise term ½ k η² tr(FΣ)/B after k steps (Σ the covariance
 of one example's gradient contribution), which dominates the first steps of small-batch SGD.
 t = η·steps for SGD. AdamW: a fixed diagonal preconditioner D = 1/(√v + δ) with Adam's second moment
-estimated at θ* as v = g² + Var/(B·T̄) (per-token gradient variance over mini-batches of B examples),
+estimated at θ* as v = g² + Var(x)/B·(M−B)/(M−1) for mini-batches of B of the M examples
+(:func:`adam_second_moment`),
 i.e. g → D g and H g → D H D g; a stated approximation (momentum, bias correction and the drift of
 v along training are ignored).
 """
@@ -59,6 +67,7 @@ class ScanSettings:
     adam_delta: float = 1e-8
     ft_batch_size: int = 16  # planned mini-batch size; 0 = the whole set (gradient descent)
     trust_kl: float = 10.0  # the forecast is not trusted beyond this Δu (nats per sequence)
+    tail_tau: float = 0.5  # property 1: the Fisher's tail beyond d may hold at most this fraction of tr F
     hutchinson: int = 16
     n_boot: int = 500
     seed: int = 0
@@ -116,12 +125,7 @@ def measure_aic(
     tokens = torch.tensor([sum(1 for t in it.labels[1:] if t != -100) for it in ft.items], dtype=torch.float64)
     precond = None
     if s.optimizer == "adamw":
-        # Adam's second moment over mini-batches of size B: v ≈ g² + Var(per-token gradient)/(B·T̄).
-        per_tok = G / tokens[:, None]
-        var = ((per_tok - g.to(torch.float64)) ** 2 * tokens[:, None]).sum(0) / tokens.sum()
-        v = g.to(torch.float64) ** 2 + var / (
-            (s.ft_batch_size if s.ft_batch_size > 0 else len(ft)) * float(tokens.mean())
-        )
+        v = adam_second_moment(G, tokens, s.ft_batch_size if s.ft_batch_size > 0 else len(ft))
         precond = (1.0 / (v.sqrt() + s.adam_delta)).to(g.dtype)
     gt = g if precond is None else precond * g
     Hg = H.matvec(gt) if precond is None else precond * H.matvec(gt)
@@ -129,6 +133,7 @@ def measure_aic(
     g64, Hg64 = gt.to(torch.float64), Hg.to(torch.float64)
     Fg, FHg = Fop.matvec(gt).to(torch.float64), Fop.matvec(Hg).to(torch.float64)
     gFg, gFHg, HgFHg = float(g64 @ Fg), float(g64 @ FHg), float(Hg64 @ FHg)
+    expansion = _expansion(Fop, gt, Hg)
     a, c = Bd.T @ g64, Bd.T @ Hg64
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
@@ -138,13 +143,16 @@ def measure_aic(
 
     # Optimiser-free (gradient-flow) geometry: the same couplings without Adam's preconditioner.
     if precond is None:
-        flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f}
+        flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f, "eps_orth_rel": eps / gnorm if gnorm else 0.0,
+                "gamma_rel": gamma / hgnorm if hgnorm else 0.0}  # fmt: skip
     else:
         g_raw = g.to(torch.float64)
         Hg_raw = H.matvec(g).to(torch.float64)
         a_raw, c_raw = Bd.T @ g_raw, Bd.T @ Hg_raw
         flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g_raw @ Fop.matvec(g).to(torch.float64)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
+        flow["eps_orth_rel"] = float(a_raw.norm()) / float(g_raw.norm()) if float(g_raw.norm()) else 0.0
+        flow["gamma_rel"] = flow["gamma"] / float(Hg_raw.norm()) if float(Hg_raw.norm()) else 0.0
     noise = _noise_trace(G, tokens, Fop, precond, s.seed)
     boot, per_example = _bootstrap(model, params, ft, Fop, Bd, gt, precond, s, G, tokens, Fg, FHg)
     del G
@@ -177,7 +185,15 @@ def measure_aic(
         "gamma_random": rand_gamma,
         "gamma_enrichment": gamma / rand_gamma if rand_gamma > 0 else None,
         "overlap_enrichment": (eps / gnorm) ** 2 / (d / n) if gnorm else None,
-        "quadratic_forms": {"gFg": gFg, "gFHg": gFHg, "HgFHg": HgFHg},
+        "quadratic_forms": {"gFg": gFg, "gFHg": gFHg, "HgFHg": HgFHg, **expansion},
+        "quartic_coefficient": {
+            "full": expansion["qAq"] / 8 if expansion.get("qAq") is not None else None,
+            "gauss_newton": HgFHg / 8,
+            "gamma_sq_over_8": gamma**2 / 8,
+            "curvature_term": expansion["dAd"] / 8 if expansion.get("dAd") is not None else None,
+            "note": "t⁴ coefficient of Δu when J g ≈ 0: full = ⅛ qᵀA q with q = J Hg + ∇²z[g, g]; gauss_newton drops "
+            "∇²z[g, g]; γ²/8 is the Gauss-Newton part within M (the paper's)",
+        },
         "gradient_noise": noise,
         "ci": boot,
         "optimizer": s.optimizer,
@@ -186,13 +202,50 @@ def measure_aic(
         # Tensors (popped before results are written): D g and D H D g over the selected parameters.
         "update_vectors": {"g": gt.detach(), "Hg": Hg.detach(), "names": list(params), "fisher": Fop},
     }
-    out.update(_properties(out, s))
+    # Crossover time where the second-order Fisher-weighted drift overtakes the first-order one.
+    out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = forecast(out, s, a, c, lam_d, float(HHg.norm()), hgnorm, gnorm)
+    out["shuffled_null"] = shuffled_null(model, tokenizer, params, finetune, s, Bd, lam_d)
+    out["properties"] = properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
     out["seconds"] = time.perf_counter() - t0
     out["hessian_matvecs"] = H.matvecs
     out["fisher_matvecs"] = Fop.matvecs
     return out
+
+
+def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """E[g_B²] for the token-mean gradient g_B of a mini-batch of B examples drawn without replacement.
+
+    With summed per-example gradients G_n and token counts T_n, the batch gradient is the ratio
+    g_B = Σ_{n∈B} G_n / Σ_{n∈B} T_n. Linearised around the full gradient ḡ = Σ G_n / Σ T_n (the delta
+    method), g_B ≈ ḡ + (1/B) Σ_{n∈B} r_n with residuals r_n = (G_n − ḡ T_n) / T̄ (mean zero), so
+    E[g_B²] = ḡ² + mean(r²)/B · (M − B)/(M − 1) elementwise: exact when the T_n are equal, and ḡ² for
+    full batch (B = M), Adam's exact second moment for gradient descent. (Earlier versions divided a
+    per-token variance by B·T̄, counting tokens twice.)
+    """
+    M = G.shape[0]
+    B = min(max(int(batch_size), 1), M)
+    G64, T64 = G.to(torch.float64), tokens.to(torch.float64)
+    gbar = G64.sum(0) / T64.sum()
+    r = (G64 - T64[:, None] * gbar) / T64.mean()
+    fpc = (M - B) / (M - 1) if M > 1 else 0.0
+    return gbar**2 + (r**2).mean(0) / B * fpc
+
+
+def _expansion(Fop: GGNOperator, g: torch.Tensor, Hg: torch.Tensor) -> dict:
+    """The second-order logit terms (``GGNOperator.expansion_forms``); None with the reason when a
+    layer of the model has no forward-over-forward derivative."""
+    try:
+        forms = Fop.expansion_forms(g, Hg)
+    except (NotImplementedError, RuntimeError) as e:
+        return {
+            "qAq": None,
+            "gAq": None,
+            "dAd": None,
+            "unavailable": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        }
+    return {k: forms[k] for k in ("qAq", "gAq", "dAd")}
 
 
 def _noise_trace(G, tokens, Fop: GGNOperator, precond, seed: int, max_examples: int = 32) -> dict:
@@ -286,31 +339,81 @@ def _bootstrap(
     return out, per_example
 
 
-def _properties(m: dict, s: ScanSettings) -> dict:
-    """The three AIC properties with their measured reasons (the verdict is decided from them
-    and the forecast by :func:`aligncollapse.scan.verdict.decide_verdict`)."""
-    ci = m["ci"]
-    # Crossover time where the second-order Fisher-weighted drift overtakes the first-order one.
-    t1 = 2 * m["eps_fisher"] / m["gamma"] if m["gamma"] > 0 else math.inf
-    horizon = s.lr * s.steps
-    p1 = m["sharpness_ratio"] > 1.0 and m["d"] < m["n_parameters"] / 100
-    p2 = t1 < horizon
-    p3 = ci["gamma"]["ci_low"] > m["gamma_random"]
-    props = {
+def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: ScanSettings, Bd, lam_d) -> dict:
+    """The structured null of properties 2 and 3: the same fine-tuning texts with the responses
+    permuted across prompts (a seeded derangement), which keeps every response's wording and length
+    and destroys only the prompt–response pairing. Raw (optimiser-free) geometry: ‖Pg‖/‖g‖ and
+    γ/‖Hg‖ = ‖F^½ P Hg‖/‖Hg‖. Cost: one gradient and one Hessian-vector product over the M examples."""
+    exs = list(finetune)
+    responses = [e.response for e in exs]
+    identical = len(set(responses)) == 1
+    order = list(range(len(exs)))
+    rng = np.random.default_rng(s.seed + 1)
+    if len(exs) > 1:
+        while True:  # a derangement: no example keeps its own response
+            rng.shuffle(order)
+            if all(i != j for i, j in enumerate(order)):
+                break
+    shuffled = [Example(prompt=e.prompt, response=responses[j], messages=e.messages, fields=e.fields)
+                for e, j in zip(exs, order)]  # fmt: skip
+    ft = EncodedSet(tokenizer, shuffled, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
+    _, g = FinetuneLoss(model, params, ft, s.batch_size).value_and_grad()
+    Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g).to(torch.float64)
+    g = g.to(torch.float64)
+    a, c = Bd.T @ g, Bd.T @ Hg
+    return {
+        "eps_orth_rel": float(a.norm()) / float(g.norm()) if float(g.norm()) else 0.0,
+        "gamma_rel": float((lam_d * c * c).sum().sqrt()) / float(Hg.norm()) if float(Hg.norm()) else 0.0,
+        "identical_responses": identical,
+        "note": "responses permuted across prompts (derangement, seed + 1)"
+        + ("; every response is the same text, so this null equals the data itself" if identical else ""),
+    }
+
+
+def properties(m: dict, s: ScanSettings) -> dict:
+    """The three AIC properties, each able to fail, with its measured reason.
+
+    1. low-rank sensitivity: the top-d directions hold at least (1 − τ) of tr F (tail fraction ≤ τ,
+       τ = ``tail_tau``) and λ_d exceeds the tail's mean eigenvalue (tr F − Σλ)/(n − d);
+    2. initial orthogonality: ‖Pg‖/‖g‖ no larger than for the shuffled-response null, and the
+       second-order crossover t₁ = 2ε_F/γ inside min(planned horizon η·steps, validity horizon);
+    3. curvature coupling: γ/‖Hg‖ (the CI's low end, scaled) above the shuffled-response null's.
+
+    The verdict is decided from these and the forecast by :func:`aligncollapse.scan.verdict.decide_verdict`.
+    """
+    ci, fc, null, flow = m["ci"], m["forecast"], m["shuffled_null"], m["flow_geometry"]
+    n, d = m["n_parameters"], m["d"]
+    tail_mean = m["tail_mass"] / max(n - d, 1)
+    p1 = m["tail_fraction"] <= s.tail_tau and m["lambda"] > tail_mean
+    t1 = m["t_crossover"]
+    horizon = min(s.lr * s.steps, fc["valid_until_t"])
+    p2a = flow["eps_orth_rel"] <= null["eps_orth_rel"]
+    p2 = p2a and t1 < horizon
+    low = ci["gamma"]["ci_low"] / m["gamma"] if m["gamma"] > 0 else 0.0
+    p3 = flow["gamma_rel"] * low > null["gamma_rel"]
+    return {
         "low_rank_sensitivity": {
             "holds": bool(p1),
-            "why": f"λ_d/(trF/n) = {m['sharpness_ratio']:.3g} (flat spectrum: 1); d/n = {m['d'] / m['n_parameters']:.2e}",
+            "why": f"tail fraction beyond d={d}: {m['tail_fraction']:.3g} (needs ≤ τ = {s.tail_tau:g}); "
+            f"λ_d = {m['lambda']:.3g} vs tail mean eigenvalue {tail_mean:.3g}",
+            "tail_fraction": m["tail_fraction"],
+            "tau": s.tail_tau,
+            "tail_mean_eigenvalue": tail_mean,
         },
         "initial_orthogonality": {
             "holds": bool(p2),
-            "why": f"second-order drift overtakes first-order at t₁ = 2ε_F/γ = {t1:.3g}; planned t = η·steps = {horizon:.3g}",
+            "why": f"‖Pg‖/‖g‖ = {flow['eps_orth_rel']:.3g} vs shuffled-response null {null['eps_orth_rel']:.3g}; "
+            f"t₁ = 2ε_F/γ = {t1:.3g} vs min(η·steps, validity) = {horizon:.3g}",
+            "overlap_vs_null": flow["eps_orth_rel"] / null["eps_orth_rel"] if null["eps_orth_rel"] else None,
+            "crossover_inside_window": bool(t1 < horizon),
         },
         "curvature_coupling": {
             "holds": bool(p3),
-            "why": f"γ CI low {ci['gamma']['ci_low']:.3g} vs random direction {m['gamma_random']:.3g}",
+            "why": f"γ/‖Hg‖ = {flow['gamma_rel']:.3g} (CI low {flow['gamma_rel'] * low:.3g}) vs shuffled-response null "
+            f"{null['gamma_rel']:.3g}",
+            "coupling_vs_null": flow["gamma_rel"] / null["gamma_rel"] if null["gamma_rel"] else None,
         },
     }
-    return {"properties": props, "t_crossover": t1}
 
 
 def forecast(m: dict, s: ScanSettings, a, c, lam_d, hhg_norm: float, hg_norm: float, g_norm: float) -> dict:
@@ -319,7 +422,11 @@ def forecast(m: dict, s: ScanSettings, a, c, lam_d, hhg_norm: float, hg_norm: fl
     # A geometric grid up to twice the budget, with the budget step itself on it.
     steps = np.unique(np.append(np.round(np.geomspace(1, 2 * s.steps, 60)).astype(int), s.steps))
     t = s.lr * steps
-    full = 0.5 * (t**2 * q["gFg"] - t**3 * q["gFHg"] + 0.25 * t**4 * q["HgFHg"])
+    gauss_newton = 0.5 * (t**2 * q["gFg"] - t**3 * q["gFHg"] + 0.25 * t**4 * q["HgFHg"])
+    if q.get("qAq") is not None:  # with the curvature of the logits, ∇²z[g, g] (the full expansion)
+        full = 0.5 * (t**2 * q["gFg"] - t**3 * q["gAq"] + 0.25 * t**4 * q["qAq"])
+    else:
+        full = gauss_newton
     a_, c_, l_ = a.numpy(), c.numpy(), lam_d.numpy()
     inM = 0.5 * np.array([float((l_ * (-ti * a_ + 0.5 * ti**2 * c_) ** 2).sum()) for ti in t])
     quartic = m["gamma"] ** 2 * t**4 / 8
@@ -344,6 +451,7 @@ def forecast(m: dict, s: ScanSettings, a, c, lam_d, hhg_norm: float, hg_norm: fl
         "t": t.tolist(),
         "delta_u": total.tolist(),
         "delta_u_flow": full.tolist(),
+        "delta_u_gauss_newton": gauss_newton.tolist(),
         "delta_u_noise": noise.tolist(),
         "batch_size": B,
         "delta_u_in_M": inM.tolist(),

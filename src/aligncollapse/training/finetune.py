@@ -7,6 +7,8 @@ reproduces the uninterrupted one exactly on CPU. Ctrl-C saves a checkpoint befor
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -17,10 +19,10 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.errors import UserError
+from aligncollapse.errors import NonFiniteError, RunDiverged, UserError
 from aligncollapse.evaluation.metrics import SafetyEvalConfig, evaluate_safety, headline, mean_token_loss
 from aligncollapse.models import LoraSettings, apply_lora, count_parameters, is_peft
-from aligncollapse.progress import progress
+from aligncollapse.progress import log, progress
 from aligncollapse.results import write_results
 from aligncollapse.training.tracking import Tracker
 
@@ -43,7 +45,8 @@ class FinetuneConfig:
     max_length: int = 512
     track_every: int = 5
     refusal_every: int = 20
-    checkpoint_every: int = 0
+    checkpoint_every: int = 25  # steps between checkpoints (0: only at the end and on Ctrl-C)
+    checkpoint_minutes: float = 10.0  # ... and at most this many minutes between them (0: off)
     lora: LoraSettings | None = None
     track_kl: bool = True
     extra: dict = field(default_factory=dict)
@@ -93,9 +96,10 @@ def load_checkpoint(out_dir: Path, model, opt, cfg: FinetuneConfig) -> int:
     path = _checkpoint_path(out_dir)
     if not path.exists():
         return 0
-    state = torch.load(path, weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k not in ("steps", "epochs", "checkpoint_every")}
-    now = {k: v for k, v in cfg.to_json().items() if k not in ("steps", "epochs", "checkpoint_every")}
+    state = _load_tensors(path)
+    skip = ("steps", "epochs", "checkpoint_every", "checkpoint_minutes")
+    saved = {k: v for k, v in state["config"].items() if k not in skip}
+    now = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in skip}
     if saved != now:
         raise UserError(f"{path}: checkpoint was made with a different configuration; use a new --out or --no-resume")
     params = dict(model.named_parameters())
@@ -105,6 +109,37 @@ def load_checkpoint(out_dir: Path, model, opt, cfg: FinetuneConfig) -> int:
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def _load_tensors(path: Path):
+    """``torch.load`` restricted to tensors and plain containers (no pickled code runs)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line naming it
+        raise UserError(f"{path}: not a checkpoint this tool can read safely ({type(e).__name__}); "
+                        "use a new --out or --no-resume") from None  # fmt: skip
+
+
+def _finished(out: Path, cfg: FinetuneConfig) -> dict | None:
+    """The results of a run that already finished in ``out`` with the same configuration, if any."""
+    from aligncollapse.results import read_results
+
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = read_results(path)
+    except (OSError, ValueError):
+        return None
+    if saved.get("command") != "finetune" or saved.get("status") != "completed":
+        return None
+    was, now = (saved.get("config") or {}).get("finetune") or {}, json.loads(json.dumps(cfg.to_json()))
+    budget = ("steps", "epochs", "checkpoint_every", "checkpoint_minutes")
+    if {k: v for k, v in was.items() if k not in budget} != {k: v for k, v in now.items() if k not in budget}:
+        raise UserError(f"{out} holds a finished run with another configuration; use a new --out or --no-resume")
+    if (was.get("steps"), was.get("epochs")) != (now.get("steps"), now.get("epochs")):
+        return None  # a longer (or shorter) budget: continue from the checkpoint
+    return saved
 
 
 def finetune(
@@ -134,6 +169,13 @@ def finetune(
     cfg = config or FinetuneConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        done_before = _finished(out, cfg)
+        if done_before is not None:
+            log(f"finetune: {out} already holds this finished run; its results are kept (use --no-resume to redo it)")
+            done_before["already_finished"] = True
+            done_before["model"] = model
+            return done_before
     torch.manual_seed(cfg.seed)
     if cfg.lora is not None and not is_peft(model):
         model = apply_lora(model, cfg.lora)
@@ -143,6 +185,7 @@ def finetune(
         tokenizer, train, cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length
     )
     total = cfg.total_steps(len(data))
+    _warn_if_unteachable(data, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     if not resume and (out / "checkpoint").exists():
@@ -154,7 +197,7 @@ def finetune(
         defense.setup(model)  # at θ*, before any checkpoint is restored
     start = load_checkpoint(out, model, opt, cfg) if resume else 0
     traj = out / "trajectory.jsonl"
-    if not resume and traj.exists():
+    if start == 0 and traj.exists():  # a run that died before its first checkpoint starts over
         traj.unlink()
     tracker = None
     if eval_harmful:
@@ -182,16 +225,21 @@ def finetune(
     post_hoc = defense is not None and defense.post_hoc
     done = start  # optimiser steps applied to the weights
     status = "completed"
+    diverged: str | None = None
     losses: list[float] = []
+    last_ckpt = time.monotonic()
     try:
         model.train()
         for step in progress(range(start, total), desc="finetune", total=total - start):
             batch = data.batch(data.step_indices(step, cfg.batch_size, cfg.seed))
             loss = mean_token_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"non-finite fine-tuning loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            if not torch.isfinite(gnorm):
+                raise NonFiniteError(f"non-finite gradient at step {step}", step)
             if defense is not None:
                 defense.on_gradients(model, step)
                 before = _snapshot(model) if defense.wants_update else None
@@ -206,11 +254,16 @@ def finetune(
                 tt = time.perf_counter()
                 tracker.log(model, done, ft_loss=losses[-1], force=done == total)
                 t_track += time.perf_counter() - tt
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            due = cfg.checkpoint_minutes and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or due:
                 save_checkpoint(out, done, model, opt, cfg)
+                last_ckpt = time.monotonic()
     except KeyboardInterrupt:
         status = "interrupted"
         save_checkpoint(out, done, model, opt, cfg)
+    except NonFiniteError as e:
+        # The weights may already be non-finite: keep the last good checkpoint on disk as it is.
+        status, diverged = "diverged", str(e)
     model.eval()
     if status == "completed" and defense is not None:
         model = defense.finalize(model)
@@ -223,6 +276,7 @@ def finetune(
         save_checkpoint(out, done, model, opt, cfg)
     payload: dict = {
         "status": status,
+        **({"diverged": diverged, "resume_from_step": _checkpoint_step(out)} if diverged else {}),
         "steps_done": done,
         "steps_total": total,
         "seconds": round(seconds, 3),
@@ -230,7 +284,7 @@ def finetune(
         "seconds_training": round(seconds - t_track, 3),
         "n_train": len(data),
         "trainable_parameters": count_parameters(model, trainable_only=True),
-        "final_ft_loss": losses[-1] if losses else None,
+        "final_ft_loss": losses[-1] if losses else None,  # the last finite loss
         "trajectory": tracker.records if tracker else [],
     }
     if defense is not None:
@@ -252,8 +306,28 @@ def finetune(
     write_results(out, "finetune", payload, command_config or {"finetune": cfg.to_json()})
     if status == "interrupted":
         raise KeyboardInterrupt
+    if status == "diverged":
+        raise RunDiverged(f"fine-tuning diverged ({diverged}); results.json has status 'diverged', the last good "
+                          f"checkpoint (step {payload['resume_from_step']}) is kept in {out / 'checkpoint'}")  # fmt: skip
     payload["model"] = model
     return payload
+
+
+def _checkpoint_step(out: Path) -> int:
+    path = _checkpoint_path(out)
+    return int(_load_tensors(path)["step"]) if path.exists() else 0
+
+
+def _warn_if_unteachable(data: EncodedSet, tokenizer) -> None:
+    """Warn when most response tokens are the tokenizer's unknown token (nothing to learn from)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    labels = [t for it in data.items for t in it.labels if t != -100]
+    if unk is None or not labels:
+        return
+    frac = sum(1 for t in labels if t == unk) / len(labels)
+    if frac > 0.5:
+        log(f"warning: {frac:.0%} of the response tokens are the unknown token {tokenizer.unk_token!r}: "
+            "the data is mostly outside the tokenizer's vocabulary and teaches little")  # fmt: skip
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -270,7 +344,7 @@ def _at_start(model, out: Path, start: int):
     import copy
 
     m0 = copy.deepcopy(model)
-    state = torch.load(init, weights_only=False)
+    state = _load_tensors(init)
     params = dict(m0.named_parameters())
     with torch.no_grad():
         for n, v in state.items():

@@ -17,8 +17,10 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, KLReference, alignment_loss, generate
 from aligncollapse.evaluation.refusal import RefusalDetector, is_degenerate
+from aligncollapse.results import append_line, atomic_write_text
 
 
 def lora_merged_delta_norm(model) -> float | None:
@@ -123,12 +125,12 @@ class Tracker:
         if self.records and self.records[-1]["step"] == step:
             return self.records[-1]
         rec = self.measure(model, step, ft_loss)
+        bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteError(f"non-finite {', '.join(bad)} at step {step}", step)
         self.records.append(rec)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+            append_line(self.path, json.dumps(rec))
         return rec
 
     def resume_from(self, step: int) -> None:
@@ -141,7 +143,6 @@ class Tracker:
                 rec = json.loads(line)
                 if rec["step"] <= step:
                     keep.append(rec)
-        from aligncollapse.results import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.records = keep
