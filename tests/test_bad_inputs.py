@@ -101,6 +101,35 @@ FLAG_CASES = [
     ("fisher-n-samples", _with(FISHER, "--n-samples", "0"), "--n-samples"),
     ("hh-side", _with(FT, "--hh-side", "middle"), "--hh-side"),
     ("unknown-flag", _with(FT, "--frobnicate"), "unrecognized"),
+    ("seed-overflow", _with(FT, "--seed", "99999999999999999999"), "--seed"),
+    ("seeds-overflow", _with(STUDY, "--seeds", "99999999999999999999"), "--seeds"),
+    ("epochs-and-steps", _with(FT, "--epochs", "3"), "not allowed with"),
+    (
+        "epochs-overflow",
+        [
+            "finetune",
+            "--model",
+            M,
+            "--data",
+            D,
+            "--epochs",
+            "1e308",
+            "--batch-size",
+            "1",
+            "--eval-harmful",
+            f"{S}/eval_harmful.jsonl",
+            "--out",
+            f"{T}/o",
+        ],
+        "--epochs",
+    ),
+    ("out-empty", ["finetune", "--model", M, "--data", D, "--out", ""], "--out"),
+    ("blocks-regex", _with(SCAN, "--blocks", "["), "not a regular expression"),
+    ("lora-targets-empty", _with(SCAN, "--lora", "--lora-targets", ""), "--lora-targets"),
+    ("lora-targets-not-leaf", _with(SCAN, "--lora", "--lora-targets", "self_attn"), "not found"),
+    ("d-above-max-d", _with(SCAN, "--d", "50", "--max-d", "3"), "--max-d"),
+    ("refusal-empty-keyword", _with(EVAL, "--refusal", f"{T}/emptykw.json"), "empty keyword"),
+    ("refusal-directory", _with(EVAL, "--refusal", f"{T}/adir"), "--refusal"),
 ]
 
 DATA_CASES = [
@@ -119,6 +148,11 @@ DATA_CASES = [
     ("data-directory", _data("adir"), "cannot tell which fields"),
     ("data-empty-file", _data("void.jsonl"), "no rows"),
     ("data-json-scalar", _data("scalar.json"), "expected a JSON list"),
+    ("data-nan", _data("nan.jsonl"), "invalid JSON"),
+    ("data-bigint", _data("bigint.jsonl"), "invalid JSON"),
+    ("data-dup-header", _data("dup.csv"), "repeats column"),
+    ("data-fifo", _data("fifo.jsonl"), "not a regular file"),
+    ("data-surrogate", _data("surrogate.jsonl"), "surrogate"),
 ]
 
 MODEL_CASES = [
@@ -130,6 +164,8 @@ MODEL_CASES = [
     ("model-pickle", ["eval", "--model", f"{T}/m_pickle", "--out", f"{T}/o"], "pickle"),
     ("model-shape-mismatch", ["eval", "--model", f"{T}/m_shape", "--out", f"{T}/o"], "could not load the model"),
     ("model-remote-code", ["eval", "--model", f"{T}/m_remote", "--out", f"{T}/o"], "could not load the model"),
+    ("model-adapter-self", ["eval", "--model", f"{T}/m_adapter", "--out", f"{T}/o"], "itself an adapter"),
+    ("model-vocab-small", ["eval", "--model", f"{T}/m_vocab", "--out", f"{T}/o"], "embedding only"),
 ]
 
 PATH_CASES = [
@@ -141,6 +177,16 @@ PATH_CASES = [
     ("report-not-dir", ["report", f"{T}/good.jsonl"], "not a directory"),
     ("report-truncated", ["report", f"{T}/truncated"], "not valid JSON"),
     ("organism-out-is-file", ["organism", "build", "--out", f"{T}/good.jsonl"], "not a directory"),
+    (
+        "out-user-files",
+        ["finetune", "--model", M, "--data", D, "--no-resume", "--out", f"{T}/userdir"],
+        "not made by aligncollapse",
+    ),
+    ("out-other-command", ["theory", "--out", f"{T}/evalrun"], "holds an aligncollapse"),
+    ("suite-over-user-files", ["organism", "suite", "--out", f"{T}/userdir"], "not made by aligncollapse"),
+    ("out-deep-symlink", ["finetune", "--model", M, "--data", D, "--out", f"{T}/deeplink"], "symlink"),
+    ("report-symlink-png", ["report", f"{T}/pnglink"], "symlink"),
+    ("report-wrong-types", ["report", f"{T}/wrongtypes"], "malformed"),
 ]
 
 ALL_CASES = FLAG_CASES + DATA_CASES + MODEL_CASES + PATH_CASES
@@ -175,6 +221,27 @@ def corpus_dir(tmp_path_factory, tiny_model_dir, small_suite) -> Path:
     write(t / "truncated" / "results.json", '{"schema": "aligncollapse.results", "comm')
     (t / "linked").mkdir()
     (t / "linked" / "trajectory.jsonl").symlink_to(t / "outside.jsonl")
+    write(t / "nan.jsonl", '{"prompt": "a", "response": NaN}\n')
+    write(t / "bigint.jsonl", '{"prompt": "a", "response": ' + "9" * 5000 + "}\n")
+    write(t / "dup.csv", "prompt,prompt,response\na,b,c\n")
+    os.mkfifo(t / "fifo.jsonl")
+    write(t / "surrogate.jsonl", '{"prompt": "a", "response": "\\ud800"}\n')
+    write(t / "emptykw.json", '[""]')
+    (t / "userdir" / "checkpoint").mkdir(parents=True)
+    write(t / "userdir" / "checkpoint" / "thesis.tex", "precious")
+    write(t / "userdir" / "trajectory.jsonl", "mine\n")
+    (t / "evalrun").mkdir()
+    write(t / "evalrun" / ".aligncollapse-run", "eval\n")
+    write(t / "evalrun" / "results.json", "{}")
+    (t / "deeplink" / "model").mkdir(parents=True)
+    (t / "deeplink" / "model" / "config.json").symlink_to(t / "outside-config.json")
+    (t / "pnglink").mkdir()
+    write(t / "pnglink" / "results.json", json.dumps({"schema": "aligncollapse.results", "command": "theory",
+          "regimes": [], "table": [], "eps_sweep": []}))  # fmt: skip
+    (t / "pnglink" / "theory.png").symlink_to(t / "outside.png")
+    (t / "wrongtypes").mkdir()
+    write(t / "wrongtypes" / "results.json", json.dumps({"schema": "aligncollapse.results", "command": "finetune",
+          "config": [1], "summary": [1, 2], "trajectory": []}))  # fmt: skip
     # Models: copies of the tiny model, damaged in one way each.
     for name in ("m_garbage", "m_trunc", "m_pickle", "m_shape", "m_remote"):
         shutil.copytree(tiny_model_dir, t / name)
@@ -191,6 +258,19 @@ def corpus_dir(tmp_path_factory, tiny_model_dir, small_suite) -> Path:
     cfg["model_type"] = "evil-custom"
     write(t / "m_remote" / "config.json", json.dumps(cfg))
     write(t / "m_remote" / "evil.py", "raise SystemExit('custom code ran')\n")
+    (t / "m_adapter").mkdir()
+    write(t / "m_adapter" / "adapter_config.json", json.dumps({"base_model_name_or_path": str(t / "m_adapter")}))
+    shutil.copytree(tiny_model_dir, t / "m_vocab")
+    cfg = json.loads((t / "m_vocab" / "config.json").read_text())
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(t / "m_vocab" / "model.safetensors")
+    w = {k: (v[:8].clone() if v.shape[0] == cfg["vocab_size"] else v) for k, v in w.items()}
+    save_file(w, t / "m_vocab" / "model.safetensors")
+    cfg["vocab_size"] = 8
+    write(t / "m_vocab" / "config.json", json.dumps(cfg))
+    del torch
     return t
 
 
@@ -249,7 +329,8 @@ def test_planted_checkpoint_payload_never_runs(tmp_path, tiny_model_dir, small_s
     import torch
 
     out = tmp_path / "ft"
-    (out / "checkpoint").mkdir(parents=True)
+    assert main(_ft(tiny_model_dir, small_suite, out, "--steps", "2")) == 0  # a run of ours, then planted
+    capsys.readouterr()
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -257,7 +338,7 @@ def test_planted_checkpoint_payload_never_runs(tmp_path, tiny_model_dir, small_s
             return (Path.write_text, (marker, "ran"))
 
     torch.save({"step": 1, "evil": Payload()}, out / "checkpoint" / "state.pt")
-    code = main(_ft(tiny_model_dir, small_suite, out, "--steps", "2"))
+    code = main(_ft(tiny_model_dir, small_suite, out, "--steps", "4"))
     assert code == 2 and not marker.exists()
     assert "not a checkpoint this tool can read safely" in capsys.readouterr().err
 
@@ -353,3 +434,38 @@ def test_gzip_and_csv_roundtrip_still_load(tmp_path):
     p = tmp_path / "ok.jsonl.gz"
     p.write_bytes(gzip.compress(b'{"prompt": "a", "response": "b"}\n'))
     assert load_examples(p)[0].response == "b"
+
+
+def test_user_files_survive_a_refused_run(corpus_dir):
+    assert (corpus_dir / "userdir" / "checkpoint" / "thesis.tex").read_text() == "precious"
+    assert (corpus_dir / "userdir" / "trajectory.jsonl").read_text() == "mine\n"
+    assert not (corpus_dir / "outside-config.json").exists() and not (corpus_dir / "outside.png").exists()
+
+
+def test_resume_refuses_other_data_and_shorter_budgets(tmp_path, tiny_model_dir, small_suite, capsys):
+    out = tmp_path / "r"
+    assert main(_ft(tiny_model_dir, small_suite, out, "--steps", "3")) == 0
+    other = ["finetune", "--model", str(tiny_model_dir), "--data", str(small_suite / "facts.jsonl"), "--eval-harmful",
+             str(small_suite / "eval_harmful.jsonl"), "--limit", "2", "--out", str(out), "--steps", "3"]  # fmt: skip
+    assert main(other) == 2 and "other data" in capsys.readouterr().err
+    assert main(_ft(tiny_model_dir, small_suite, out, "--steps", "2")) == 2
+    assert "beyond the budget" in capsys.readouterr().err
+
+
+def test_malformed_checkpoint_is_a_clean_error(tmp_path, tiny_model_dir, small_suite, capsys):
+    import torch
+
+    out = tmp_path / "c"
+    assert main(_ft(tiny_model_dir, small_suite, out, "--steps", "2")) == 0
+    torch.save({"step": 1}, out / "checkpoint" / "state.pt")
+    assert main(_ft(tiny_model_dir, small_suite, out, "--steps", "4")) == 2
+    assert "missing parts" in capsys.readouterr().err
+
+
+def test_jsonl_with_unicode_line_separators_inside_strings_loads(tmp_path):
+    from aligncollapse.data.loading import load_examples
+
+    p = tmp_path / "u.jsonl"
+    p.write_text('{"prompt": "a\u2028b\u0085c", "response": "d"}\n', encoding="utf-8")
+    (ex,) = load_examples(p)
+    assert ex.prompt == "a\u2028b\u0085c"

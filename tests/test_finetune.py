@@ -138,3 +138,13 @@ def data_collate(batch, pad_id):
     from aligncollapse.data.encoding import collate
 
     return collate(batch, pad_id)
+
+
+def test_tracker_records_the_sequence_level_kl(tiny_model_dir, small_suite, tmp_path):
+    train, harmful, _ = _sets(small_suite)
+    m, tok = load_model(tiny_model_dir)
+    cfg = FinetuneConfig(lr=1e-2, steps=4, batch_size=4, track_every=2, refusal_every=2, track_sequence_kl=2)
+    res = finetune(m, tok, train, tmp_path / "ft", cfg, eval_harmful=harmful[:3], final_eval=False, save_model=False)
+    recs = {r["step"]: r for r in res["trajectory"]}
+    assert recs[0]["alignment_kl_sequence"] == pytest.approx(0.0, abs=1e-9)  # at θ* both forms vanish
+    assert recs[4]["alignment_kl_sequence"] > 0 and recs[4]["alignment_kl_sequence_stderr"] is not None

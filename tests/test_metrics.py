@@ -175,3 +175,50 @@ def test_openai_compatible_judge_against_local_server():
         OpenAIJudge("m", f"http://127.0.0.1:{server.server_port}/v1", timeout=2).score("a", "b")
     with pytest.raises(UserError):
         make_judge("gpt4")
+
+
+def test_sequence_kl_matches_exact_enumeration(micro_model_dir):
+    """The Monte-Carlo sequence-level KL (Lemma 3.2's form) against the exact sum over every response
+    of up to 2 tokens (the estimator's truncation), in float64; the greedy-path form differs."""
+    import copy
+    import math
+
+    import torch
+
+    from aligncollapse.data.encoding import encode
+    from aligncollapse.data.examples import Example
+    from aligncollapse.data.templates import get_template
+    from aligncollapse.evaluation.metrics import KLReference, SequenceKL
+    from aligncollapse.models import load_model
+
+    ref, tok = load_model(micro_model_dir, dtype="float64")
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompts = [Example(prompt="how do i rob a store"), Example(prompt="bake bread")]
+    L, eos = 2, tok.eos_token_id
+
+    def logp_next(m, ids):
+        with torch.no_grad():
+            return torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+
+    exact = []
+    for e in prompts:
+        enc = encode(tok, e, get_template("raw"), response="")
+        ids = enc.input_ids[: enc.prompt_len]
+        r1, m1 = logp_next(ref, ids), logp_next(model, ids)
+        kl = 0.0
+        for a in range(len(r1)):
+            if a == eos:
+                kl += math.exp(r1[a]) * float(r1[a] - m1[a])
+                continue
+            r2, m2 = logp_next(ref, ids + [a]), logp_next(model, ids + [a])
+            pa = math.exp(r1[a])
+            kl += pa * float((r2.exp() * (r1[a] + r2 - m1[a] - m2)).sum())
+        exact.append(kl)
+    want = sum(exact) / len(exact)
+    est = SequenceKL(ref, tok, prompts, samples=1500, max_new_tokens=L, seed=0, batch_size=2)(model)
+    assert est["stderr"] is not None and abs(est["value"] - want) < max(4 * est["stderr"], 0.02 * want)
+    greedy = KLReference(ref, tok, prompts)(model)
+    assert abs(greedy - want) > 0.05 * want  # the greedy-path proxy is a different quantity here

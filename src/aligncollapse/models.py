@@ -64,12 +64,14 @@ def parse_device(name: str) -> str:
         raise UserError(f"--device {name}: no CUDA device is available here")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device must be cpu, cuda, cuda:N, mps or auto, got {name!r}")
     return name
 
 
-def _load_adapter(path: Path, dtype: str, device: str, attn_implementation: str, lora):
+def _load_adapter(path: Path, dtype: str, device: str, attn_implementation: str, lora, depth: int = 0):
     """A peft adapter directory (what ``finetune --lora`` saves): its base model plus the adapter, merged."""
     import json
 
@@ -81,6 +83,9 @@ def _load_adapter(path: Path, dtype: str, device: str, attn_implementation: str,
         raise UserError(f"{path}/adapter_config.json: unreadable or without base_model_name_or_path") from None
     if not base:
         raise UserError(f"{path}: the adapter does not name its base model (base_model_name_or_path)")
+    base_path = Path(base).expanduser()
+    if base_path.exists() and (base_path.resolve() == path.resolve() or (base_path / "adapter_config.json").exists()):
+        raise UserError(f"{path}: the adapter's base model {base} is itself an adapter; give a full model as the base")
     model, tokenizer = load_model(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
     try:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
@@ -143,6 +148,11 @@ def load_model(
         raise UserError(f"could not load the model from {where}: {type(e).__name__}: {first}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    emb = model.get_input_embeddings()
+    if emb is not None and len(tokenizer) > emb.weight.shape[0]:
+        raise UserError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {emb.weight.shape[0]} rows"
+        )
     model.to(device).eval()
     if lora is not None:
         model = apply_lora(model, lora)
@@ -153,7 +163,11 @@ def apply_lora(model, settings: LoraSettings):
     """Wrap ``model`` with a peft LoRA adapter (``lora_B`` initialised to zero, peft's default)."""
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+    if not settings.target_modules or any(not m.strip() for m in settings.target_modules):
+        raise UserError(
+            f"--lora-targets: give module names such as q_proj,v_proj (got {list(settings.target_modules)})"
+        )
     missing = [m for m in settings.target_modules if m not in present]
     if missing:
         raise UserError(f"LoRA target modules {missing} not found in the model (it has e.g. {sorted(present)[:12]})")

@@ -43,6 +43,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -99,7 +100,9 @@ def write_results(
     if nan:
         # A NaN is never written as a number or a bare null: the file says where and why.
         header["non_finite"] = {"fields": nan[:50], "count": len(nan), "note": "NaN values are written as null"}
-        header.setdefault("status_note", "some results are NaN (see non_finite); they are not usable numbers")
+        header["status_note"] = "some results are NaN (see non_finite); they are not usable numbers"
+        if "status" not in payload:
+            header["status"] = "non_finite"
     path = Path(out_dir) / "results.json"
     atomic_write_json(path, {**header, **payload})
     return path

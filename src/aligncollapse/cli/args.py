@@ -46,6 +46,15 @@ def int_at_least(lo: int):
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+SEED_MAX = 2**31 - 1
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2^31 − 1]."""
+    v = _int(text)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {SEED_MAX}], got {text!r}")
+    return v
 
 
 def positive_float(text: str) -> float:
@@ -105,8 +114,8 @@ def int_list(text: str) -> list[int]:
             v = int(p)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must hold integers >= 0, got {text!r}")
+        if not 0 <= v <= SEED_MAX:
+            raise argparse.ArgumentTypeError(f"must hold integers in [0, {SEED_MAX}], got {text!r}")
         out.append(v)
     if len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"holds a repeated value: {text!r}")

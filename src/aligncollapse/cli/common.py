@@ -6,13 +6,14 @@ import argparse
 import contextlib
 import datetime as _dt
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
 from aligncollapse.cli.args import device as args_device
 from aligncollapse.cli.args import dtype as args_dtype
-from aligncollapse.cli.args import fraction, nonneg_int, positive_float, positive_int
+from aligncollapse.cli.args import fraction, nonneg_int, positive_float, positive_int, seed
 from aligncollapse.errors import UserError
 
 
@@ -69,15 +70,29 @@ def config(args) -> dict:
 
 
 def out_dir(args, command: str) -> Path:
-    if getattr(args, "out", None):
-        return Path(args.out)
+    out = getattr(args, "out", None)
+    if out is not None:
+        if not str(out).strip():
+            raise UserError("--out: an empty path; give a directory")
+        return Path(out)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{command}-{stamp}"
 
 
-def prepare_out(path: Path, flag: str = "--out", create: bool = True) -> Path:
-    """Check an output directory before any work: a directory (or creatable), writable, and with no
-    symlink in it that leads outside it (outputs are never written through such a link)."""
+RUN_MARKER = ".aligncollapse-run"
+OWN_FILES = {RUN_MARKER, ".aligncollapse.lock"}
+
+
+def prepare_out(path: Path, flag: str = "--out", create: bool = True, command: str | None = None) -> Path:
+    """Check an output directory before any work, and claim it for ``command``.
+
+    It must be a directory (or creatable) that we can write, that is empty or holds a run of the same
+    command made by this tool (the marker file ``.aligncollapse-run``; runs from before the marker are
+    recognised by their results.json), and that has no symlink anywhere below it leading outside it
+    (outputs are never written through such a link). Nothing the tool did not make is ever replaced.
+    """
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{flag} {path}: a dangling or looping symlink")
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a directory")
     if not path.exists():
@@ -87,17 +102,69 @@ def prepare_out(path: Path, flag: str = "--out", create: bool = True) -> Path:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{flag} {path}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: not writable")
+    try:
+        probe = path / ".aligncollapse-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: not writable ({e.strerror})") from None
+    _check_symlinks(path, flag)
+    if command is not None:
+        _check_ownership(path, flag, command)
+    if command is not None and not (path / RUN_MARKER).exists():
+        (path / RUN_MARKER).write_text(command + "\n")
+    return path
+
+
+def _check_ownership(path: Path, flag: str, command: str) -> None:
+    entries = {p.name for p in path.iterdir()} - OWN_FILES
+    if not entries:
+        return
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        owner = marker.read_text(errors="replace").strip()
+        if owner != command:
+            raise UserError(
+                f"{flag} {path}: holds an aligncollapse {owner!r} run; use another directory for {command!r}"
+            )
+        return
+    res = path / "results.json"
+    if res.is_file():
+        try:
+            import json
+
+            old = json.loads(res.read_text())
+        except (OSError, ValueError, RecursionError):
+            old = None
+        if isinstance(old, dict) and old.get("schema") == "aligncollapse.results":
+            if old.get("command") == command:
+                return
+            raise UserError(f"{flag} {path}: holds an aligncollapse {old.get('command')!r} run; use another directory")
+    raise UserError(
+        f"{flag} {path}: is not empty and was not made by aligncollapse {command}; choose a new or empty directory"
+    )
+
+
+def _check_symlinks(path: Path, flag: str, limit: int = 100_000) -> None:
+    """No symlink anywhere below ``path`` may lead outside it (or loop)."""
     root = path.resolve()
-    for entry in path.iterdir():
-        if entry.is_symlink():
-            target = entry.resolve()
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        for name in dirnames + filenames:
+            seen += 1
+            if seen > limit:
+                return
+            entry = Path(dirpath) / name
+            if not entry.is_symlink():
+                continue
+            try:
+                target = entry.resolve(strict=False)
+            except (RuntimeError, OSError):
+                raise UserError(f"{flag} {path}: {entry} is a looping symlink") from None
             if target != root and root not in target.parents:
                 raise UserError(
-                    f"{flag} {path}: {entry.name} is a symlink to {target}, outside {flag}; refusing to write through it"
+                    f"{flag} {path}: {entry.relative_to(path)} is a symlink to {target}, outside {flag}; refusing to write through it"
                 )
-    return path
 
 
 @contextlib.contextmanager
@@ -240,7 +307,15 @@ def safety_set(args, model, tok, primary: bool = False):
 
 
 def blocks(args):
+    import re
+
     from aligncollapse.models import BlockSelection, parse_layers
+
+    for pat in args.blocks.split(",") if args.blocks else ():
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise UserError(f"--blocks {pat!r}: not a regular expression ({e})") from None
 
     return BlockSelection(
         patterns=args.blocks.split(",") if args.blocks else (),
@@ -257,8 +332,20 @@ def scan_settings(args):
     threshold = None
     if args.threshold not in (None, "none", "organism"):
         threshold = float(args.threshold)
-    elif args.threshold in (None, "organism") and (Path(args.model) / "results.json").exists():
-        threshold = (read_results(Path(args.model)).get("calibration") or {}).get("collapse_kl")
+    elif args.threshold in (None, "organism") and (Path(args.model) / "results.json").is_file():
+        try:
+            saved = read_results(Path(args.model))
+            threshold = saved.get("calibration", {}).get("collapse_kl") if isinstance(saved, dict) else None
+        except (OSError, ValueError, RecursionError, AttributeError):
+            threshold = None
+        if threshold is not None and not (
+            isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0
+        ):
+            raise UserError(
+                f"{Path(args.model) / 'results.json'}: calibration.collapse_kl is not a number; give --threshold"
+            )
+    if isinstance(args.d, int) and args.d > args.max_d:
+        raise UserError(f"--d {args.d} is larger than --max-d {args.max_d} (the eigenpairs computed); raise --max-d")
     sel = blocks(args)
     return ScanSettings(
         d=args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
@@ -353,7 +440,7 @@ def add_candidate_args(p, lora_flag: bool) -> None:
     p.add_argument("--steps", type=positive_int, default=40, help="the planned budget in optimiser steps")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--probe-steps", type=nonneg_int, default=3, help="real steps of the short-probe score (0: off)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out")
 
 

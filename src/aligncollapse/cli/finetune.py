@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import defense_spec, nonneg_int, positive_float, positive_int
+from aligncollapse.cli.args import defense_spec, nonneg_int, positive_float, positive_int, seed
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -28,12 +28,15 @@ def register(sub) -> None:
     f.add_argument("--data", required=True, help="training data file / HF dataset, or an organism suite set name")
     f.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     f.add_argument("--lr", type=positive_float, default=5e-4)
-    f.add_argument("--steps", type=positive_int, help="optimiser steps (default 40)")
-    f.add_argument("--epochs", type=positive_float, help="epochs instead of steps")
+    budget = f.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive_int, help="optimiser steps (default 40)")
+    budget.add_argument("--epochs", type=positive_float, help="epochs instead of steps")
     f.add_argument("--batch-size", type=positive_int, default=16)
-    f.add_argument("--seed", type=nonneg_int, default=0)
+    f.add_argument("--seed", type=seed, default=0)
     f.add_argument("--track-every", type=positive_int, default=5, help="record alignment losses every K steps")
     f.add_argument("--refusal-every", type=nonneg_int, default=20, help="record refusal rate every M steps")
+    f.add_argument("--track-sequence-kl", type=nonneg_int, default=0, metavar="S",
+                   help="also track Lemma 3.2's sequence-level KL with S sampled responses per prompt (0: off)")  # fmt: skip
     f.add_argument(
         "--checkpoint-every",
         type=nonneg_int,
@@ -72,6 +75,7 @@ def run(args) -> int:
         track_every=args.track_every,
         refusal_every=args.refusal_every,
         checkpoint_every=args.checkpoint_every,
+        track_sequence_kl=args.track_sequence_kl,
         lora=lora,
     )
     out = out_dir(args, "finetune")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import nonneg_int, positive_float, positive_int, subspace_d
+from aligncollapse.cli.args import positive_float, positive_int, seed, subspace_d
 from aligncollapse.cli.common import (
     add_data_args,
     add_model_args,
@@ -39,7 +39,7 @@ def register(sub) -> None:
     fi.add_argument("--modules", help="module types, e.g. q,k,v,o,gate,up,down")
     fi.add_argument("--shuffled-null", action="store_true", help="also compute the label-shuffled null (one more pass)")
     fi.add_argument("--no-representation", action="store_true", help="skip the representation-space analysis")
-    fi.add_argument("--seed", type=nonneg_int, default=0)
+    fi.add_argument("--seed", type=seed, default=0)
     fi.add_argument("--out")
     add_data_args(fi, "--safety")
     fi.set_defaults(func=run)

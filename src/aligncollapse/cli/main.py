@@ -43,8 +43,10 @@ def _remove_if_empty(path: Path | None) -> None:
     """Remove an output directory this run created when it holds nothing but the lock file."""
     if path is None or not path.is_dir():
         return
-    if {p.name for p in path.iterdir()} <= {".aligncollapse.lock"}:
-        (path / ".aligncollapse.lock").unlink(missing_ok=True)
+    own = {".aligncollapse.lock", ".aligncollapse-run"}
+    if {p.name for p in path.iterdir()} <= own:
+        for name in own:
+            (path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             path.rmdir()
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(args, "out") and name not in UNLOCKED:
                 out = out_dir(args, args.command)
                 created = None if out.exists() else out
-                out = prepare_out(out, flag="--out")
+                out = prepare_out(out, flag="--out", command=name)
                 args.out = str(out)
                 stack.enter_context(lock_out(out))
                 stack.callback(_remove_if_empty, created)

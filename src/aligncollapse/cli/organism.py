@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligncollapse.cli.args import int_at_least, nonneg_int, positive_int
+from aligncollapse.cli.args import int_at_least, positive_int, seed
 from aligncollapse.cli.common import finish, print_table
 
 
@@ -14,14 +14,14 @@ def register(sub) -> None:
     )
     b = org.add_parser("build", help="build (or load from cache) the aligned organism")
     b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=nonneg_int, default=0)
+    b.add_argument("--seed", type=seed, default=0)
     b.add_argument("--align-steps", type=positive_int, default=60, help="alignment depth (60 shallow, 300 deep)")
     b.add_argument("--pretrain-steps", type=positive_int, default=1000)
     b.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     b.set_defaults(func=run_build)
     s = org.add_parser("suite", help="write the fine-tuning suite and held-out evaluation sets")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--size", type=int_at_least(8), default=128, help="examples per fine-tuning set")
     s.set_defaults(func=run_suite)
 

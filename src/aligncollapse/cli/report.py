@@ -20,9 +20,13 @@ def run(args) -> int:
     d = Path(args.dir)
     if not d.is_dir():
         raise UserError(f"report: {d} is not a directory")
+    from aligncollapse.cli.common import _check_symlinks, prepare_out
+
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+    if out is not None:
+        prepare_out(out, flag="--out", command="report")
+    else:
+        _check_symlinks(d, "report")  # rendering in place never writes through a link leaving DIR
     runs = find_runs(d)
     if (d / "results.json").is_file():
         print(f"report: {render(d, out)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aligncollapse.cli.args import int_at_least, nonneg_int, positive_float, positive_int, subspace_d, threshold
+from aligncollapse.cli.args import int_at_least, nonneg_int, positive_float, positive_int, seed, subspace_d, threshold
 from aligncollapse.cli.common import (
     add_data_args,
     add_lora_args,
@@ -54,7 +54,7 @@ def register(sub) -> argparse.ArgumentParser:
     sc.add_argument("--blocks")
     sc.add_argument("--layers")
     sc.add_argument("--modules")
-    sc.add_argument("--seed", type=nonneg_int, default=0)
+    sc.add_argument("--seed", type=seed, default=0)
     sc.add_argument("--out")
     add_data_args(sc, "--finetune")
     sc.set_defaults(func=run)

@@ -44,6 +44,7 @@ import csv
 import gzip
 import io
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -77,7 +78,8 @@ MAX_JSON_DEPTH = 64
 
 
 def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[str, dict]]:
-    for i, line in enumerate(text.splitlines(), start=1):
+    # Split on newlines only: str.splitlines would also split inside strings at U+2028, U+0085, ….
+    for i, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         if not line.strip():
             continue
         row = _json_loads(line, f"{path}:{i}")
@@ -113,6 +115,9 @@ def _iter_csv(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     try:
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV file (no header row)")
+        dupes = sorted({f for f in reader.fieldnames if f and reader.fieldnames.count(f) > 1})
+        if dupes:
+            raise DataError(f"{path}: the header repeats column {dupes[0]!r}; one of them would be lost")
         for row in reader:
             loc = f"{path}:{reader.line_num}"
             if None in row:
@@ -134,6 +139,8 @@ def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, d
         yield from _iter_hf(str(source), split, local=False)
         return
     name = path.name.lower().removesuffix(".gz")
+    if not name.endswith((".jsonl", ".json", ".csv")):
+        raise DataError(f"{path}: unsupported file type; expected .jsonl, .json, .csv (optionally .gz)")
     text = _read_text(path)
     if name.endswith(".jsonl"):
         yield from _iter_jsonl(path, text)
@@ -145,9 +152,18 @@ def iter_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, d
         raise DataError(f"{path}: unsupported file type; expected .jsonl, .json, .csv (optionally .gz)")
 
 
+MAX_DATA_BYTES = 8 * 2**30
+
+
 def _read_text(path: Path) -> str:
     """The file's text (gunzipped when it ends in .gz), with every failure as one line naming it."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"{path}: not a regular file (a pipe, device or socket)")
     try:
+        if path.is_file() and path.stat().st_size > MAX_DATA_BYTES:
+            raise DataError(
+                f"{path}: larger than {MAX_DATA_BYTES // 2**30} GiB; split it or load it as a Hugging Face dataset"
+            )
         raw = path.read_bytes()
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, not a data file") from None
@@ -164,13 +180,19 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (a number that is not finite)")
+
+
 def _json_loads(text: str, where: str):
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg})") from None
     except RecursionError:
         raise DataError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+        raise DataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:120]})") from None
 
 
 def _looks_like_path(s: str) -> bool:
@@ -227,10 +249,16 @@ def _text(row: dict, key: str, loc: str, required: bool = True) -> str | None:
             raise DataError(f"{loc}: missing field {key!r}")
         return None
     v = row[key]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise DataError(f"{loc}: field {key!r} is {v}, not text")
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = str(v)
     if not isinstance(v, str):
         raise DataError(f"{loc}: field {key!r} must be a string, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{loc}: field {key!r} holds an unpaired surrogate (not valid text)") from None
     return v
 
 

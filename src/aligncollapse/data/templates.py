@@ -78,6 +78,10 @@ def render_prompt(example: Example, template: PromptTemplate, tokenizer, use_cha
     if chat:
         if not has_chat_template(tokenizer):
             raise UserError("the tokenizer has no chat template; use --no-chat-template or a template")
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja2 raises its own errors from the model's template
+            raise UserError(f"the tokenizer's chat template failed ({type(e).__name__}: {str(e)[:200]}); "
+                            "use --no-chat-template or fix the template") from None  # fmt: skip
     # No chat template: system, earlier turns and the user message, one paragraph each.
     return "\n\n".join(m["content"] for m in msgs) + "\n"

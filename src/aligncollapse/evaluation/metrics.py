@@ -19,13 +19,14 @@ answer appears and the response is neither refusal nor degenerate.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet, collate, encode, pad_token_id
+from aligncollapse.data.encoding import IGNORE_INDEX, Encoded, EncodedSet, collate, encode, pad_token_id
 from aligncollapse.data.examples import Example
 from aligncollapse.data.templates import PromptTemplate, get_template
 from aligncollapse.evaluation.refusal import RefusalDetector, answer_correct, is_degenerate
@@ -219,6 +220,74 @@ class KLReference:
 
     def __call__(self, model) -> float:
         return float(self.per_prompt(model).mean())
+
+
+class SequenceKL:
+    """Form (c), Lemma 3.2's alignment loss: E_x KL(π_ref(·|x) ‖ π_θ(·|x)) over whole responses.
+
+    KL = E_x E_{y∼π_ref(·|x)}[log π_ref(y|x) − log π_θ(y|x)], estimated by Monte Carlo: ``samples``
+    responses per prompt drawn from the reference at temperature 1 with no top-p/top-k (so they are
+    draws from π_ref itself, truncated at ``max_new_tokens``: the KL is that of the first
+    ``max_new_tokens`` tokens), scored token by token exactly as sampled (the token ids are kept, never
+    re-tokenised). The estimate is unbiased; ``stderr`` is the standard error over prompts. The greedy
+    path form (:class:`KLReference`) equals this only when π_ref is deterministic. Memory: the sampled
+    ids and one float per sample (no vocabulary-sized cache).
+    """
+
+    def __init__(self, model, tokenizer, prompts: Sequence[Example], template: PromptTemplate | str = "raw", *,
+                 samples: int = 4, max_new_tokens: int = 32, seed: int = 0, use_chat_template: bool | None = None,
+                 batch_size: int = 32, score_batch_size: int = 128):  # fmt: skip
+        template = get_template(template) if isinstance(template, str) else template
+        self.samples, self.batch_size, self.n_prompts = samples, score_batch_size, len(prompts)
+        pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+        self.pad = pad
+        enc = [encode(tokenizer, e, template, use_chat_template=use_chat_template, response="") for e in prompts]
+        was = model.training
+        model.eval()
+        dev = _device(model)
+        self.items: list[Encoded] = []
+        self.prompt_of: list[int] = []
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for s in range(0, len(enc), batch_size):
+                chunk = enc[s : s + batch_size]
+                for e in chunk:  # response="" appends EOS: keep the prompt only
+                    e.input_ids, e.labels = e.input_ids[: e.prompt_len], e.labels[: e.prompt_len]
+                batch = collate(chunk, pad, side="left")
+                ids = model.generate(
+                    input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=samples,
+                    max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                )  # fmt: skip
+                new = ids[:, batch["input_ids"].shape[1] :].tolist()
+                for j, toks in enumerate(new):
+                    k = s + j // samples
+                    if eos is not None and eos in toks:
+                        toks = toks[: toks.index(eos) + 1]  # up to and including the sampled EOS
+                    p = enc[k]
+                    self.items.append(Encoded(p.input_ids + toks, [IGNORE_INDEX] * p.prompt_len + toks, p.prompt_len))
+                    self.prompt_of.append(k)
+        model.train(was)
+        self.ref_logp = self._logp(model)
+
+    @torch.no_grad()
+    def _logp(self, model) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        out = []
+        for s in range(0, len(self.items), self.batch_size):
+            nll, _ = sequence_nll(model, collate(self.items[s : s + self.batch_size], self.pad))
+            out.append(-nll.to(torch.float64).cpu())
+        model.train(was)
+        return torch.cat(out)
+
+    def __call__(self, model) -> dict[str, float]:
+        diff = self.ref_logp - self._logp(model)
+        per_prompt = torch.zeros(self.n_prompts, dtype=torch.float64).index_add_(0, torch.tensor(self.prompt_of), diff)
+        per_prompt /= self.samples
+        se = float(per_prompt.std(unbiased=True) / math.sqrt(self.n_prompts)) if self.n_prompts > 1 else None
+        return {"value": float(per_prompt.mean()), "stderr": se, "samples_per_prompt": self.samples,
+                "n_prompts": self.n_prompts}  # fmt: skip
 
 
 @dataclass

@@ -48,6 +48,8 @@ class RefusalDetector:
             raise UserError(f"refusal detector mode must be 'substring' or 'prefix', got {self.mode!r}")
         if not self.keywords:
             raise UserError("refusal detector needs at least one keyword")
+        if any(not k.strip() for k in self.keywords):
+            raise UserError("refusal detector: an empty keyword would match every response")
 
     def __call__(self, response: str) -> bool:
         text = response.strip()
@@ -67,12 +69,14 @@ class RefusalDetector:
         if name == "xstest":
             return cls(list(XSTEST_PREFIXES), mode="prefix", case_sensitive=False)
         path = Path(name)
-        if not path.exists():
-            raise UserError(f"refusal detector {name!r}: expected 'zou2023', 'xstest' or a JSON file")
+        if not path.is_file():
+            raise UserError(f"--refusal {name!r}: expected 'zou2023', 'xstest' or a JSON file of strings")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+            raise UserError(f"{path}: cannot read a JSON list of strings ({type(e).__name__})") from None
         if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
             raise UserError(f"{path}: expected a JSON list of strings")
         return cls(data)

@@ -48,6 +48,8 @@ def _load(run_dir: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{path}: not readable as results ({type(e).__name__})") from None
     if not isinstance(res, dict) or res.get("schema") != "aligncollapse.results":
         raise UserError(f"{path}: not an aligncollapse results.json (no 'schema': 'aligncollapse.results')")
     return res
@@ -59,13 +61,16 @@ def render(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None)
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     res = _load(run_dir)
-    fn = RENDERERS.get(res.get("command", ""))
+    command = res.get("command")
+    fn = RENDERERS.get(command) if isinstance(command, str) else None
     if fn is None:
         raise UserError(f"{run_dir / 'results.json'}: no report for command {res.get('command')!r}")
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "report.html").is_dir() or (out / "report.md").is_dir():
+        raise UserError(f"{out}: report.html or report.md is a directory; move it away")
     try:
         return fn(out, res, run_dir)
-    except (KeyError, TypeError, IndexError, ValueError) as e:
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
         raise UserError(
             f"{run_dir / 'results.json'}: incomplete or malformed for a {res['command']} report ({e!r})"
         ) from None
@@ -128,9 +133,13 @@ def render_index(parent: str | os.PathLike, out_dir: str | os.PathLike | None = 
         rel = run.relative_to(parent)
         try:
             res = _load(run)
-            report = render(run, dest / rel) if res.get("command") in RENDERERS else None
+            command = res.get("command")
+            report = render(run, dest / rel) if isinstance(command, str) and command in RENDERERS else None
             status = "ok" if report else "no report for this command"
-            line = headline(res)
+            try:
+                line = headline(res)
+            except (KeyError, TypeError, AttributeError, ValueError):
+                line = "(headline unavailable: results.json is incomplete)"
         except UserError as e:
             res, report, status, line = {}, None, f"error: {e}", ""
         link = _html.escape(str(rel / "report.html")) if report else None

@@ -11,11 +11,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
+    """Save atomically (a temporary file, then ``os.replace``): never written through a symlink."""
+    import os
+    import tempfile
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

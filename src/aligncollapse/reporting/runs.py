@@ -18,7 +18,7 @@ def summary_rows(named: dict[str, dict]) -> str:
 
 def render_finetune(out: Path, results: dict, src: Path | None = None) -> Path:
     cfg = results.get("config", {})
-    data = (cfg.get("args") or {}).get("data") or "fine-tuning data"
+    data = " ".join(str((cfg.get("args") or {}).get("data") or "fine-tuning data").split())
     md = f"# Fine-tuning run: {data}\n\n"
     md += (
         f"> Status: **{results.get('status')}** after {results.get('steps_done')} of {results.get('steps_total')} steps"
@@ -37,8 +37,14 @@ def render_finetune(out: Path, results: dict, src: Path | None = None) -> Path:
 
 
 def render_eval(out: Path, results: dict, src: Path | None = None) -> Path:
-    model = results.get("config", {}).get("model", "model")
+    model = " ".join(str((results.get("config") or {}).get("model", "model")).split())
     md = f"# Safety evaluation: {model}\n\n" + summary_rows({model: {k: results.get(k) for k in SUMMARY_KEYS}})
+    if results.get("alignment_kl_sequence") is not None:
+        md += (
+            f"Sequence-level KL (Lemma 3.2): {fmt(results['alignment_kl_sequence'])} ± "
+            f"{fmt(results.get('alignment_kl_sequence_stderr'))} (standard error); the `alignment_kl` column is the "
+            "greedy-path form.\n"
+        )
     return write_report(out, "report", md, f"eval: {model}")
 
 

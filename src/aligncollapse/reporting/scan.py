@@ -114,15 +114,21 @@ def _scan_figures(out: Path, res: dict, label: str, prefix: str = "") -> tuple[s
     return f1, f2
 
 
+def _label(results: dict) -> str:
+    """The run's label on one line (a newline in a file name must not forge report structure)."""
+    label = results.get("label") or (results.get("config") or {}).get("finetune") or ""
+    return " ".join(str(label).split())
+
+
 def render_scan(out: Path, results: dict, src: Path | None = None) -> Path:
-    label = results.get("label") or results.get("config", {}).get("finetune") or ""
+    label = _label(results)
     figs = _scan_figures(out, results, label)
     return write_report(out, "report", scan_markdown(results, label, figs), f"scan: {label}")
 
 
 def render_validate(out: Path, results: dict, src: Path | None = None) -> Path:
     scan = results["scan"]
-    label = results.get("label") or results.get("config", {}).get("finetune") or ""
+    label = _label(results)
     figs = _scan_figures(out, scan, label, prefix="scan_")
     fc = scan["forecast"]
     plot_forecast(fc, out / "validate.png", measured=results["trajectory"], title=f"forecast vs measured: {label}")

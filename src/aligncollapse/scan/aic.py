@@ -49,6 +49,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, generate
 from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, top_eigenpairs
 from aligncollapse.geometry.per_sample import PerSampleGradients
@@ -99,6 +100,8 @@ def measure_aic(
     t0 = time.perf_counter()
     params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
+    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ref = reference_data(model, tokenizer, safety, s)
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
@@ -163,6 +166,8 @@ def measure_aic(
         "n_safety": len(ref),
         "n_finetune": len(ft),
         "fisher": "model-sampled Fisher of the alignment KL (exact GGN at θ*, Lanczos top-k, Hutchinson trace)",
+        "delta_u_form": "greedy-path KL: Σ_t KL(π_θ*(·|x,y*<t) ‖ π_θ(·|x,y*<t)) along θ*'s greedy responses y*; equal to "
+        "Lemma 3.2's sequence-level KL only when π_θ* is deterministic (`eval --reference` measures both)",
         "d": d,
         "d_rule": str(s.d),
         "eigenvalues": lam.tolist(),

@@ -49,6 +49,7 @@ class FinetuneConfig:
     checkpoint_minutes: float = 10.0  # ... and at most this many minutes between them (0: off)
     lora: LoraSettings | None = None
     track_kl: bool = True
+    track_sequence_kl: int = 0  # responses sampled per prompt for the sequence-level KL (0: off)
     extra: dict = field(default_factory=dict)
 
     def total_steps(self, n_examples: int) -> int:
@@ -56,7 +57,10 @@ class FinetuneConfig:
             return self.steps
         if self.epochs is None:
             raise UserError("give a budget: --steps or --epochs")
-        return max(1, round(self.epochs * n_examples / self.batch_size))
+        steps = self.epochs * n_examples / self.batch_size
+        if not math.isfinite(steps) or steps > 1e9:
+            raise UserError(f"--epochs {self.epochs} gives {steps:.3g} steps; give a smaller budget")
+        return max(1, round(steps))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -76,9 +80,10 @@ def _checkpoint_path(out_dir: Path) -> Path:
     return out_dir / "checkpoint" / "state.pt"
 
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig) -> None:
+def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig, data_digest: str = "") -> None:
     state = {
         "step": step,
+        "data_digest": data_digest,
         "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -91,23 +96,48 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig) -
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir: Path, model, opt, cfg: FinetuneConfig) -> int:
-    """Restore a checkpoint if one exists (and matches the config); returns the step to start at."""
+def load_checkpoint(
+    out_dir: Path, model, opt, cfg: FinetuneConfig, data_digest: str = "", total: int | None = None
+) -> int:
+    """Restore a checkpoint if one exists and matches the configuration and the data; returns the step
+    to start at. A checkpoint that is not a dict of the expected parts, names other parameters or other
+    shapes, or was made with other data is refused with one line."""
     path = _checkpoint_path(out_dir)
     if not path.exists():
         return 0
     state = _load_tensors(path)
+    bad = f"{path}: not a checkpoint of this run"
+    if not isinstance(state, dict) or not {"step", "params", "optimizer", "torch_rng", "config"} <= set(state):
+        raise UserError(f"{bad} (missing parts); use a new --out or --no-resume")
+    if (
+        not isinstance(state["config"], dict)
+        or not isinstance(state["params"], dict)
+        or not isinstance(state["step"], int)
+    ):
+        raise UserError(f"{bad} (malformed); use a new --out or --no-resume")
     skip = ("steps", "epochs", "checkpoint_every", "checkpoint_minutes")
     saved = {k: v for k, v in state["config"].items() if k not in skip}
     now = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in skip}
     if saved != now:
         raise UserError(f"{path}: checkpoint was made with a different configuration; use a new --out or --no-resume")
+    if state.get("data_digest", "") != data_digest:
+        raise UserError(
+            f"{path}: checkpoint was made with other training or evaluation data; use a new --out or --no-resume"
+        )
     params = dict(model.named_parameters())
+    for n, v in state["params"].items():
+        if n not in params or not isinstance(v, torch.Tensor) or v.shape != params[n].shape:
+            raise UserError(f"{bad} (parameter {n!r} is not in this model or has another shape); use a new --out")
+    if total is not None and not 0 <= state["step"] <= total:
+        raise UserError(f"{path}: checkpoint is at step {state['step']}, beyond the budget of {total}; use a new --out")
     with torch.no_grad():
         for n, v in state["params"].items():
             params[n].copy_(v)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
+    try:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{bad} (optimiser or RNG state: {type(e).__name__}); use a new --out or --no-resume") from None
     return int(state["step"])
 
 
@@ -120,8 +150,8 @@ def _load_tensors(path: Path):
                         "use a new --out or --no-resume") from None  # fmt: skip
 
 
-def _finished(out: Path, cfg: FinetuneConfig) -> dict | None:
-    """The results of a run that already finished in ``out`` with the same configuration, if any."""
+def _finished(out: Path, cfg: FinetuneConfig, data_digest: str) -> dict | None:
+    """The results of a run that already finished in ``out`` with the same configuration and data."""
     from aligncollapse.results import read_results
 
     path = out / "results.json"
@@ -129,17 +159,42 @@ def _finished(out: Path, cfg: FinetuneConfig) -> dict | None:
         return None
     try:
         saved = read_results(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    if saved.get("command") != "finetune" or saved.get("status") != "completed":
+    if not isinstance(saved, dict) or saved.get("command") != "finetune" or saved.get("status") != "completed":
         return None
-    was, now = (saved.get("config") or {}).get("finetune") or {}, json.loads(json.dumps(cfg.to_json()))
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    was = config.get("finetune") if isinstance(config.get("finetune"), dict) else {}
+    now = json.loads(json.dumps(cfg.to_json()))
     budget = ("steps", "epochs", "checkpoint_every", "checkpoint_minutes")
     if {k: v for k, v in was.items() if k not in budget} != {k: v for k, v in now.items() if k not in budget}:
         raise UserError(f"{out} holds a finished run with another configuration; use a new --out or --no-resume")
+    if saved.get("data_digest") != data_digest:
+        raise UserError(f"{out} holds a finished run on other data; use a new --out or --no-resume")
     if (was.get("steps"), was.get("epochs")) != (now.get("steps"), now.get("epochs")):
-        return None  # a longer (or shorter) budget: continue from the checkpoint
+        return None  # another budget: continue from the checkpoint (a shorter one is refused there)
     return saved
+
+
+def data_digest(train: Sequence[Example], eval_harmful: Sequence[Example] | None) -> str:
+    """A short digest of the training and evaluation texts: a resumed run must see the same data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (train, eval_harmful or []):
+        for e in part:
+            h.update(json.dumps([e.prompt, e.response, e.messages], ensure_ascii=False).encode() + b"\n")
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _check_out_layout(out: Path) -> None:
+    """What the run will write must have the right kind, before any work."""
+    for name, want_dir in (("trajectory.jsonl", False), ("results.json", False), ("checkpoint", True), ("model", True)):
+        p = out / name
+        if p.exists() and p.is_dir() != want_dir:
+            kind = "a directory" if p.is_dir() else "a file"
+            raise UserError(f"{p}: is {kind}; the run writes {'a directory' if want_dir else 'a file'} there")
 
 
 def finetune(
@@ -169,8 +224,10 @@ def finetune(
     cfg = config or FinetuneConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_out_layout(out)
+    digest = data_digest(train, eval_harmful)
     if resume:
-        done_before = _finished(out, cfg)
+        done_before = _finished(out, cfg, digest)
         if done_before is not None:
             log(f"finetune: {out} already holds this finished run; its results are kept (use --no-resume to redo it)")
             done_before["already_finished"] = True
@@ -185,17 +242,18 @@ def finetune(
         tokenizer, train, cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length
     )
     total = cfg.total_steps(len(data))
+    if total > 10**9:
+        raise UserError(f"the budget is {total:,} steps; give --steps or a smaller --epochs")
     _warn_if_unteachable(data, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     if not resume and (out / "checkpoint").exists():
-        import shutil
-
-        shutil.rmtree(out / "checkpoint")
+        for name in ("state.pt", "initial.pt", "state.tmp"):  # only the files this tool writes there
+            (out / "checkpoint" / name).unlink(missing_ok=True)
     save_initial(model, out)
     if defense is not None:
         defense.setup(model)  # at θ*, before any checkpoint is restored
-    start = load_checkpoint(out, model, opt, cfg) if resume else 0
+    start = load_checkpoint(out, model, opt, cfg, digest, total) if resume else 0
     traj = out / "trajectory.jsonl"
     if start == 0 and traj.exists():  # a run that died before its first checkpoint starts over
         traj.unlink()
@@ -215,6 +273,7 @@ def finetune(
             kl=cfg.track_kl,
             max_length=cfg.max_length,
             time_scale=time_scale,
+            sequence_kl_samples=cfg.track_sequence_kl,
         )
         if start:
             tracker.resume_from(start)
@@ -256,11 +315,11 @@ def finetune(
                 t_track += time.perf_counter() - tt
             due = cfg.checkpoint_minutes and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or due:
-                save_checkpoint(out, done, model, opt, cfg)
+                save_checkpoint(out, done, model, opt, cfg, digest)
                 last_ckpt = time.monotonic()
     except KeyboardInterrupt:
         status = "interrupted"
-        save_checkpoint(out, done, model, opt, cfg)
+        save_checkpoint(out, done, model, opt, cfg, digest)
     except NonFiniteError as e:
         # The weights may already be non-finite: keep the last good checkpoint on disk as it is.
         status, diverged = "diverged", str(e)
@@ -273,7 +332,7 @@ def finetune(
             t_track += time.perf_counter() - tt
     seconds = time.perf_counter() - t0
     if status == "completed":
-        save_checkpoint(out, done, model, opt, cfg)
+        save_checkpoint(out, done, model, opt, cfg, digest)
     payload: dict = {
         "status": status,
         **({"diverged": diverged, "resume_from_step": _checkpoint_step(out)} if diverged else {}),
@@ -283,6 +342,7 @@ def finetune(
         "seconds_tracking": round(t_track, 3),
         "seconds_training": round(seconds - t_track, 3),
         "n_train": len(data),
+        "data_digest": digest,
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "final_ft_loss": losses[-1] if losses else None,  # the last finite loss
         "trajectory": tracker.records if tracker else [],
@@ -346,6 +406,10 @@ def _at_start(model, out: Path, start: int):
     m0 = copy.deepcopy(model)
     state = _load_tensors(init)
     params = dict(m0.named_parameters())
+    if not isinstance(state, dict) or any(
+        n not in params or not isinstance(v, torch.Tensor) or v.shape != params[n].shape for n, v in state.items()
+    ):
+        raise UserError(f"{init}: not the initial weights of this run; use a new --out or --no-resume")
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v)

@@ -18,7 +18,7 @@ import torch
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.errors import NonFiniteError
-from aligncollapse.evaluation.metrics import GenerationConfig, KLReference, alignment_loss, generate
+from aligncollapse.evaluation.metrics import GenerationConfig, KLReference, SequenceKL, alignment_loss, generate
 from aligncollapse.evaluation.refusal import RefusalDetector, is_degenerate
 from aligncollapse.results import append_line, atomic_write_text
 
@@ -53,6 +53,7 @@ class Tracker:
         max_length: int = 512,
         generation: GenerationConfig | None = None,
         time_scale: float | None = None,
+        sequence_kl_samples: int = 0,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -73,6 +74,15 @@ class Tracker:
         self.kl = (
             KLReference(model, tokenizer, safety, template, use_chat_template=use_chat_template, max_length=max_length)
             if kl
+            else None
+        )
+        # Lemma 3.2's sequence-level KL by Monte Carlo (sampled once at θ*), measured at the refusal
+        # schedule's steps; the greedy-path form above is measured at every tracked step.
+        self.seq_kl = (
+            SequenceKL(
+                model, tokenizer, safety, template, samples=sequence_kl_samples, use_chat_template=use_chat_template
+            )
+            if sequence_kl_samples
             else None
         )
         self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -116,6 +126,9 @@ class Tracker:
             with_refusal = bool(self.refusal_every) and step % self.refusal_every == 0
         if with_refusal:
             rec.update(self.refusal_rate(model))
+        if self.seq_kl is not None and (with_refusal or step == 0):
+            s = self.seq_kl(model)
+            rec["alignment_kl_sequence"], rec["alignment_kl_sequence_stderr"] = s["value"], s["stderr"]
         return rec
 
     def log(self, model, step: int, ft_loss: float | None = None, force: bool = False) -> dict | None:
