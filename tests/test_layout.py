@@ -171,3 +171,32 @@ def test_report_refuses_a_foreign_json(tmp_path):
 
     (tmp_path / "results.json").write_text(json.dumps({"hello": 1}))
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_user_guide_recipes_parse():
+    """Every command line of the user guide's protocol recipes is accepted by the CLI's parser."""
+    import re
+    import shlex
+
+    from aligncollapse.cli.main import build_parser
+
+    text = (PKG.parents[1] / "docs" / "user-guide.md").read_text()
+    block = text[text.index("### Recipes") : text.index("## Models")]
+    env = {"D": "../shared/data", "M": "m"}
+    n = 0
+    for code in re.findall(r"```bash\n(.*?)```", block, re.S):
+        for line in code.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            for k, v in sorted(env.items(), key=lambda kv: -len(kv[0])):
+                line = line.replace("$" + k, v)
+            if re.match(r"^[A-Z]+=", line):
+                k, v = line.split("=", 1)
+                env[k] = v.strip('"')
+                continue
+            argv = shlex.split(line)
+            assert argv[0] == "aligncollapse"
+            build_parser().parse_args(argv[1:])
+            n += 1
+    assert n >= 5

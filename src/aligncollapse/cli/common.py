@@ -229,10 +229,23 @@ def data_kwargs(args, primary: bool) -> dict:
 
 def harmful_prompts(path: str, args, model, tokenizer, primary: bool = False):
     """Harmful prompts with safe targets: from the file, a fixed --safe-target, or the model's own."""
-    from aligncollapse.data.loading import load_examples
+    from aligncollapse.data.loading import load_examples_with_info
+    from aligncollapse.progress import log
 
     fixed = args.safe_target if args.safe_target not in (None, "model") else None
-    exs = load_examples(path, safe_target=fixed, limit=args.limit, **data_kwargs(args, primary))
+    exs, info = load_examples_with_info(path, limit=args.limit, **data_kwargs(args, primary))
+    harmful_targets = {"advbench", "harmbench"} & set(info["shapes"])
+    if harmful_targets and not getattr(args, "response_field", None):
+        # AdvBench's `target` and HarmBench's joined targets are affirmative (harmful) completions: they
+        # must never stand in for the safe response of a harmful prompt.
+        for e in exs:
+            e.response = None
+        log(f"data: {path}: the {'/'.join(sorted(harmful_targets))} targets are harmful completions, not safe "
+            "targets; they are dropped (give --safe-target TEXT or model)")  # fmt: skip
+    if fixed is not None:
+        for e in exs:
+            if e.response is None:
+                e.response = fixed
     if args.safe_target == "model" and any(e.response is None for e in exs):
         from aligncollapse.evaluation.metrics import generate_safe_targets
 

@@ -19,7 +19,6 @@ answer appears and the response is neither refusal nor degenerate.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +50,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def encode_prompts(
+    tokenizer, examples: Sequence[Example], template: PromptTemplate, use_chat_template
+) -> list[Encoded]:
+    """The prompts alone, tokenised as the model sees them before its response."""
+    out = [encode(tokenizer, e, template, use_chat_template=use_chat_template, response="") for e in examples]
+    for p in out:  # response="" still appends EOS after an empty response: drop it
+        p.input_ids = p.input_ids[: p.prompt_len]
+        p.labels = p.labels[: p.prompt_len]
+    return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -70,10 +80,7 @@ def generate(
     model.eval()
     dev = _device(model)
     pad = pad_token_id(tokenizer)
-    prompts = [encode(tokenizer, e, template, use_chat_template=use_chat_template, response="") for e in examples]
-    for p in prompts:  # response="" still appends EOS after an empty response: drop it
-        p.input_ids = p.input_ids[: p.prompt_len]
-        p.labels = p.labels[: p.prompt_len]
+    prompts = encode_prompts(tokenizer, examples, template, use_chat_template)
     out: list[str] = []
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     starts = range(0, len(prompts), config.batch_size)
@@ -225,13 +232,14 @@ class KLReference:
 class SequenceKL:
     """Form (c), Lemma 3.2's alignment loss: E_x KL(π_ref(·|x) ‖ π_θ(·|x)) over whole responses.
 
-    KL = E_x E_{y∼π_ref(·|x)}[log π_ref(y|x) − log π_θ(y|x)], estimated by Monte Carlo: ``samples``
-    responses per prompt drawn from the reference at temperature 1 with no top-p/top-k (so they are
-    draws from π_ref itself, truncated at ``max_new_tokens``: the KL is that of the first
-    ``max_new_tokens`` tokens), scored token by token exactly as sampled (the token ids are kept, never
-    re-tokenised). The estimate is unbiased; ``stderr`` is the standard error over prompts. The greedy
-    path form (:class:`KLReference`) equals this only when π_ref is deterministic. Memory: the sampled
-    ids and one float per sample (no vocabulary-sized cache).
+        KL = E_x E_{y∼π_ref(·|x)}[log π_ref(y|x) − log π_θ(y|x)], estimated by Monte Carlo: ``samples``
+        responses per prompt drawn from the reference at temperature 1 with no top-p/top-k (so they are
+        draws from π_ref itself, truncated at ``max_new_tokens``: the KL is that of the first
+        ``max_new_tokens`` tokens), scored token by token exactly as sampled (the token ids are kept, never
+        re-tokenised). The estimate is unbiased; ``stderr`` is its Monte-Carlo standard error for these
+    prompts (from the within-prompt variance of the samples). The greedy
+        path form (:class:`KLReference`) equals this only when π_ref is deterministic. Memory: the sampled
+        ids and one float per sample (no vocabulary-sized cache).
     """
 
     def __init__(self, model, tokenizer, prompts: Sequence[Example], template: PromptTemplate | str = "raw", *,
@@ -241,7 +249,7 @@ class SequenceKL:
         self.samples, self.batch_size, self.n_prompts = samples, score_batch_size, len(prompts)
         pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
         self.pad = pad
-        enc = [encode(tokenizer, e, template, use_chat_template=use_chat_template, response="") for e in prompts]
+        enc = encode_prompts(tokenizer, prompts, template, use_chat_template)
         was = model.training
         model.eval()
         dev = _device(model)
@@ -251,8 +259,6 @@ class SequenceKL:
         with torch.no_grad():
             for s in range(0, len(enc), batch_size):
                 chunk = enc[s : s + batch_size]
-                for e in chunk:  # response="" appends EOS: keep the prompt only
-                    e.input_ids, e.labels = e.input_ids[: e.prompt_len], e.labels[: e.prompt_len]
                 batch = collate(chunk, pad, side="left")
                 ids = model.generate(
                     input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
@@ -282,10 +288,14 @@ class SequenceKL:
         return torch.cat(out)
 
     def __call__(self, model) -> dict[str, float]:
-        diff = self.ref_logp - self._logp(model)
-        per_prompt = torch.zeros(self.n_prompts, dtype=torch.float64).index_add_(0, torch.tensor(self.prompt_of), diff)
-        per_prompt /= self.samples
-        se = float(per_prompt.std(unbiased=True) / math.sqrt(self.n_prompts)) if self.n_prompts > 1 else None
+        diff = (self.ref_logp - self._logp(model)).reshape(self.n_prompts, self.samples)  # grouped by prompt
+        per_prompt = diff.mean(1)
+        # Monte-Carlo standard error of the mean over these prompts: within-prompt variance of the samples.
+        se = (
+            float((diff.var(1, unbiased=True) / self.samples).sum().sqrt() / self.n_prompts)
+            if self.samples > 1
+            else None
+        )
         return {"value": float(per_prompt.mean()), "stderr": se, "samples_per_prompt": self.samples,
                 "n_prompts": self.n_prompts}  # fmt: skip
 

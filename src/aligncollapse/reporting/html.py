@@ -18,7 +18,7 @@ from aligncollapse.results import atomic_write_text
 
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
-    "table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    "table{border-collapse:collapse;margin:.6em 0 1.2em;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
     "th{background:#f3f3f3}img{max-width:100%}code{background:#f4f4f4;padding:0 3px;border-radius:3px}"
     ".verdict{border-left:6px solid #888;background:#f7f7f7;padding:.6em 1em;margin:1em 0}"
 )
