@@ -130,6 +130,8 @@ FLAG_CASES = [
     ("d-above-max-d", _with(SCAN, "--d", "50", "--max-d", "3"), "--max-d"),
     ("refusal-empty-keyword", _with(EVAL, "--refusal", f"{T}/emptykw.json"), "empty keyword"),
     ("refusal-directory", _with(EVAL, "--refusal", f"{T}/adir"), "--refusal"),
+    ("judge-url", _with(EVAL, "--judge", "openai:m@nourl"), "--judge"),
+    ("rank-by-unknown", _with(RANK, "--by", "bogus", "--probe-steps", "0", "--limit", "4"), "--by"),
 ]
 
 DATA_CASES = [

@@ -165,3 +165,16 @@ def dtype(text: str) -> str:
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(sorted(DTYPES))}, got {text!r}")
     return text
+
+
+def judge_spec(text: str) -> str:
+    """``none``, ``organism``, ``hf:PATH`` or ``openai:MODEL@http(s)://...``, checked before any work."""
+    if text in ("", "none", "organism"):
+        return text
+    if text.startswith("hf:") and len(text) > 3:
+        return text
+    if text.startswith("openai:") and "@" in text:
+        model, url = text[len("openai:") :].split("@", 1)
+        if model and url.startswith(("http://", "https://")):
+            return text
+    raise argparse.ArgumentTypeError(f"must be organism, hf:PATH or openai:MODEL@http(s)://HOST/..., got {text!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import nonneg_int, positive_int, seed
+from aligncollapse.cli.args import judge_spec, nonneg_int, positive_int, seed
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -24,7 +24,9 @@ def register(sub) -> None:
     e.add_argument("--kl-samples", type=nonneg_int, default=4,
                    help="responses sampled per prompt for the sequence-level KL (Lemma 3.2); 0: greedy-path form only")  # fmt: skip
     e.add_argument("--refusal", default="zou2023", help="refusal detector: zou2023, xstest or a JSON keyword list")
-    e.add_argument("--judge", help="harmfulness judge: organism, hf:PATH or openai:MODEL@URL (off by default)")
+    e.add_argument(
+        "--judge", type=judge_spec, help="harmfulness judge: organism, hf:PATH or openai:MODEL@URL (off by default)"
+    )
     e.add_argument("--max-new-tokens", type=positive_int, default=48)
     e.add_argument("--sample", action="store_true", help="sample (T=0.7, top-p 0.8, top-k 20) instead of greedy")
     e.add_argument("--seed", type=seed, default=0)

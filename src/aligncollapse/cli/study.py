@@ -7,6 +7,7 @@ from aligncollapse.cli.args import (
     fraction,
     int_at_least,
     int_list,
+    judge_spec,
     name_list,
     positive_float,
     positive_int,
@@ -41,7 +42,11 @@ def register(sub) -> None:
     st.add_argument("--lora-dropout", type=fraction, default=0.0)
     st.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
     st.add_argument("--lora-lr", type=positive_float, default=2e-3)
-    st.add_argument("--judge", help="harmfulness judge: organism (default on the organism), hf:PATH, openai:MODEL@URL")
+    st.add_argument(
+        "--judge",
+        type=judge_spec,
+        help="harmfulness judge: organism (default on the organism), hf:PATH, openai:MODEL@URL",
+    )
     st.add_argument("--n-boot", type=int_at_least(20), default=1000)
     st.add_argument("--defenses", nargs="+", type=defense_spec,
                     help="defenses to compare (defense study): names with options (curvature:every=1,d=8) or 'all'")  # fmt: skip

@@ -110,5 +110,7 @@ def make_judge(spec: str | None):
         return HFJudge(spec[3:])
     if spec.startswith("openai:") and "@" in spec:
         model, url = spec[len("openai:") :].split("@", 1)
+        if not model or not url.startswith(("http://", "https://")):
+            raise UserError(f"--judge {spec!r}: expected openai:MODEL@http(s)://HOST/...")
         return OpenAIJudge(model, url)
     raise UserError(f"--judge must be 'organism', 'hf:PATH' or 'openai:MODEL@URL', got {spec!r}")

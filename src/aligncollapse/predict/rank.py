@@ -130,6 +130,8 @@ def run_rank(
     rows = {}
     for name, exs in progress(list(candidates.items()), desc="rank candidates"):
         r = candidate_scores(ctx, name, exs, cfg, scan, probe_steps)
+        if by not in r["scores"]:  # checked on the first candidate, before the others are scored
+            raise UserError(f"--by {by!r} is not a score; choose from {sorted(r['scores'])}")
         r["attribution_path"] = write_attribution(out / "attribution" / f"{name}.jsonl", exs, r["per_example"])
         if drop_fraction > 0:
             order = np.argsort(-np.asarray(r["per_example"]["second_order"]))
