@@ -168,6 +168,7 @@ MODEL_CASES = [
     ("model-remote-code", ["eval", "--model", f"{T}/m_remote", "--out", f"{T}/o"], "could not load the model"),
     ("model-adapter-self", ["eval", "--model", f"{T}/m_adapter", "--out", f"{T}/o"], "itself an adapter"),
     ("model-vocab-small", ["eval", "--model", f"{T}/m_vocab", "--out", f"{T}/o"], "embedding only"),
+    ("reference-other-vocab", _with(EVAL, "--reference", f"{T}/m_bigvocab"), "another vocabulary"),
 ]
 
 PATH_CASES = [
@@ -272,6 +273,14 @@ def corpus_dir(tmp_path_factory, tiny_model_dir, small_suite) -> Path:
     save_file(w, t / "m_vocab" / "model.safetensors")
     cfg["vocab_size"] = 8
     write(t / "m_vocab" / "config.json", json.dumps(cfg))
+    shutil.copytree(tiny_model_dir, t / "m_bigvocab")
+    cfg = json.loads((t / "m_bigvocab" / "config.json").read_text())
+    w = load_file(t / "m_bigvocab" / "model.safetensors")
+    w = {k: (torch.cat([v, torch.zeros(8, *v.shape[1:], dtype=v.dtype)]) if v.shape[0] == cfg["vocab_size"] else v)
+         for k, v in w.items()}  # fmt: skip
+    save_file(w, t / "m_bigvocab" / "model.safetensors")
+    cfg["vocab_size"] += 8
+    write(t / "m_bigvocab" / "config.json", json.dumps(cfg))
     del torch
     return t
 

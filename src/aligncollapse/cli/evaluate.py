@@ -14,6 +14,7 @@ from aligncollapse.cli.common import (
     print_table,
     use_chat,
 )
+from aligncollapse.errors import UserError
 
 
 def register(sub) -> None:
@@ -52,7 +53,13 @@ def run(args) -> int:
     harmful, benign = eval_sets(args, model, tok, primary=True)
     kl = seq_kl = None
     if args.reference:
-        ref, _ = load_model(args.reference, dtype=args.dtype, device=args.device)
+        ref, ref_tok = load_model(args.reference, dtype=args.dtype, device=args.device)
+        if ref.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0] or len(
+            ref_tok
+        ) != len(tok):
+            raise UserError(
+                f"--reference {args.reference}: another vocabulary than --model; the KL needs the same tokenizer"
+            )
         kl = KLReference(ref, tok, harmful, args.template, use_chat_template=use_chat(args))
         if args.kl_samples:
             seq_kl = SequenceKL(ref, tok, harmful, args.template, samples=args.kl_samples, seed=args.seed,
