@@ -292,6 +292,8 @@ def _fill(argv: list[str], tmp: Path, model: Path, suite: Path, data: Path) -> l
 @pytest.mark.parametrize("case_id,argv,needle", ALL_CASES, ids=[c[0] for c in ALL_CASES])
 def test_bad_input_is_one_clean_line(case_id, argv, needle, corpus_dir, tiny_model_dir, small_suite, capsys):
     args = _fill(argv, corpus_dir, tiny_model_dir, small_suite, small_suite / "arithmetic.jsonl")
+    # each case its own output directory: a refused run may leave a claimed one behind
+    args = [str(corpus_dir / f"o-{case_id}") if a == str(corpus_dir / "o") else a for a in args]
     try:
         code = main(args)
     except SystemExit as e:  # argparse's own exits (usage errors) go through Parser.error
