@@ -86,7 +86,9 @@ def test_the_walker_catches_an_upward_import(tmp_path):
     "name", ["geometry", "scan", "predict", "data", "evaluation", "training", "defenses", "reporting", "cli"]
 )
 def test_stage_packages_import(name):
-    importlib.import_module(f"aligncollapse.{name}")
+    mod = importlib.import_module(f"aligncollapse.{name}")
+    assert hasattr(mod, "__path__")  # a package, as the layout promises
+    assert all(hasattr(mod, n) for n in getattr(mod, "__all__", []))  # every re-export resolves
 
 
 def test_readme_is_short_and_opens_with_the_two_commands():
