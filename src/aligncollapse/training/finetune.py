@@ -296,7 +296,10 @@ def finetune(
                 raise NonFiniteError(f"non-finite fine-tuning loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            if cfg.grad_clip:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:  # the norm only (no rescaling pass): the finiteness check below needs it
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             if not torch.isfinite(gnorm):
                 raise NonFiniteError(f"non-finite gradient at step {step}", step)
             if defense is not None:
