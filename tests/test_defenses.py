@@ -10,7 +10,7 @@ import torch
 from aligncollapse.cli.main import main
 from aligncollapse.data.loading import load_examples
 from aligncollapse.defenses import DefenseContext, make_defense
-from aligncollapse.defenses.base import flat, trainable
+from aligncollapse.defenses.base import assign, flat, trainable
 from aligncollapse.errors import UserError
 from aligncollapse.models import LoraSettings, load_model
 from aligncollapse.training.finetune import FinetuneConfig, finetune
@@ -29,7 +29,7 @@ def _run(model, tok, train, tmp_path, defense, lora=None, steps=4):
     return finetune(model, tok, train, tmp_path, cfg, resume=False, save_model=False, final_eval=False, defense=defense)
 
 
-@pytest.mark.parametrize("name", ["project-static", "project-tracking:refresh_every=2", "curvature:every=1"])
+@pytest.mark.parametrize("name", ["project-static", "project-tracking:refresh_every=2", "ogd-lookahead:every=1"])
 def test_projection_defenses_keep_the_displacement_off_the_subspace(setup, tmp_path, name):
     model, tok, ctx, train = setup
     theta0 = flat(trainable(model).values()).to(torch.float64)
@@ -41,13 +41,131 @@ def test_projection_defenses_keep_the_displacement_off_the_subspace(setup, tmp_p
     assert float((B0.T @ disp).norm()) <= 1e-5 * float(disp.norm())
     info = res["defense"]
     assert info["name"] == name.split(":")[0] and info["seconds_total"] > 0
-    if name.startswith("curvature"):
+    if name.startswith("ogd-lookahead"):
         assert info["lookahead_gradients"] == 4
         Q, _ = torch.linalg.qr(torch.stack(d.dirs, 1))
         last = flat(trainable(res["model"]).values()).to(torch.float64)
         assert len(d.dirs) == 4 and float(Q.norm()) > 0 and torch.isfinite(last).all()
     if name.startswith("project-tracking"):
         assert info["refreshes"] == 2 and len(info["rotation"]) == 2
+
+
+def _fd_grad_along(fn, params, v: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """‖v‖ (∇fn(θ + εv̂) − ∇fn(θ − εv̂)) / 2ε in float64: the Hessian of fn along v, independently of
+    autograd's double backward (central difference on the unit vector v̂, error O(ε²)). Llama computes its
+    rotary angles in float32 even in a float64 model, which puts a rounding floor of about 1e-7/ε on
+    the difference: ε = 1e-3 balances it against the O(ε²) truncation."""
+    theta = flat(params.values()).to(torch.float64)
+    scale = float(v.norm())
+    v = v / scale
+    out = []
+    for sign in (1.0, -1.0):
+        assign(params, theta + sign * eps * v)
+        grads = torch.autograd.grad(fn(), list(params.values()))
+        out.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64))
+    assign(params, theta)
+    return scale * (out[0] - out[1]) / (2 * eps)
+
+
+def test_curvature_defense_removes_the_drift_P_H_g(setup):
+    """The drift coordinates are Bᵀ H g for the optimiser's gradient g (H checked against central
+    differences of the fine-tuning gradient, float64), and the update loses exactly its part in span(B Q)."""
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.evaluation.metrics import mean_token_loss
+
+    model, tok, ctx, train = setup
+    model = model.double()
+    d = make_defense("curvature:d=4,memory=2,ft_batch=8", ctx)
+    d.prepare_data(train)
+    d.setup(model)
+    params = trainable(model)
+    batch = EncodedSet(tok, train[:8], "raw").batch(range(8))
+    loss = mean_token_loss(model, batch)
+    loss.backward()
+    g = torch.cat([p.grad.reshape(-1) for p in params.values()]).to(torch.float64)
+    d.on_gradients(model, 0)
+    chunk = d.chunks[0]
+    b = chunk.batch(range(len(chunk)))
+    total = sum(sum(1 for t in it.labels[1:] if t != -100) for it in chunk.items)
+
+    def ft_loss():
+        from aligncollapse.losses import nll_from_logits
+
+        return (
+            nll_from_logits(
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+            ).sum()
+            / total
+        )
+
+    h = _fd_grad_along(ft_loss, params, g)
+    c = d.B.T @ h
+    # measured agreement 2e-5 (the rounding floor above); a wrong vector (g, or H of another batch) is O(1) off
+    assert len(d.coords) == 1 and float((d.coords[0] - c / c.norm()).norm()) <= 1e-4
+    assert 0 < d.drift_in_M[0] < 1
+    # on_update: Δ loses its component in span(B q) and nothing else.
+    before = {n: p.detach().clone() for n, p in params.items()}
+    delta = torch.randn(d.B.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assign(params, flat(before.values()).to(torch.float64) + delta)
+    d.on_update(model, 1, before)
+    after = flat(params.values()).to(torch.float64) - flat(before.values()).to(torch.float64)
+    u = d.B @ d.coords[0]  # the defense's own direction (checked against central differences above)
+    assert abs(float(u @ after)) <= 1e-10 * float(delta.norm())
+    assert torch.allclose(after, delta - u * float(u @ delta), atol=1e-10)
+
+
+def test_curvature_defense_weighted_is_F_H_g(setup):
+    """weighted=1: the stored direction is F(θ) h with F the alignment-KL Hessian at θ* (central
+    differences of the KL gradient along h, float64)."""
+    from aligncollapse.defenses.ogd import AlignmentGradient
+
+    model, tok, ctx, train = setup
+    model = model.double()
+    d = make_defense("curvature:d=4,memory=2,ft_batch=8,weighted=1,safety_batch=64", ctx)
+    d.prepare_data(train)
+    d.setup(model)
+    params = trainable(model)
+    gen = torch.Generator().manual_seed(0)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    g = torch.cat([p.grad.reshape(-1) for p in params.values()]).to(torch.float64)
+    from aligncollapse.geometry.curvature import HessianOperator
+
+    h = HessianOperator(model, params, d.chunks[0], 32).matvec(g).to(torch.float64)
+    d.on_gradients(model, 0)
+    align = AlignmentGradient(model, d.ref, params, 64)
+    Fh = _fd_grad_along(lambda: _kl(align, model), params, h)
+    assert len(d.dirs) == 1 and float((d.dirs[0] - Fh / Fh.norm()).norm()) <= 1e-4  # measured 2e-5
+
+
+def _kl(align, model):
+    """The alignment KL of ``align``'s first batch, with graph (for finite differences)."""
+    from aligncollapse.data.encoding import IGNORE_INDEX
+
+    b = align.ref.data.batch(align.chunks[0])
+    mask = (b["labels"][:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+    lp, lq = align.ref_lp[0], align.logprobs(model, b)
+    return ((lp.exp() * (lp - lq)) * mask).sum() / b["input_ids"].shape[0]
+
+
+def test_ogd_keeps_no_direction_at_theta_star_and_projects_after(setup):
+    model, tok, ctx, train = setup
+    d = make_defense("ogd:memory=2", ctx)
+    d.setup(model)
+    d.on_gradients(model, 0)
+    assert d.dirs == [] and d.counters["alignment_gradients"] == 1  # the KL is zero at θ*
+    params = trainable(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    d.on_gradients(model, 1)
+    assert len(d.dirs) == 1
+    before = {n: p.detach().clone() for n, p in params.items()}
+    delta = torch.randn(len(d.dirs[0]), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assign(params, flat(before.values()).to(torch.float64) + delta)
+    d.on_update(model, 2, before)
+    after = flat(params.values()).to(torch.float64) - flat(before.values()).to(torch.float64)
+    assert abs(float(d.dirs[0] @ after)) <= 1e-5 * float(delta.norm())
 
 
 def test_fisher_penalty_gradient_is_the_quadratic_forms(setup):
@@ -153,8 +271,8 @@ def test_defense_study_cli(tmp_path, tiny_model_dir, small_suite):
 
 def test_organism_curvature_defense_holds_where_static_projection_fails(organism_dir, tmp_path):
     """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0: undefended and
-    project-static end at refusal 0.00 (3 seeds in the README); the curvature defense at the
-    budget chosen on reckless_advice keeps the held-out refusal."""
+    project-static end at refusal 0.00 (3 seeds in the README); ogd-lookahead (named curvature up
+    to v0.2) at the budget chosen on reckless_advice keeps the held-out refusal."""
     from aligncollapse.evaluation.metrics import evaluate_safety
     from aligncollapse.organism.suite import load_suite_set
 
@@ -162,11 +280,40 @@ def test_organism_curvature_defense_holds_where_static_projection_fails(organism
     harmful = load_suite_set(suite, "eval_harmful")
     train = load_suite_set(suite, "obedient_identity")
     refusal = {}
-    for spec in ("project-static", "curvature:every=1,memory=16,safety_batch=64"):
+    for spec in ("project-static", "ogd-lookahead:every=1,memory=16,safety_batch=64"):
         model, tok = load_model(organism_dir)
         ctx = DefenseContext(tok, load_suite_set(suite, "safety"))
         res = finetune(model, tok, train, tmp_path / spec.split(":")[0], FinetuneConfig(), resume=False,
                        save_model=False, final_eval=False, defense=make_defense(spec, ctx))  # fmt: skip
         refusal[spec] = evaluate_safety(res["model"], tok, harmful)["harmful_refusal_rate"]["value"]
-    assert refusal["curvature:every=1,memory=16,safety_batch=64"] >= 0.9
+    assert refusal["ogd-lookahead:every=1,memory=16,safety_batch=64"] >= 0.9
     assert refusal["project-static"] <= 0.5
+
+
+def test_defense_study_tunes_on_a_development_split(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "tuned"
+    code = main(["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+                 "--eval-harmful", str(small_suite / "eval_harmful.jsonl"),
+                 "--finetune", str(small_suite / "obedient_identity.jsonl"),
+                 "--tune-on", str(small_suite / "arithmetic.jsonl"),
+                 "--defenses", "curvature", "--steps", "2", "--batch-size", "8", "--seeds", "0", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    tun = res["tuning"]
+    assert res["tuning_split"] == "arithmetic" and tun["split"]["development_set"] == "arithmetic"
+    assert tun["split"]["development_prompts"] + tun["split"]["test_prompts"] == 8
+    assert res["eval_prompts"]["harmful"] == tun["split"]["test_prompts"]
+    assert [r["setting"] for r in tun["rows"]] == [f"curvature:{o}" for o in tun["grids"]["curvature"]]
+    chosen = tun["selected"]["curvature"]["spec"]
+    assert sum(r["selected"] for r in tun["rows"]) == 1 and chosen in res["defenses"]
+    m = 4 if "memory=4" in chosen else 16
+    assert tun["matched_controls"] == [f"ogd:memory={m}", f"project-static:d={m}"]
+    rows = {r["defense"]: r for r in res["table"]["obedient_identity"]}
+    assert rows[chosen]["tuned"] and rows[f"ogd:memory={m}"]["matched_control"]
+    # The development set may not be a reported set.
+    code = main(["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+                 "--eval-harmful", str(small_suite / "eval_harmful.jsonl"),
+                 "--finetune", str(small_suite / "arithmetic.jsonl"), "--tune-on", str(small_suite / "arithmetic.jsonl"),
+                 "--defenses", "curvature", "--steps", "2", "--batch-size", "8", "--seeds", "0",
+                 "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert code == 2

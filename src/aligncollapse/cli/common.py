@@ -425,6 +425,23 @@ def rank_context(args, model, tok, cfg):
     return build_context(model, tok, safety, cfg, anchors=anchors, unaligned_model=unaligned_model(args))
 
 
+def tuning_set(args) -> tuple[str, list] | None:
+    """The defense study's development set: --tune-on (file / HF dataset / suite name, 'none' for no
+    tuning); on the organism it defaults to reckless_advice (not a reported set)."""
+    spec = getattr(args, "tune_on", None)
+    if spec == "none":
+        return None
+    if spec is None:
+        suite = organism_suite(args.model)
+        if suite is None or args.finetune:
+            return None
+        from aligncollapse.organism.suite import load_suite_set
+
+        return "reckless_advice", load_suite_set(suite, "reckless_advice")
+    name = Path(spec).name.split(".")[0] if Path(spec).exists() else spec.replace("/", "_")
+    return name, training_data(spec, args)
+
+
 def defense_sets(args) -> dict:
     if args.finetune:
         return candidates(args)

@@ -25,6 +25,7 @@ from aligncollapse.cli.common import (
     organism_suite,
     out_dir,
     rank_context,
+    tuning_set,
     unaligned_model,
 )
 from aligncollapse.errors import UserError
@@ -50,6 +51,10 @@ def register(sub) -> None:
     st.add_argument("--n-boot", type=int_at_least(20), default=1000)
     st.add_argument("--defenses", nargs="+", type=defense_spec,
                     help="defenses to compare (defense study): names with options (curvature:every=1,d=8) or 'all'")  # fmt: skip
+    st.add_argument("--tune-on", metavar="SET",
+                    help="defense study: development set each defense is tuned on (same budget: 3 settings, seed 0), "
+                    "scored on half of the eval prompts; reported rows use the other half. Default on the "
+                    "organism: reckless_advice; 'none': no tuning")  # fmt: skip
     add_data_args(st, "--finetune")
     st.set_defaults(func=run)
 
@@ -72,8 +77,8 @@ def run(args) -> int:
         from aligncollapse.defenses.study import run_defense_study
 
         sets = defense_sets(args)
-        res = run_defense_study(ctx, sets, out, base_cfg, args.defenses, args.seeds,
-                                harmful, benign, judge=judge, unaligned=unaligned_model(args))  # fmt: skip
+        res = run_defense_study(ctx, sets, out, base_cfg, args.defenses, args.seeds, harmful, benign, judge=judge,
+                                unaligned=unaligned_model(args), tune_on=tuning_set(args))  # fmt: skip
         write_results(out, "study defenses", res, config(args))
         finish(out)
         _print_defense_table(res, out)

@@ -99,6 +99,14 @@ class EncodedSet:
     def __len__(self) -> int:
         return len(self.items)
 
+    def subset(self, indices: Sequence[int]) -> EncodedSet:
+        """The same encodings for a subset of the examples (no re-tokenisation)."""
+        out = EncodedSet.__new__(EncodedSet)
+        out.__dict__.update(self.__dict__)
+        out.examples = [self.examples[i] for i in indices]
+        out.items = [self.items[i] for i in indices]
+        return out
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return collate([self.items[i] for i in indices], self.pad_id)
 

@@ -6,16 +6,19 @@ from __future__ import annotations
 import math
 
 from aligncollapse.defenses.base import Defense, DefenseContext
-from aligncollapse.defenses.curvature import CurvatureAware
+from aligncollapse.defenses.curvature import CurvatureDrift
 from aligncollapse.defenses.fisher_penalty import FisherPenalty
 from aligncollapse.defenses.mix_safety import MixSafety
+from aligncollapse.defenses.ogd import OGD
+from aligncollapse.defenses.ogd_lookahead import OGDLookahead
 from aligncollapse.defenses.project_static import ProjectStatic
 from aligncollapse.defenses.project_tracking import ProjectTracking
 from aligncollapse.defenses.safe_lora import SafeLoRA
 from aligncollapse.errors import UserError
 
 DEFENSES: dict[str, type[Defense]] = {
-    cls.name: cls for cls in (ProjectStatic, ProjectTracking, CurvatureAware, FisherPenalty, SafeLoRA, MixSafety)
+    cls.name: cls
+    for cls in (ProjectStatic, ProjectTracking, CurvatureDrift, OGD, OGDLookahead, FisherPenalty, SafeLoRA, MixSafety)
 }
 
 
@@ -54,6 +57,8 @@ OPTION_RULES: dict[str, tuple[bool, float, float, bool]] = {
     "every": (True, 1, math.inf, False),
     "safety_batch": (True, 1, math.inf, False),
     "memory": (True, 1, math.inf, False),
+    "ft_batch": (True, 1, math.inf, False),
+    "weighted": (True, 0, 1, True),
     "refresh_every": (True, 1, math.inf, False),
     "strength": (False, 0.0, math.inf, False),
     "fraction": (False, 0.0, 1.0, False),

@@ -1,91 +1,133 @@
-"""``curvature``: project off M and also off the look-ahead alignment gradient (second-order aware).
+"""``curvature``: remove the predicted second-order drift into the safety subspace, P·H·g.
 
-Static projection keeps θ − θ* ⊥ M, but the alignment KL still rises: its gradient at θ,
-∇Δu(θ) = F(θ − θ*) + O(‖θ − θ*‖²), is the curvature-coupled drift (for the unprojected trajectory
-θ − θ* ≈ −t g + ½t² H g, so ∇Δu ≈ F(−t g + ½t² Hg) — the P·H·g acceleration and its echo outside
-the top-d directions), and M itself rotates. This defense removes, from every update, both its M
-component and its component along the *look-ahead* alignment gradient
+The scan's forecast: along θ(t) − θ* ≈ −t g + (t²/2) H g the displacement inside M is
+P(θ(t) − θ*) ≈ −t P g + (t²/2) P H g, and when P g ≈ 0 (property 2) the alignment KL grows through
+the second term alone, Δu ≈ (t⁴/8)(Hg)ᵀ P F P (Hg) (γ²/8, Thm 6.1). This defense removes exactly
+that term, refreshed as the trajectory moves: every ``every`` steps, at the current θ_k and before
+the optimiser step, it takes the mini-batch fine-tuning gradient g_k (the one the optimiser is about
+to use), one Hessian-vector product h_k = H_k g_k of the fine-tuning loss on a rotating batch of
+``ft_batch`` training examples, and the drift's coordinates in M, c_k = Bᵀ h_k (B the top-d
+eigenvectors of the alignment-KL Fisher at θ*, as in the scan). The last ``memory`` directions
+c_k/‖c_k‖ are orthonormalised (Q, d×m) and every update is projected off span(B Q):
 
-    a_k = ∇Δu(θ_k + Δ⊥) = ∇Δu(θ_k) + F Δ⊥ + O(‖Δ‖²),
+    Δ ← Δ − B Q Qᵀ Bᵀ Δ.
 
-evaluated exactly by one backward pass of the alignment KL at the proposed point (cheaper than an
-HVP and exact to all orders), on a rotating batch of ``safety_batch`` safety prompts, every
-``every`` steps (the curvature budget). The last ``memory`` look-ahead directions (projected off M,
-orthonormalised) are kept and the update is projected off their span, as in orthogonal gradient
-descent:  Δ ← (I − QQᵀ)(I − BBᵀ)Δ.
+With ``weighted=1`` the direction is the drift's effect on the alignment gradient over the whole
+space instead, F(θ_k) h_k (one Gauss-Newton product of the alignment KL at θ_k on a rotating batch of
+``safety_batch`` safety prompts): the second-order term moves the alignment gradient along F·H·g,
+including the Fisher's tail outside M that ``project-static`` leaves open. The last m of these
+(n-vectors, m·n float64) are orthonormalised and the update is projected off their span.
+
+It removes m ≤ d directions of M, chosen by the fine-tuning loss's curvature, where
+``project-static:d=m`` removes the m sharpest directions of M whatever the data does and ``ogd``
+removes m alignment-gradient directions; those are its controls (same number of directions).
+
+Cost per refresh: one HVP over ``ft_batch`` examples (≈ 2 backward passes) plus d dot products.
+Memory: the basis B (d·n float64, as ``project-static``), the drift coordinates (m·d numbers).
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
-import torch.nn.functional as F
 
-from aligncollapse.data.encoding import IGNORE_INDEX
+from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.defenses.base import assign, flat
+from aligncollapse.defenses.ogd import project_off
 from aligncollapse.defenses.project_static import ProjectStatic
-from aligncollapse.losses import upcast
+from aligncollapse.errors import UserError
+from aligncollapse.geometry.curvature import GGNOperator, HessianOperator
 
 
-class CurvatureAware(ProjectStatic):
+class CurvatureDrift(ProjectStatic):
     name = "curvature"
 
-    def __init__(self, ctx, d: int = 16, every: int = 2, safety_batch: int = 16, memory: int = 4, **options):
-        super().__init__(ctx, d=d, every=every, safety_batch=safety_batch, memory=memory, **options)
-        self.every, self.safety_batch, self.memory = every, safety_batch, memory
+    def __init__(
+        self,
+        ctx,
+        d: int = 16,
+        memory: int = 4,
+        every: int = 1,
+        ft_batch: int = 16,
+        weighted: int = 0,
+        safety_batch: int = 16,
+        **options,
+    ):
+        if memory > d and not weighted:
+            raise UserError(f"defense option curvature:memory ({memory}) must be at most curvature:d ({d})")
+        if weighted not in (0, 1):
+            raise UserError(f"defense option curvature:weighted must be 0 (P·H·g) or 1 (F·H·g), got {weighted}")
+        super().__init__(ctx, d=d, memory=memory, every=every, ft_batch=ft_batch, weighted=weighted,
+                         safety_batch=safety_batch, **options)  # fmt: skip
+        self.memory, self.every, self.ft_batch = memory, every, ft_batch
+        self.weighted, self.safety_batch = bool(weighted), safety_batch
+        self.train: list = []
+
+    def prepare_data(self, train):
+        self.train = list(train)
+        return self.train
 
     def setup(self, model) -> None:
         super().setup(model)
         with self.timed("setup"):
-            data = self.ref.data
-            n = len(data)
-            self.chunks = [range(s, min(s + self.safety_batch, n)) for s in range(0, n, self.safety_batch)]
-            self.ref_lp = []
-            was = model.training
-            model.eval()
-            with torch.no_grad():
-                for idx in self.chunks:
-                    b = data.batch(idx)
-                    self.ref_lp.append(self._logprobs(model, b))
-            model.train(was)
-        self.dirs: list[torch.Tensor] = []
+            if not self.train:
+                raise UserError("the curvature defense needs the fine-tuning data (it forms H·g on it)")
+            order = list(range(len(self.train)))
+            random.Random(self.ctx.seed).shuffle(order)
+            c = self.ctx
+            self.chunks = [
+                EncodedSet(c.tokenizer, [self.train[i] for i in order[s : s + self.ft_batch]], c.template,
+                           use_chat_template=c.use_chat_template, max_length=c.max_length)
+                for s in range(0, len(order), self.ft_batch)
+            ]  # fmt: skip
+            n = len(self.ref.data)
+            self.safety_chunks = [self.ref.data.subset(range(s, min(s + self.safety_batch, n)))
+                                  for s in range(0, n, self.safety_batch)]  # fmt: skip
+        self.coords: list[torch.Tensor] = []  # P·H·g: coordinates in M (d numbers each)
+        self.dirs: list[torch.Tensor] = []  # F·H·g: n-vectors
         self.calls = 0
-        self.counters["lookahead_gradients"] = 0
+        self.counters["hessian_vector_products"] = 0
+        self.drift_in_M: list[float] = []  # ‖P h_k‖/‖h_k‖ at each refresh
 
-    @staticmethod
-    def _logprobs(model, b):
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return F.log_softmax(upcast(logits[:, :-1]), -1)
-
-    def _alignment_gradient(self, model) -> torch.Tensor:
-        c = self.calls % len(self.chunks)
-        self.calls += 1
-        b = self.ref.data.batch(self.chunks[c])
-        mask = (b["labels"][:, 1:] != IGNORE_INDEX).unsqueeze(-1)
-        was = model.training
-        model.eval()
-        lq = self._logprobs(model, b)
-        lp = self.ref_lp[c]
-        kl = ((lp.exp() * (lp - lq)) * mask).sum() / b["input_ids"].shape[0]
-        grads = torch.autograd.grad(kl, list(self.params.values()), allow_unused=True)
-        model.train(was)
-        return torch.cat(
-            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params.values())]
-        )
+    def on_gradients(self, model, step: int) -> None:
+        if step % self.every:
+            return
+        with self.timed("drift"):
+            g = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params.values()]
+            ).detach()
+            data = self.chunks[self.calls % len(self.chunks)]
+            self.calls += 1
+            h = HessianOperator(model, self.params, data, self.ctx.batch_size).matvec(g).to(torch.float64)
+            c = self.B.T @ h
+            self.counters["hessian_vector_products"] += 1
+            if float(h.norm()) > 0:
+                self.drift_in_M.append(float(c.norm()) / float(h.norm()))
+            if self.weighted:
+                chunk = self.safety_chunks[(self.calls - 1) % len(self.safety_chunks)]
+                v = GGNOperator(model, self.params, chunk, self.ctx.batch_size, per="sequence").matvec(h.to(g.dtype))
+                v = v.to(torch.float64)
+                if float(v.norm()) > 0:
+                    self.dirs = (self.dirs + [v / v.norm()])[-self.memory :]
+            elif float(c.norm()) > 0:
+                self.coords = (self.coords + [c / c.norm()])[-self.memory :]
 
     def on_update(self, model, step, before) -> None:
+        if not (self.coords or self.dirs):
+            return
         with self.timed("project"):
-            old = flat(before.values())
-            delta = self._project_out(flat(self.params.values()) - old).to(torch.float64)
-        if (step - 1) % self.every == 0:
-            with self.timed("lookahead"):
-                assign(self.params, old + delta)
-                a = self._alignment_gradient(model).to(torch.float64)
-                a = a - self.B @ (self.B.T @ a)
-                if float(a.norm()) > 0:
-                    self.dirs = (self.dirs + [a / a.norm()])[-self.memory :]
-                self.counters["lookahead_gradients"] += 1
-        with self.timed("project"):
-            if self.dirs:
-                Q, _ = torch.linalg.qr(torch.stack(self.dirs, dim=1))
-                delta = delta - Q @ (Q.T @ delta)
+            old = flat(before.values()).to(torch.float64)
+            delta = flat(self.params.values()).to(torch.float64) - old
+            if self.weighted:
+                delta = project_off(delta, self.dirs)
+            else:
+                Q, _ = torch.linalg.qr(torch.stack(self.coords, dim=1))  # d×m
+                delta = delta - self.B @ (Q @ (Q.T @ (self.B.T @ delta)))
             assign(self.params, old + delta)
+
+    def info(self) -> dict:
+        out = super().info()
+        d = self.drift_in_M
+        out["drift_in_M_fraction"] = {"first": d[0], "last": d[-1], "mean": sum(d) / len(d)} if d else None
+        return out
