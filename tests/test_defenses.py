@@ -310,6 +310,7 @@ def test_defense_study_tunes_on_a_development_split(tmp_path, tiny_model_dir, sm
     assert tun["matched_controls"] == [f"ogd:memory={m}", f"project-static:d={m}"]
     rows = {r["defense"]: r for r in res["table"]["obedient_identity"]}
     assert rows[chosen]["tuned"] and rows[f"ogd:memory={m}"]["matched_control"]
+    assert "Tuning (development split)" in (out / "report.md").read_text()
     # The development set may not be a reported set.
     code = main(["study", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
                  "--eval-harmful", str(small_suite / "eval_harmful.jsonl"),

@@ -44,8 +44,8 @@ def register(sub) -> None:
         help="save a checkpoint every C steps (default 25; 0: only at the end)",
     )
     f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
-    f.add_argument("--defense", type=defense_spec, help="project-static, project-tracking, curvature, fisher-penalty, safe-lora or "
-                   "mix-safety; options as NAME:key=value,... (e.g. curvature:every=1)")  # fmt: skip
+    f.add_argument("--defense", type=defense_spec, help="project-static, project-tracking, curvature, ogd, ogd-lookahead, fisher-penalty, "
+                   "safe-lora or mix-safety; options as NAME:key=value,... (e.g. curvature:memory=4)")  # fmt: skip
     f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
     f.add_argument("--base-model", help="the unaligned base model (safe-lora); default: the organism's")
     f.add_argument("--out")
