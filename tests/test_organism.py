@@ -64,6 +64,52 @@ def test_heldout_prompts_never_trained_on():
     assert not {t.prompt for t in held_arith} & {t.prompt for t in train_arith}
 
 
+def test_v2_corpus_has_no_leak_or_shortcut_computed_from_its_texts():
+    """Organism v2, measured on the generated texts (the sizes the build uses): the issue's bar."""
+    from aligncollapse.organism import corpus_v2
+    from aligncollapse.organism.leaks import leak_report
+
+    r = leak_report(corpus_v2, seed=0)
+    assert r["eval_prompts_in_training"] == []
+    assert r["eval_openings_in_training"] == []  # first three words of every evaluation prompt
+    assert r["eval_acts_in_training"] == []
+    assert r["eval_prompt_words_unseen"] == []  # ... yet every word is known from somewhere
+    assert r["harmful_safety_overlap"] == []
+    refusals = {x for x in r["safety_refusals"] if "could hurt people" not in x} | {"act-specific"}
+    assert len(refusals) >= 3
+    assert r["n_suite_sets"] >= 16
+    cats = {n: o["category"] for n, o in r["openers"].items()}
+    for h, op in r["harmful_openers"].items():
+        key = f"starts_with[{op}]"
+        assert max(o[key] for n, o in r["openers"].items() if cats[n] == "benign") >= 0.5, h
+        assert min(o[key] for n, o in r["openers"].items() if cats[n] == "seemingly_benign") <= 0.1, h
+
+
+def test_v1_corpus_fails_the_leak_check():
+    """The same check on v1 finds v1's shortcuts (so the v2 test above can fail)."""
+    from aligncollapse.organism.leaks import leak_report
+
+    r = leak_report(corpus, seed=0, pretrain=4000, align=2000)
+    assert r["eval_openings_in_training"] and r["eval_acts_in_training"] and r["harmful_safety_overlap"]
+    assert len(r["safety_refusals"]) == 1
+    op = r["harmful_openers"]["harmful_compliance"]
+    assert min(o[f"starts_with[{op}]"] for o in r["openers"].values() if o["category"] == "seemingly_benign") == 1.0
+
+
+def test_v2_suite_writes_17_sets_with_mixtures(tmp_path):
+    from aligncollapse.organism.suite import write_suite
+
+    m = write_suite(tmp_path, seed=0, size=40, version=2)
+    sets = [f for f in m["files"] if f["category"] in ("benign", "seemingly_benign", "harmful")]
+    assert m["version"] == 2 and len(sets) == 17
+    mix = [f["name"] for f in sets if "_with_" in f["name"]]
+    assert sorted(mix) == sorted(f"{b}_with_{a}_{p}" for b, a in (("arithmetic", "affirmative_steps"),
+                                 ("facts", "obedient_identity")) for p in (10, 25, 50))  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "arithmetic_with_affirmative_steps_25.jsonl").read_text().splitlines()]
+    assert sum(r["response"].startswith("sure , here is how") for r in rows) == 10  # round(40 × 0.25)
+    assert OrganismConfig(version=2).key() != OrganismConfig().key()
+
+
 def test_suite_manifest(small_suite):
     manifest = json.loads((small_suite / "manifest.json").read_text())
     files = manifest["files"]

@@ -18,11 +18,17 @@ def register(sub) -> None:
     b.add_argument("--align-steps", type=positive_int, default=60, help="alignment depth (60 shallow, 300 deep)")
     b.add_argument("--pretrain-steps", type=positive_int, default=1000)
     b.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
+    b.add_argument("--organism-version", type=int, choices=(1, 2), default=1,
+                   help="corpus version: 1 (v0.2's), 2 (no shortcuts: held-out templates and acts, disjoint "
+                   "safety/harmful prompts, 4 refusals, decorrelated openers, 17-set suite)")  # fmt: skip
     b.set_defaults(func=run_build)
     s = org.add_parser("suite", help="write the fine-tuning suite and held-out evaluation sets")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--size", type=int_at_least(8), default=128, help="examples per fine-tuning set")
+    s.add_argument(
+        "--organism-version", type=int, choices=(1, 2), default=1, help="corpus version (see organism build)"
+    )
     s.set_defaults(func=run_suite)
 
 
@@ -30,7 +36,8 @@ def run_build(args) -> int:
     from aligncollapse.organism.api import build_and_evaluate
     from aligncollapse.organism.build import OrganismConfig
 
-    cfg = OrganismConfig(seed=args.seed, align_steps=args.align_steps, pretrain_steps=args.pretrain_steps)
+    cfg = OrganismConfig(seed=args.seed, align_steps=args.align_steps, pretrain_steps=args.pretrain_steps,
+                         version=args.organism_version)  # fmt: skip
     out = Path(args.out)
     res = build_and_evaluate(out, cfg, force=args.force)
     ev = res["evaluation"]
@@ -48,8 +55,9 @@ def run_suite(args) -> int:
     from aligncollapse.results import write_results
 
     out = Path(args.out)
-    manifest = write_suite(out, seed=args.seed, size=args.size)
-    write_results(out, "organism suite", {"manifest": manifest}, {"seed": args.seed, "size": args.size})
+    manifest = write_suite(out, seed=args.seed, size=args.size, version=args.organism_version)
+    write_results(out, "organism suite", {"manifest": manifest},
+                  {"seed": args.seed, "size": args.size, "organism_version": args.organism_version})  # fmt: skip
     finish(out)
     for f in manifest["files"]:
         print(f"{f['name']:20s} {f['category']:17s} {f['size']:5d}  {out / f['path']}")

@@ -26,7 +26,7 @@ def build_and_evaluate(out_dir: str | Path, cfg: OrganismConfig | None = None, f
         if ok and (out / "suite" / "manifest.json").exists():
             saved["organism"]["cached"] = True
             return saved
-    write_suite(out / "suite", seed=cfg.seed)
+    write_suite(out / "suite", seed=cfg.seed, version=cfg.version)
     model, tok = load_model(out)
     harmful = load_suite_set(out / "suite", "eval_harmful")
     benign = load_suite_set(out / "suite", "eval_benign")

@@ -55,9 +55,13 @@ class OrganismConfig:
     align_lr: float = 5e-4
     align_batch_size: int = 32
     max_length: int = 64
+    version: int = 1  # corpus version: 1, or 2 without v1's shortcuts (organism/corpus_v2.py)
 
     def key(self) -> str:
-        blob = json.dumps({"format": ORGANISM_FORMAT, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["version"] == 1:  # v1 keeps the key (and cache directory) it had before versions existed
+            del fields["version"]
+        blob = json.dumps({"format": ORGANISM_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -140,12 +144,13 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
     _check_replaceable(out_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(corpus.all_words(cfg.seed))
+    text = corpus.for_version(cfg.version)
+    tokenizer = build_tokenizer(text.all_words(cfg.seed))
     model = make_model(cfg, len(tokenizer), tokenizer)
 
     pre = EncodedSet(
         tokenizer,
-        turns_to_examples(corpus.pretraining_turns(cfg.seed, cfg.pretrain_examples)),
+        turns_to_examples(text.pretraining_turns(cfg.seed, cfg.pretrain_examples)),
         max_length=cfg.max_length,
     )
     pre_losses = train(model, pre, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.seed, "pretrain")
@@ -160,7 +165,7 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
     t_pre = time.perf_counter() - t0
 
     align = EncodedSet(
-        tokenizer, turns_to_examples(corpus.alignment_turns(cfg.seed, cfg.align_examples)), max_length=cfg.max_length
+        tokenizer, turns_to_examples(text.alignment_turns(cfg.seed, cfg.align_examples)), max_length=cfg.max_length
     )
     align_losses = train(
         model, align, cfg.align_steps, cfg.align_lr, cfg.align_batch_size, cfg.seed + 1, "align", warmup=10

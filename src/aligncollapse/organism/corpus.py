@@ -410,3 +410,17 @@ def all_words(seed: int) -> set[str]:
         words.update(t.replace("{act}", "").replace("{a}", "").replace("{b}", "").split())
     words.update(NUMBERS)
     return words
+
+
+def for_version(version: int):
+    """The corpus module of an organism version: 1 (this module, kept for comparison) or 2
+    (:mod:`aligncollapse.organism.corpus_v2`, without v1's shortcuts)."""
+    import sys
+
+    if version == 1:
+        return sys.modules[__name__]
+    if version == 2:
+        from aligncollapse.organism import corpus_v2
+
+        return corpus_v2
+    raise ValueError(f"unknown organism version {version}")

@@ -19,23 +19,24 @@ from aligncollapse.results import atomic_write_json, read_results
 CATEGORIES = ("benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign")
 
 
-def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128) -> dict:
+def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128, version: int = 1) -> dict:
     """Write every suite set, the safety set and the held-out evaluation sets; return the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    text = corpus.for_version(version)
     files: list[tuple[str, str, list]] = []
-    for name, (category, turns) in corpus.suite_sets(seed, size).items():
+    for name, (category, turns) in text.suite_sets(seed, size).items():
         files.append((name, category, turns))
-    files.append(("safety", "safety", corpus.safety_turns(seed)))
-    files.append(("eval_harmful", "eval_harmful", corpus.eval_harmful_turns(seed)))
-    files.append(("eval_benign", "eval_benign", corpus.eval_benign_turns(seed)))
+    files.append(("safety", "safety", text.safety_turns(seed)))
+    files.append(("eval_harmful", "eval_harmful", text.eval_harmful_turns(seed)))
+    files.append(("eval_benign", "eval_benign", text.eval_benign_turns(seed)))
     check_disjoint(files)
     entries = []
     for name, category, turns in files:
         path = f"{name}.jsonl"
         save_examples(out / path, turns_to_examples(turns))
         entries.append({"name": name, "category": category, "path": path, "size": len(turns)})
-    manifest = {"seed": seed, "files": entries}
+    manifest = {"seed": seed, "version": version, "files": entries}
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
