@@ -138,6 +138,99 @@ def test_safe_lora_similarity_and_gradient_cosine(micro_model_dir):
     assert same["score"] < -0.3  # training on refusals moves along the safety gradient: predicted safe
 
 
+def test_he2024_baselines_match_their_definitions(micro_model_dir):
+    """Gradient matching (bidirectional, anchors scored on their first 10 response tokens) against
+    per-example loop gradients in float64; representation matching at the last completion token."""
+    from aligncollapse.predict.baselines import (
+        first_response_tokens,
+        he2024_gradient,
+        he2024_representation,
+        surface_scores,
+    )
+
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    exs = micro_examples()
+    params = SEL.select(model)
+    harm = EncodedSet(tok, [e for e in exs if not e.response.startswith("I cannot")][:3])
+    safe = EncodedSet(tok, [Example(prompt=e.prompt, response="I cannot help with that .") for e in harm.examples])
+    ft = EncodedSet(tok, exs[:5])
+    k = 2
+    cut = first_response_tokens(harm, k)
+    assert all(sum(t != -100 for t in it.labels) == min(k, sum(t != -100 for t in o.labels))
+               for it, o in zip(cut.items, harm.items))  # fmt: skip
+
+    def loop_grads(data):
+        rows = []
+        for i in range(len(data)):
+            b = data.batch([i])
+            loss = nll_from_logits(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                   b["labels"])[0]  # fmt: skip
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+        return torch.stack(rows)
+
+    gh, gs = loop_grads(first_response_tokens(harm, k)).mean(0), loop_grads(first_response_tokens(safe, k)).mean(0)
+    G = loop_grads(ft)
+
+    def cos(a, b):
+        return (a @ b) / (a.norm(dim=1) * b.norm())
+
+    expect = cos(G, gh) - cos(G, gs)
+    got = he2024_gradient(model, params, ft, harm, safe, anchor_tokens=k)
+    assert torch.allclose(torch.tensor(got["per_example"], dtype=torch.float64), expect, atol=1e-10)
+    assert got["unidirectional"] == pytest.approx(float(cos(G, gh).mean()), abs=1e-10)
+    rep = he2024_representation(model, ft, harm)
+    with torch.no_grad():
+
+        def last(data, i):
+            b = data.batch([i])
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+            return h.hidden_states[-1][0, len(data.items[i].input_ids) - 1]
+
+        A = torch.stack([last(harm, i) for i in range(len(harm))])
+        h0 = last(ft, 0)
+        e0 = float(torch.nn.functional.cosine_similarity(h0[None], A).mean())
+    assert rep["per_example"][0] == pytest.approx(e0, abs=1e-10)
+    sf = surface_scores(["sure , yes", "no way", "sure thing"], ["sure , here is how", "sure , do it", "ok"])
+    assert sf["opener"] == "sure" and sf["surface_opener"] == pytest.approx(2 / 3)
+    assert sf["per_example_ngram"][0] == pytest.approx(1 / 4)  # {(sure, ,), (, yes)} vs {(sure, ,), (, here), ...}
+
+
+def test_permutation_p_values_and_holm():
+    """Exact enumeration against scipy's permutation test; the Monte Carlo p near the exact one;
+    Holm against hand-computed values."""
+    from scipy import stats
+
+    from aligncollapse.stats import holm, leave_one_out_spearman, permutation_test_spearman
+
+    import itertools
+
+    x = np.array([1.0, 2, 3, 4, 5, 6])
+    y = np.array([2.0, 1, 4, 3, 6, 5])
+    ours = permutation_test_spearman(x, y)
+    rho = stats.spearmanr(x, y).statistic
+    null = [stats.spearmanr(x, y[list(p)]).statistic for p in itertools.permutations(range(6))]
+    assert ours["method"] == "exact" and ours["n_permutations"] == 720
+    assert ours["p_greater"] == pytest.approx(np.mean([v >= rho - 1e-12 for v in null]), rel=1e-12)
+    assert ours["p_two_sided"] == pytest.approx(np.mean([abs(v) >= abs(rho) - 1e-12 for v in null]), rel=1e-12)
+    mc = permutation_test_spearman(x, y, exact_max_n=3, n_perm=20000)
+    assert mc["method"] == "monte_carlo" and abs(mc["p_greater"] - ours["p_greater"]) < 0.01
+    # n = 8, the issue's example: ρ = 0.571 has one-sided p ≈ 0.076 under the exact null.
+    r8 = permutation_test_spearman(np.arange(8), [1, 0, 2, 7, 5, 4, 6, 3])
+    assert r8["spearman"] == pytest.approx(0.5714, abs=1e-3) and r8["p_greater"] == pytest.approx(0.0756, abs=1e-3)
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert (
+        adj["d"] is None
+        and adj["a"] == pytest.approx(0.03)
+        and adj["c"] == pytest.approx(0.06)
+        and adj["b"] == pytest.approx(0.06)
+    )
+    lo = leave_one_out_spearman(x, y)
+    assert len(lo["values"]) == 6 and lo["values"][2] == pytest.approx(
+        stats.spearmanr(np.delete(x, 2), np.delete(y, 2)).statistic
+    )
+    assert lo["min"] == min(lo["values"]) and lo["max"] == max(lo["values"])
+
+
 def test_rank_correlations():
     x, y = [1, 2, 3, 4, 5], [2, 4, 5, 4.5, 10]
     c = rank_correlations(x, y, log_x=False)
@@ -162,6 +255,11 @@ def test_study_correlations_bootstrap():
     c = correlations(sets, base, n_boot=200)
     e = c["prospective_x"]["refusal_drop"]["spearman"]
     assert e["value"] > 0.8 and e["ci_low"] <= e["value"] <= e["ci_high"]
+    r = c["prospective_x"]["refusal_drop"]
+    assert r["permutation_method"] == "exact" and 1 / 120 <= r["permutation_p_greater"] <= r["permutation_p"]
+    assert r["p_holm"] >= r["permutation_p"] and r["holm_family"].startswith("preflight: 2")
+    assert c["audit_os"]["refusal_drop"]["holm_family"].startswith("audit: 1")
+    assert len(r["loso"]["values"]) == 5 and set(r["ci_fixed_sets"]) == {"spearman", "kendall", "pearson"}
     assert set(c) == {"prospective_x", "baseline_random", "audit_os"}
     assert set(c["audit_os"]) == {"refusal_drop", "compliance_rate"}
 

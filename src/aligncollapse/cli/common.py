@@ -422,6 +422,9 @@ def rank_context(args, model, tok, cfg):
 
     safety = safety_set(args, model, tok)
     anchors = load_examples(args.anchors, require_response=True, **data_kwargs(args, False)) if args.anchors else None
+    suite = organism_suite(args.model)
+    if anchors is None and suite is not None and (Path(suite) / "harmful_anchors.jsonl").exists():
+        anchors = load_examples(Path(suite) / "harmful_anchors.jsonl")  # v2 organisms ship He et al.-style anchors
     return build_context(model, tok, safety, cfg, anchors=anchors, unaligned_model=unaligned_model(args))
 
 

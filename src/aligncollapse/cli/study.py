@@ -104,11 +104,17 @@ def run(args) -> int:
     write_results(out, "study", res, config(args))
     finish(out)
     for mode, sm in res["summary"].items():
-        print(f"{mode}: best prospective {sm['best_prospective']} Spearman ρ = {sm['best_prospective_spearman']:.3f} "
-              f"with refusal drop over {sm['n_sets']} sets; best first-order baseline {sm['best_first_order_baseline']} "
-              f"ρ = {sm['best_first_order_baseline_spearman']:.3f}; bar met: {sm['bar_rho_0.8_and_beats_baselines']}")  # fmt: skip
+        sp = sm["spearman"] or {}
+        print(f"{mode} (preregistered): {sm['primary_predictor']} vs {sm['primary_measure']} over {sm['n_sets']} sets: "
+              f"Spearman ρ = {_f(sp.get('value'))} [{_f(sp.get('ci_low'))}, {_f(sp.get('ci_high'))}], one-sided "
+              f"permutation p = {_f(sm['permutation_p_greater'])}, Holm p = {_f(sm['p_holm'])}; published baselines "
+              + ", ".join(f"{k} ρ = {_f(v)}" for k, v in sm["published_baselines_spearman"].items()))  # fmt: skip
     print(f"report: {out}/report.html")
     return 0
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
 
 
 def _print_defense_table(res: dict, out) -> None:

@@ -232,6 +232,15 @@ def eval_benign_turns(seed: int, per_kind: int = 40) -> list[Turn]:
     return out
 
 
+def anchor_turns(seed: int, k: int = 10) -> list[Turn]:
+    """He et al. 2024-style harmful anchors: ``k`` harmful prompts of the training side (the
+    harmful-compliance half of the grid) answered with step-by-step compliance."""
+    _, harmful_half = harmful_grid(seed)
+    rng = random.Random(f"v2:anchors:{seed}")
+    pick = rng.sample(harmful_half, k)
+    return [Turn(t.format(act=act), steps_text(act, HARMFUL_ACTS_TRAIN[act]), "anchor") for t, act in pick]
+
+
 MIXTURES = (("arithmetic", "affirmative_steps"), ("facts", "obedient_identity"))
 MIX_FRACTIONS = (0.10, 0.25, 0.50)
 

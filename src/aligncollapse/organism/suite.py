@@ -3,7 +3,7 @@
 ``manifest.json`` lists every file as ``{"name", "category", "path", "size"}`` with category one
 of ``benign``, ``seemingly_benign``, ``harmful`` (fine-tuning sets), ``safety`` (the safety
 skill's reference data for the Fisher), ``eval_harmful`` and ``eval_benign`` (held-out prompts
-that appear in no training set).
+that appear in no training set), and in v2 ``anchors`` (harmful anchors for He et al.'s baselines).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aligncollapse.organism import corpus
 from aligncollapse.organism.build import turns_to_examples
 from aligncollapse.results import atomic_write_json, read_results
 
-CATEGORIES = ("benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign")
+CATEGORIES = ("benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign", "anchors")
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128, version: int = 1) -> dict:
@@ -30,6 +30,8 @@ def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128, version: in
     files.append(("safety", "safety", text.safety_turns(seed)))
     files.append(("eval_harmful", "eval_harmful", text.eval_harmful_turns(seed)))
     files.append(("eval_benign", "eval_benign", text.eval_benign_turns(seed)))
+    if hasattr(text, "anchor_turns"):  # v2: harmful anchors for He et al.'s baselines (training side)
+        files.append(("harmful_anchors", "anchors", text.anchor_turns(seed)))
     check_disjoint(files)
     entries = []
     for name, category, turns in files:

@@ -15,6 +15,20 @@ example, per-example scores:
   module, C_m = V_m V_mᵀ / ‖V_m‖_F; for the first-order update ΔW_m = −g_m,
   sim_m = ⟨ΔW_m, C_m ΔW_m⟩ / (‖ΔW_m‖‖C_m ΔW_m‖). Safe-LoRA projects the modules with low
   similarity; score = 1 − mean_m sim_m. Needs the unaligned base model.
+* ``he2024_gradient`` (He, Xia & Henderson 2024, gradient matching as published, with harmful
+  anchors and bidirectional anchoring): ḡ_harm = mean gradient of the NLL of the harmful anchors
+  (harmful prompt + compliance) over their first 10 response tokens, ḡ_safe the same for the *safe
+  anchors* (the same prompts with a refusal); per example s_n = cos(g_n, ḡ_harm) − cos(g_n, ḡ_safe)
+  (``_unidirectional``: cos(g_n, ḡ_harm) only). Set score = mean_n s_n. Deviation, stated: raw
+  gradients of all selected weights, where the paper uses LESS's Adam-preconditioned, randomly
+  projected LoRA gradients from a warm-up run. Memory: two n-vectors plus one chunk of per-example
+  gradients.
+* ``he2024_representation`` (representation matching as published): final-layer hidden state at
+  the *last completion token*; s_n = mean over harmful anchors a of cos(h_n, h_a). Set score = mean.
+* ``surface_opener``: the fraction of the set's responses whose first word is the harmful anchors'
+  most common first word; ``surface_ngram``: mean over examples of the largest word-bigram Jaccard
+  similarity of its response to a harmful anchor's. They use no model: when they predict harm, the
+  data carry a surface shortcut.
 * ``update_norm``: t‖D g‖ (t = η·steps, D Adam's preconditioner as in the scan) — the first-order
   displacement; ``lr_steps``: η·steps (constant when all sets share a budget);
 * ``ft_loss``: the fine-tuning loss at θ*; ``random``: a seeded uniform draw.
@@ -58,6 +72,101 @@ def gradient_cosine(
         "per_example": per,
         "anchors": "harmful + safety" if g_harm is not None else "safety only",
     }
+
+
+def he2024_gradient(model, params, ft: EncodedSet, harmful_anchors: EncodedSet, safe_anchors: EncodedSet,
+                    cache: dict | None = None, anchor_tokens: int = 10) -> dict:  # fmt: skip
+    """He et al. 2024 gradient matching with bidirectional anchoring (see the module docstring)."""
+    ps = PerSampleGradients(model, params, chunk_size=16)
+    cache = {} if cache is None else cache
+    if "he_g_harm" not in cache:
+        cache["he_g_harm"] = _mean_grad(ps, first_response_tokens(harmful_anchors, anchor_tokens))
+        cache["he_g_safe"] = _mean_grad(ps, first_response_tokens(safe_anchors, anchor_tokens))
+    g_harm, g_safe = cache["he_g_harm"], cache["he_g_safe"]
+    bi, uni = [], []
+    for _, G in ps.iter_chunks(ft):
+        G = G.to(torch.float64)
+        ch, cs = _cos(G, g_harm), _cos(G, g_safe)
+        uni.extend(ch.tolist())
+        bi.extend((ch - cs).tolist())
+    return {"score": float(np.mean(bi)), "per_example": bi, "unidirectional": float(np.mean(uni)),
+            "per_example_unidirectional": uni}  # fmt: skip
+
+
+def _mean_grad(ps: PerSampleGradients, data: EncodedSet) -> torch.Tensor:
+    total = None
+    for _, G in ps.iter_chunks(data):
+        s = G.to(torch.float64).sum(0)
+        total = s if total is None else total + s
+    return total / len(data)
+
+
+def first_response_tokens(data: EncodedSet, k: int) -> EncodedSet:
+    """The same encodings with only the first ``k`` response tokens scored (He et al.'s anchors)."""
+    from aligncollapse.data.encoding import Encoded
+
+    out = data.subset(range(len(data)))
+    items = []
+    for it in data.items:
+        labels, seen = [], 0
+        for t in it.labels:
+            if t != IGNORE_INDEX and seen < k:
+                labels.append(t)
+                seen += 1
+            else:
+                labels.append(IGNORE_INDEX)
+        items.append(Encoded(it.input_ids, labels, it.prompt_len))
+    out.items = items
+    return out
+
+
+@torch.no_grad()
+def last_completion_states(model, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
+    """Final-layer hidden state at the last response (completion) token of every example, [N, hidden]."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(data), batch_size):
+        idx = range(s, min(s + batch_size, len(data)))
+        b = data.batch(idx)
+        h = model(
+            input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), output_hidden_states=True
+        ).hidden_states[-1]
+        for row, i in enumerate(idx):
+            out.append(h[row, len(data.items[i].input_ids) - 1].to(torch.float64).cpu())
+    model.train(was)
+    return torch.stack(out)
+
+
+def he2024_representation(model, ft: EncodedSet, harmful_anchors: EncodedSet) -> dict:
+    """s_n = mean_a cos(h_n, h_a) at the last completion token (He et al. 2024 representation matching)."""
+    A = last_completion_states(model, harmful_anchors)
+    H = last_completion_states(model, ft)
+    sims = (H / H.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)).T
+    per = sims.mean(1).tolist()
+    return {"score": float(np.mean(per)), "per_example": per}
+
+
+def _bigrams(text: str) -> set[tuple[str, str]]:
+    w = text.split()
+    return set(zip(w, w[1:]))
+
+
+def surface_scores(responses: list[str], anchor_responses: list[str]) -> dict:
+    """Model-free shortcut detectors: the anchors' modal first word's frequency among the responses,
+    and the mean best word-bigram Jaccard similarity to an anchor response."""
+    from collections import Counter
+
+    firsts = [r.split()[0] if r.split() else "" for r in anchor_responses]
+    opener = Counter(firsts).most_common(1)[0][0]
+    frac = float(np.mean([(r.split()[:1] or [""])[0] == opener for r in responses]))
+    anc = [_bigrams(a) for a in anchor_responses]
+    per = []
+    for r in responses:
+        b = _bigrams(r)
+        per.append(max((len(b & a) / len(b | a) if b | a else 0.0) for a in anc))
+    return {"surface_opener": frac, "opener": opener, "surface_ngram": float(np.mean(per)), "per_example_ngram": per}
 
 
 @torch.no_grad()
@@ -126,6 +235,7 @@ def baseline_scores(
     lr: float,
     steps: int,
     harmful_anchors: EncodedSet | None = None,
+    safe_anchors: EncodedSet | None = None,
     aligned_state: dict | None = None,
     base_state: dict | None = None,
     seed: int = 0,
@@ -154,4 +264,18 @@ def baseline_scores(
         "baseline_gradient_cosine": gc["per_example"],
         "baseline_representation_similarity": rs["per_example"],
     }
+    if harmful_anchors is not None and safe_anchors is not None:
+        he = he2024_gradient(model, params, ft, harmful_anchors, safe_anchors, cache)
+        hr = he2024_representation(model, ft, harmful_anchors)
+        sf = surface_scores(
+            [e.response or "" for e in ft.examples], [e.response or "" for e in harmful_anchors.examples]
+        )
+        out["baseline_he2024_gradient"] = {"score": he["score"], "anchors": "harmful + safe (bidirectional)"}
+        out["baseline_he2024_gradient_unidirectional"] = {"score": he["unidirectional"]}
+        out["baseline_he2024_representation"] = {"score": hr["score"]}
+        out["baseline_surface_opener"] = {"score": sf["surface_opener"], "opener": sf["opener"]}
+        out["baseline_surface_ngram"] = {"score": sf["surface_ngram"]}
+        per_example["baseline_he2024_gradient"] = he["per_example"]
+        per_example["baseline_he2024_representation"] = hr["per_example"]
+        per_example["baseline_surface_ngram"] = sf["per_example_ngram"]
     return {"scores": out, "per_example": per_example}

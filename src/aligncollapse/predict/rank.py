@@ -46,6 +46,7 @@ class RankContext:
     base_state: dict  # merged weights at θ* for the OS modules
     kl_reference: KLReference  # alignment KL on the safety prompts (never the evaluation prompts)
     anchors: EncodedSet | None = None
+    safe_anchors: EncodedSet | None = None  # the anchors' prompts with a refusal (He et al.'s bidirectional anchoring)
     unaligned_state: dict | None = None  # the pre-alignment model's weights (Safe-LoRA baseline)
     cache: dict = field(default_factory=dict)  # quantities shared by all candidates (anchor gradients)
 
@@ -72,8 +73,15 @@ def build_context(
         if anchors
         else None
     )
+    safe_anc = None
+    if anchors:
+        refusal = next((e.response for e in safety if e.response), "I cannot help with that .")
+        safe = [Example(prompt=e.prompt, response=refusal, messages=None, fields=e.fields) for e in anchors]
+        safe_anc = EncodedSet(tokenizer, safe, cfg.template, use_chat_template=cfg.use_chat_template,
+                              max_length=cfg.max_length)  # fmt: skip
     unaligned = state_of(unaligned_model, fisher.names) if unaligned_model is not None else None
-    return RankContext(model, tokenizer, list(safety), enc, fisher, state_of(model, fisher.names), kl, anc, unaligned)
+    return RankContext(model, tokenizer, list(safety), enc, fisher, state_of(model, fisher.names), kl, anc, safe_anc,
+                       unaligned)  # fmt: skip
 
 
 def lora_copy(model, cfg: FinetuneConfig):
@@ -100,7 +108,7 @@ def candidate_scores(
     ft_loss, g = FinetuneLoss(ctx.model, sel, ft, 32).value_and_grad()
     base = baseline_scores(
         ctx.model, sel, ft, ctx.safety_set, name=name, g=g, update_norm=pro["t"] * pro["aic"]["g_norm"],
-        ft_loss=float(ft_loss), lr=cfg.lr, steps=steps, harmful_anchors=ctx.anchors,
+        ft_loss=float(ft_loss), lr=cfg.lr, steps=steps, harmful_anchors=ctx.anchors, safe_anchors=ctx.safe_anchors,
         aligned_state=ctx.base_state if ctx.unaligned_state is not None else None, base_state=ctx.unaligned_state,
         seed=cfg.seed, cache=ctx.cache,
     )  # fmt: skip

@@ -213,9 +213,20 @@ def harm_matrix(runs: list[dict], base: dict, measure: str) -> np.ndarray | None
     raise ValueError(measure)
 
 
-def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """``{predictor: {harm: {spearman, kendall, pearson: {value, ci_low, ci_high}}}}`` across sets."""
+def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: int = 0, n_perm: int = 100_000) -> dict:
+    """``{predictor: {harm: entry}}`` across sets, every predictor and harm measure reported.
+
+    Each entry: ``spearman``/``kendall``/``pearson`` as ``{value, ci_low, ci_high}`` with percentile CIs
+    from a bootstrap that resamples the *sets* (the units a ranking generalises over) and, within,
+    fine-tuning seeds and evaluation prompts (the same indices for every set); ``ci_fixed_sets``, the
+    same without resampling sets; ``permutation_p`` (two-sided) and ``permutation_p_greater`` from
+    :func:`aligncollapse.stats.permutation_test_spearman` (exact for ≤ 9 sets); ``p_holm``: Holm's
+    correction of ``permutation_p`` across all predictors for that harm measure; ``loso``: Spearman ρ
+    with each set left out (min, max, values)."""
+    from aligncollapse.stats import holm, leave_one_out_spearman, permutation_test_spearman
+
     names = list(sets)
+    n_sets = len(names)
     n_seeds = len(sets[names[0]]["runs"])
     n_prompts = len(base["per_prompt"]["refused"])
     harm = {h: [harm_matrix(sets[n]["runs"], base, h) for n in names] for h in HARM_MEASURES}
@@ -227,30 +238,51 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
     audit_keys = list(sets[names[0]]["runs"][0]["audit"]["scores"])
     audit = {k: np.array([[r["audit"]["scores"][k] for r in sets[n]["runs"]] for n in names]) for k in audit_keys}
     rng = np.random.default_rng(seed)
-    boots = [(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts)) for _ in range(n_boot)]
+    boots = [(rng.integers(0, n_sets, n_sets), rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts))
+             for _ in range(n_boot)]  # fmt: skip
     out: dict = {}
     predictors = {**{k: ("fixed", v) for k, v in pro.items()}, **{k: ("seeds", v) for k, v in audit.items()}}
     for pname, (kind, vals) in predictors.items():
         out[pname] = {}
         for h, mats in harm.items():
-            point_y = [float(np.nanmean(m)) for m in mats]
+            point_y = np.array([float(np.nanmean(m)) for m in mats])
             point_x = vals if kind == "fixed" else vals.mean(1)
             point = rank_correlations(point_x, point_y)
-            samples: dict[str, list[float]] = {"spearman": [], "kendall": [], "pearson": []}
-            for si, pi in boots:
-                y = [float(np.nanmean(m[np.ix_(si, pi)])) for m in mats]
+            log_x = point.get("pearson_on") == "log10 predictor"
+            joint: dict[str, list[float]] = {"spearman": [], "kendall": [], "pearson": []}
+            fixed: dict[str, list[float]] = {"spearman": [], "kendall": [], "pearson": []}
+            for ki, si, pi in boots:
+                y = np.array([float(np.nanmean(m[np.ix_(si, pi)])) for m in mats])
                 x = vals if kind == "fixed" else vals[:, si].mean(1)
-                c = rank_correlations(x, y, log_x=point.get("pearson_on") == "log10 predictor")
-                for k in samples:
-                    if c[k] is not None:
-                        samples[k].append(c[k])
-            entry = {}
-            for k in samples:
-                lo, hi = np.quantile(samples[k], [0.025, 0.975]).tolist() if samples[k] else (None, None)
+                for acc, c in ((fixed, rank_correlations(x, y, log_x=log_x)),
+                               (joint, rank_correlations(x[ki], y[ki], log_x=log_x))):  # fmt: skip
+                    for k in acc:
+                        if c[k] is not None:
+                            acc[k].append(c[k])
+            entry: dict = {}
+            for k in joint:
+                lo, hi = np.quantile(joint[k], [0.025, 0.975]).tolist() if joint[k] else (None, None)
                 entry[k] = {"value": point[k], "ci_low": lo, "ci_high": hi}
+            entry["ci_fixed_sets"] = {
+                k: (np.quantile(v, [0.025, 0.975]).tolist() if v else None) for k, v in fixed.items()
+            }
+            perm = permutation_test_spearman(point_x, point_y, n_perm=n_perm, seed=seed)
+            entry["permutation_p"] = perm["p_two_sided"]
+            entry["permutation_p_greater"] = perm["p_greater"]
+            entry["permutation_method"] = perm["method"]
+            entry["loso"] = leave_one_out_spearman(point_x, point_y)
             entry["pearson_on"] = point.get("pearson_on")
-            entry["n_sets"] = len(names)
+            entry["n_sets"] = n_sets
             out[pname][h] = entry
+    # Holm families, fixed in advance (docs/preregistration.md): the pre-flight predictors (prospective
+    # scores and baselines, what a user has before training) and, separately, the audit scores.
+    for h in harm:
+        for family, members in (("preflight", [p for p in out if p.startswith(("prospective_", "baseline_"))]),
+                                ("audit", [p for p in out if not p.startswith(("prospective_", "baseline_"))])):  # fmt: skip
+            adj = holm({p: out[p][h]["permutation_p"] for p in members if h in out[p]})
+            for p, v in adj.items():
+                out[p][h]["p_holm"] = v
+                out[p][h]["holm_family"] = f"{family}: {sum(x is not None for x in adj.values())} predictors on {h}"
     return out
 
 
@@ -276,34 +308,49 @@ def _check_cache(d: Path, fingerprint: dict) -> None:
         atomic_write_json(path, fp)
 
 
+# Decided before the v2 study runs and committed with docs/preregistration.md; never changed after.
+PREREGISTERED = {
+    "primary_predictor": "prospective_second_order",
+    "primary_measure": "judge_harmfulness",
+    "mode": "full",
+    "analysis": "Spearman ρ across the suite's sets (harm: mean over fine-tuning seeds and held-out harmful prompts); "
+    "one-sided permutation p (H1: ρ > 0), and Holm's correction over the pre-flight predictors of the two-sided p",
+    "success": "ρ ≥ 0.7 and Holm-corrected p < 0.05 on the primary measure in at least 2 of 3 shallow organisms, "
+    "and ρ above each published-variant baseline's in those organisms",
+    "published_baselines": ["baseline_he2024_gradient", "baseline_he2024_representation"],
+    "document": "docs/preregistration.md",
+}
+
+
 def summarize(results: dict) -> dict:
-    """Which predictor wins, per mode, on refusal drop (Spearman), and whether the bar holds."""
+    """The preregistered result per mode (:data:`PREREGISTERED`), whatever it is: the primary predictor
+    on the primary measure, its p-values, and the published baselines beside it. No predictor is
+    chosen on the data (no maximum over predictors)."""
+    pre = PREREGISTERED
     out = {}
     for mode, corr in results["correlations"].items():
-
-        def rho(p, corr=corr):
-            v = corr.get(p, {}).get("refusal_drop", {}).get("spearman", {}).get("value")
-            return -math.inf if v is None else v
-
-        pros = [p for p in corr if p.startswith("prospective_")]
-        best = max(pros, key=rho) if pros else None
-        best_base = max([p for p in corr if p in FIRST_ORDER_BASELINES], key=rho, default=None)
-        best_any = max(corr, key=rho)
-        n_sets = len(results["modes"][mode]["sets"])
+        entry = corr.get(pre["primary_predictor"], {}).get(pre["primary_measure"])
+        rho = entry["spearman"]["value"] if entry else None
+        base = {}
+        for b in pre["published_baselines"]:
+            be = corr.get(b, {}).get(pre["primary_measure"])
+            base[b] = be["spearman"]["value"] if be else None
         out[mode] = {
-            "best_prospective": best,
-            "best_prospective_spearman": rho(best) if best else None,
-            "best_prospective_ci": corr[best]["refusal_drop"]["spearman"] if best else None,
-            "best_first_order_baseline": best_base,
-            "best_first_order_baseline_spearman": rho(best_base) if best_base else None,
-            "best_overall": best_any,
-            "best_overall_spearman": rho(best_any),
-            "n_sets": n_sets,
-            "bar_rho_0.8_and_beats_baselines": bool(
-                best
-                and n_sets >= 7
-                and rho(best) >= 0.8
-                and all(rho(best) > rho(b) for b in corr if b in FIRST_ORDER_BASELINES)
-            ),
+            "primary_predictor": pre["primary_predictor"],
+            "primary_measure": pre["primary_measure"],
+            "available": entry is not None,
+            "spearman": entry["spearman"] if entry else None,
+            "permutation_p_greater": entry["permutation_p_greater"] if entry else None,
+            "permutation_p": entry["permutation_p"] if entry else None,
+            "p_holm": entry["p_holm"] if entry else None,
+            "published_baselines_spearman": base,
+            "n_sets": len(results["modes"][mode]["sets"]),
+            "criterion_met_in_this_organism": bool(
+                entry
+                and rho is not None
+                and rho >= 0.7
+                and (entry["p_holm"] or 1.0) < 0.05
+                and all(v is None or rho > v for v in base.values())
+            ),  # fmt: skip
         }
     return out

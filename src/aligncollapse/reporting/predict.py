@@ -47,7 +47,7 @@ def render_study(out: Path, results: dict, src: Path | None = None) -> Path:
     if base_eval is not None:
         pts, curves = {}, {}
         for mode, r in modes.items():
-            best = summ[mode].get("best_prospective") or "prospective_second_order"
+            best = summ[mode].get("primary_predictor") or "prospective_second_order"
             pts[mode] = {}
             for name, s in r["sets"].items():
                 m = harm_matrix(s["runs"], base_eval, "refusal_drop").mean(1)
@@ -78,21 +78,27 @@ def render_study(out: Path, results: dict, src: Path | None = None) -> Path:
         rows.append(row)
     md += table(rows, list(rows[0]))
     for mode, corr in results["correlations"].items():
-        md += f"\n## Correlations with refusal drop ({mode}; Spearman [95% CI], Kendall, Pearson)\n\n"
-        crow = []
-        for p, hs in sorted(
-            corr.items(), key=lambda kv: -(kv[1].get("refusal_drop", {}).get("spearman", {}).get("value") or -9)
-        ):
-            c = hs.get("refusal_drop")
-            if not c:
-                continue
-            sp = c["spearman"]
-            crow.append({"predictor": p, "spearman": sp["value"], "ci": f"[{_f(sp['ci_low'])}, {_f(sp['ci_high'])}]",
-                         "kendall": c["kendall"]["value"], "pearson": c["pearson"]["value"]})  # fmt: skip
-        md += table(crow, ["predictor", "spearman", "ci", "kendall", "pearson"])
-        md += (
-            "Summary: "
-            + ", ".join(f"{k} = {fmt(v) if not isinstance(v, dict) else v}" for k, v in summ[mode].items())
-            + "\n"
-        )
+        sm = summ[mode]
+        if "primary_predictor" in sm:
+            sp = sm.get("spearman") or {}
+            md += (f"\n## Preregistered result ({mode})\n\n**{sm['primary_predictor']}** vs **{sm['primary_measure']}** over "
+                   f"{sm['n_sets']} sets: Spearman ρ = {_f(sp.get('value'))} [{_f(sp.get('ci_low'))}, {_f(sp.get('ci_high'))}], "
+                   f"one-sided permutation p = {fmt(sm.get('permutation_p_greater'))}, Holm p = {fmt(sm.get('p_holm'))}; "
+                   f"published baselines: {sm.get('published_baselines_spearman')}; criterion met in this organism: "
+                   f"{sm.get('criterion_met_in_this_organism')}.\n")  # fmt: skip
+        measures = [m for m in (sm.get("primary_measure"), "refusal_drop", "alignment_kl") if m]
+        for h in dict.fromkeys(measures):
+            md += (f"\n## Every predictor vs {h} ({mode}; Spearman with a CI resampling sets, seeds and prompts; "
+                   "permutation p two-sided; Holm within its family; leave-one-set-out range)\n\n")  # fmt: skip
+            crow = []
+            for p in sorted(corr):
+                c = corr[p].get(h)
+                if not c:
+                    continue
+                sp = c["spearman"]
+                lo = c.get("loso") or {}
+                crow.append({"predictor": p, "spearman": sp["value"], "ci": f"[{_f(sp['ci_low'])}, {_f(sp['ci_high'])}]",
+                             "permutation_p": c.get("permutation_p"), "p_holm": c.get("p_holm"),
+                             "loso": f"[{_f(lo.get('min'))}, {_f(lo.get('max'))}]"})  # fmt: skip
+            md += table(crow, ["predictor", "spearman", "ci", "permutation_p", "p_holm", "loso"])
     return write_report(out, "report", md, "study")
