@@ -225,7 +225,7 @@ def implicit_fisher(
 ) -> tuple[SafetySubspace, dict]:
     """Top-k of F by Lanczos on the matrix-free operator (for models where even G's Gram is too
     costly to build); tr F by Hutchinson with ``hutchinson`` Rademacher probes. Memory O(k·n)."""
-    from aligncollapse.geometry.curvature import FisherOperator, top_eigenpairs
+    from aligncollapse.geometry.curvature import FisherOperator, rademacher, top_eigenpairs
 
     t0 = time.perf_counter()
     blocks = blocks or BlockSelection()
@@ -236,7 +236,7 @@ def implicit_fisher(
     g = torch.Generator().manual_seed(seed)
     est = []
     for _ in range(hutchinson):
-        z = (torch.randint(0, 2, (op.n,), generator=g) * 2 - 1).to(op.dtype)
+        z = rademacher(op, g)
         est.append(float(z @ op.matvec(z)))
     trace = sum(est) / len(est)
     names = list(params)

@@ -51,7 +51,7 @@ from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, generate
-from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, top_eigenpairs
+from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, rademacher, top_eigenpairs
 from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.models import BlockSelection
@@ -107,11 +107,13 @@ def measure_aic(
     Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
     k = min(s.max_d + 1, n - 1)  # one more than the largest d, for the eigengap λ_d − λ_{d+1}
     lam, B = top_eigenpairs(Fop, k=k, seed=s.seed)
-    lam, B = lam.clamp_min(0.0), B.to(torch.float64)
+    # n-vectors (the basis, g, H g, G's rows) live on the model's device in float64; results of size d
+    # or M (coordinates, Gram matrices, bootstrap) are brought to the CPU.
+    lam, B = lam.clamp_min(0.0), B.to(device=Fop.device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(s.seed)
     probes = []
     for _ in range(s.hutchinson):
-        z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(Fop.dtype)
+        z = rademacher(Fop, gen)
         probes.append(float(z @ Fop.matvec(z)))
     trace = max(float(np.mean(probes)), float(lam.sum()))
     d = (
@@ -137,7 +139,7 @@ def measure_aic(
     Fg, FHg = Fop.matvec(gt).to(torch.float64), Fop.matvec(Hg).to(torch.float64)
     gFg, gFHg, HgFHg = float(g64 @ Fg), float(g64 @ FHg), float(Hg64 @ FHg)
     expansion = _expansion(Fop, gt, Hg)
-    a, c = Bd.T @ g64, Bd.T @ Hg64
+    a, c = (Bd.T @ g64).cpu(), (Bd.T @ Hg64).cpu()
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
     gamma = float((lam_d * c * c).sum().sqrt())
@@ -151,7 +153,7 @@ def measure_aic(
     else:
         g_raw = g.to(torch.float64)
         Hg_raw = H.matvec(g).to(torch.float64)
-        a_raw, c_raw = Bd.T @ g_raw, Bd.T @ Hg_raw
+        a_raw, c_raw = (Bd.T @ g_raw).cpu(), (Bd.T @ Hg_raw).cpu()
         flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g_raw @ Fop.matvec(g).to(torch.float64)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
         flow["eps_orth_rel"] = float(a_raw.norm()) / float(g_raw.norm()) if float(g_raw.norm()) else 0.0
@@ -174,7 +176,7 @@ def measure_aic(
         "lambda": float(lam_d[-1]),
         "lambda_max": lam_max,
         "eigengap": float(lam[d - 1] - lam[d]),
-        "basis": Bd,
+        "basis": Bd.cpu(),
         "trace": trace,
         "trace_hutchinson_std": float(np.std(probes, ddof=1)) if len(probes) > 1 else None,
         "tail_mass": max(0.0, trace - float(lam_d.sum())),
@@ -231,7 +233,7 @@ def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -
     """
     M = G.shape[0]
     B = min(max(int(batch_size), 1), M)
-    G64, T64 = G.to(torch.float64), tokens.to(torch.float64)
+    G64, T64 = G.to(torch.float64), tokens.to(device=G.device, dtype=torch.float64)
     gbar = G64.sum(0) / T64.sum()
     r = (G64 - T64[:, None] * gbar) / T64.mean()
     fpc = (M - B) / (M - 1) if M > 1 else 0.0
@@ -264,7 +266,7 @@ def _noise_trace(G, tokens, Fop: GGNOperator, precond, seed: int, max_examples: 
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_examples]
     vals = []
     for i in idx.tolist():
-        dv = (x[i] - xbar).to(Fop.dtype)
+        dv = (x[i] - xbar).to(Fop.acc_dtype)
         vals.append(float(dv.to(torch.float64) @ Fop.matvec(dv).to(torch.float64)))
     m = len(x)
     return {"trace_F_cov": float(np.mean(vals)) * m / max(m - 1, 1), "n_examples": len(vals)}
@@ -291,8 +293,8 @@ def _bootstrap(
         "u_FHg": (G @ FHg / total_tokens).tolist(),
     }
     h_Fg, h_FHg = [], []
-    e = G @ Bd  # per-example coordinates in M
-    gram = G @ G.T
+    e = (G @ Bd).cpu()  # per-example coordinates in M
+    gram = (G @ G.T).cpu()
     # Per-example H_n g (g fixed at the full-data value).
     hc = []
     for i in range(len(ft)):
@@ -302,12 +304,12 @@ def _bootstrap(
         hv = Hi.matvec(g).to(torch.float64) * (tokens[i] / tokens.sum())  # H_i normalised by its own tokens
         if precond is not None:
             hv = hv * precond.to(torch.float64)
-        hc.append(Bd.T @ hv)
+        hc.append((Bd.T @ hv).cpu())
         h_Fg.append(float(hv @ Fg))
         h_FHg.append(float(hv @ FHg))
     per_example["h_Fg"], per_example["h_FHg"] = h_Fg, h_FHg
     hc = torch.stack(hc)  # Σ_i hc_i = Bᵀ H g
-    A = Fop.per_sequence_gram(Bd)  # [K, d, d]
+    A = Fop.per_sequence_gram(Bd).cpu()  # [K, d, d]
     del G
     rng = np.random.default_rng(s.seed)
     M, K = len(ft), A.shape[0]
@@ -365,7 +367,7 @@ def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: Scan
     _, g = FinetuneLoss(model, params, ft, s.batch_size).value_and_grad()
     Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g).to(torch.float64)
     g = g.to(torch.float64)
-    a, c = Bd.T @ g, Bd.T @ Hg
+    a, c = (Bd.T @ g).cpu(), (Bd.T @ Hg).cpu()
     return {
         "eps_orth_rel": float(a.norm()) / float(g.norm()) if float(g.norm()) else 0.0,
         "gamma_rel": float((lam_d * c * c).sum().sqrt()) / float(Hg.norm()) if float(Hg.norm()) else 0.0,
