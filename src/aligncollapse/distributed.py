@@ -85,6 +85,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def shutdown() -> None:
+    """Destroy the default process group, if any (the end of a torchrun worker)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every rank (nothing when not distributed)."""
     if is_distributed():

@@ -78,6 +78,8 @@ class ScanSettings:
     max_length: int = 512
     batch_size: int = 32
     blocks: BlockSelection = field(default_factory=lambda: BlockSelection(trainable_only=True))
+    max_memory: int | None = None  # bytes the planned peak may reach (None: no check)
+    max_memory_flag: str | None = None  # how the user gave it (for the error message)
 
 
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:
@@ -102,10 +104,11 @@ def measure_aic(
     n = sum(p.numel() for p in params.values())
     if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
-    ref = reference_data(model, tokenizer, safety, s)
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
-    Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
     k = min(s.max_d + 1, n - 1)  # one more than the largest d, for the eigengap λ_d − λ_{d+1}
+    plan = plan_memory(model, tokenizer, params, safety, ft, s, k)
+    ref = reference_data(model, tokenizer, safety, s)
+    Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
     lam, B = top_eigenpairs(Fop, k=k, seed=s.seed)
     # n-vectors (the basis, g, H g, G's rows) live on the model's device in float64; results of size d
     # or M (coordinates, Gram matrices, bootstrap) are brought to the CPU.
@@ -164,6 +167,7 @@ def measure_aic(
     lam_max = float(lam[0])
     sharp = float(lam_d[-1]) / (trace / n)
     out = {
+        "memory_plan": plan,
         "n_parameters": n,
         "n_safety": len(ref),
         "n_finetune": len(ft),
@@ -219,6 +223,32 @@ def measure_aic(
     out["hessian_matvecs"] = H.matvecs
     out["fisher_matvecs"] = Fop.matvecs
     return out
+
+
+def plan_memory(model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: ScanSettings, k: int) -> dict:
+    """The scan's memory plan (:mod:`aligncollapse.geometry.memory`), logged one line per stage, and
+    a one-line :class:`UserError` when its peak exceeds ``s.max_memory`` -- before any heavy work.
+    T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens."""
+    from aligncollapse.data.encoding import encode
+    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, scan_memory_plan
+    from aligncollapse.progress import log
+
+    prompt_lens = [
+        len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
+        for e in safety
+    ]  # fmt: skip
+    seq = max([len(it.input_ids) for it in ft.items] + [min(p + 32, s.max_length) for p in prompt_lens])
+    plan = scan_memory_plan(
+        model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=seq,
+        batch_size=s.batch_size, k=k, optimizer=s.optimizer,
+    )  # fmt: skip
+    for name, nbytes in plan["stages"].items():
+        log(f"[memory plan] {name}: {format_size(nbytes)}")
+    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
+    check_fits(plan, s.max_memory, given=s.max_memory_flag)
+    plan["limit_bytes"] = s.max_memory
+    return plan
 
 
 def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
