@@ -15,17 +15,20 @@ Building blocks:
   product; attention scores and probabilities in float32), plus the logits (in the model's dtype,
   upcast to float32, log-softmax and its gradient).
 
-Stages (each includes W; from the Lanczos stage on, the k·n·8 eigenvector basis stays resident):
+Stages, in the scan's order (each includes W; from the Lanczos stage on, the k·n·8 eigenvector basis
+stays resident, and from the fine-tuning side on, R = 12·n·8 for g, H g, H²g, F g, F Hg and their
+float64 copies):
 
 * generate   W + 2·L·B·T·h·b + B·T·V·4                      (KV cache and one step's logits)
 * lanczos    W + (ncv + k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4
              (ARPACK's basis, Ritz vectors and workspace; the GGN product's tangents, output and
              pulled-back gradient; jvp keeps primal and tangent activations, vjp its own; p, Jv, H Jv)
-* hessian    W + k·n·8 + 6·n·a + 3·act(B)                   (double backward keeps the first
-             backward's graph: about three forward passes' worth; g, v, Hv, the gradients)
 * per_sample W + k·n·8 + M·n·(b + 8) + c·n·b + 2·c·act(1)   (G in the model's dtype and its float64
              copy, alive together while converting; one chunk's vmapped gradients and activations)
-* statistics W + k·n·8 + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4
+* hessian    W + k·n·8 + R + M·n·8 + 6·n·a + 3·act(B)       (G is resident while H g, H²g and the
+             bootstrap's per-example H_n g are computed; double backward keeps the first backward's
+             graph, about three forward passes' worth; v, Hv, the gradients)
+* statistics W + k·n·8 + R + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4
              (G, one scaled copy (noise trace, AdamW's D·G), AdamW's residuals r and r², the Gram
              matrix G Gᵀ, and the per-prompt Gram's Jacobian-basis products [B, k, T, V])
 
@@ -113,14 +116,15 @@ def scan_memory_plan(
     W = s.n_total * b
     ncv = min(n, max(2 * k + 1, 20))
     basis = k * n * 8
+    R = 12 * n * 8
     Bs, Bf = max(1, min(batch_size, n_safety)), max(1, min(batch_size, M))
     c = max(1, min(chunk_size, M))
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4,
-        "hessian": W + basis + 6 * n * a + 3 * activation_bytes(s, Bf, T),
         "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T),
-        "statistics": W + basis + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
+        "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T),
+        "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
     }
     peak_stage = max(stages, key=stages.get)
     return {
