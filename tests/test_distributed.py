@@ -23,6 +23,16 @@ TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for the in-process reference runs too (two processes share two cores;
+    busy OpenMP threads spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,11 +67,7 @@ def test_distributed_products_match_one_process(tmp_path, micro_model_dir):
     """GGN and Fisher products, the gradient, H g, the expansion forms and the top-3 eigenpairs."""
     import distributed_products
 
-    threads = torch.get_num_threads()
-    try:  # the single-process reference runs in this process
-        distributed_products.main(str(micro_model_dir), str(tmp_path / "one"))
-    finally:
-        torch.set_num_threads(threads)
+    distributed_products.main(str(micro_model_dir), str(tmp_path / "one"))  # the reference, in this process
     two = _torchrun(str(TESTS / "distributed_products.py"), str(micro_model_dir), str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
     a = torch.load(tmp_path / "one" / "products.pt")
@@ -83,8 +89,7 @@ def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_su
     """``torchrun -m aligncollapse scan`` reproduces λ, ε_orth and γ; only rank 0 writes."""
     args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
             "--limit", "4", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "3",
-            "--n-boot", "20", "--threshold", "0.5"]  # fmt: skip
-    # (no --d: torchrun's own parser reads "--d" as an ambiguous abbreviation of its options)
+            "--subspace-d", "2", "--n-boot", "20", "--threshold", "0.5"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -93,5 +98,5 @@ def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_su
     assert a["world_size"] == 1 and b["world_size"] == 2
     for key in ("lambda", "eps_orth", "gamma", "g_norm", "Hg_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
-    assert b["verdict"] == a["verdict"]
+    assert a["d"] == b["d"] == 2 and b["verdict"] == a["verdict"]
     assert two.stdout.count("verdict:") == 1  # rank 0 alone prints

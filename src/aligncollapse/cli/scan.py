@@ -52,7 +52,13 @@ def register(sub) -> argparse.ArgumentParser:
         "--batch-size", type=nonneg_int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
     )
     sc.add_argument(
-        "--d", type=subspace_d, default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap"
+        "--d",
+        "--subspace-d",
+        dest="d",
+        type=subspace_d,
+        default="energy:0.9",
+        help="subspace dimension: an integer, energy:F or eigengap (--subspace-d under torchrun, whose parser "
+        "takes --d for an abbreviation of its own flags)",
     )
     sc.add_argument("--max-d", type=positive_int, default=16, help="eigenpairs computed by Lanczos")
     sc.add_argument(

@@ -97,7 +97,15 @@ def _ci(samples: np.ndarray, value: float) -> dict:
 def measure_aic(
     model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: ScanSettings | None = None
 ) -> dict:
-    """All AIC quantities, CIs, the regime and verdict, and the forecast. Does not modify the model."""
+    """All AIC quantities, CIs, the regime and verdict, and the forecast. Does not modify the model.
+
+    The memory plan (``memory_plan``) is computed and checked against ``s.max_memory`` first. Under
+    torchrun every rank runs this function: the gradient, Hessian and Fisher products split their
+    batches over the ranks and all-reduce (:mod:`aligncollapse.distributed`); the reference
+    generation, ARPACK's iterations, the per-sample gradient matrix, the per-prompt Gram matrices and
+    the bootstrap are not sharded and run on every rank identically, so every rank returns the same
+    results.
+    """
     s = s or ScanSettings()
     t0 = time.perf_counter()
     params = s.blocks.select(model)
