@@ -98,5 +98,10 @@ def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_su
     assert a["world_size"] == 1 and b["world_size"] == 2
     for key in ("lambda", "eps_orth", "gamma", "g_norm", "Hg_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    # the bootstrap's per-example H_n g, split over the ranks one example each, and its CIs
+    for key in ("h_Fg", "h_FHg", "u_Fg"):
+        assert b["per_example"][key] == pytest.approx(a["per_example"][key], rel=1e-4, abs=1e-12), key
+    for key in ("gamma", "eps_orth"):
+        assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-4), key
     assert a["d"] == b["d"] == 2 and b["verdict"] == a["verdict"]
     assert two.stdout.count("verdict:") == 1  # rank 0 alone prints

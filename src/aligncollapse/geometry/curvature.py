@@ -39,8 +39,18 @@ from aligncollapse.losses import nll_from_logits, upcast
 class CurvatureOperator:
     """Base: a symmetric n×n operator on the flattened selected parameters."""
 
-    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], data: EncodedSet, batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        params: OrderedDict[str, torch.nn.Parameter],
+        data: EncodedSet,
+        batch_size: int = 32,
+        sharded: bool = True,
+    ):
+        """``sharded=False``: this rank computes the whole product alone (for work that is already
+        split over the ranks one level up, e.g. one example per rank); it never communicates."""
         self.model = model
+        self.sharded = sharded
         self.params = params
         self.names = list(params)
         self.data = data
@@ -78,12 +88,16 @@ class CurvatureOperator:
 
     def _batches(self, sharded: bool = True):
         """The data's batches on the model's device: this rank's round-robin share of them when
-        running distributed (``sharded``), all of them otherwise."""
+        running distributed (``sharded`` and the operator's ``sharded``), all of them otherwise."""
         dev = next(self.model.parameters()).device
         starts = list(range(0, len(self.data), self.batch_size))
-        for s in shard(starts) if sharded else starts:
+        for s in shard(starts) if sharded and self.sharded else starts:
             b = self.data.batch(range(s, min(s + self.batch_size, len(self.data))))
             yield {k: v.to(dev) for k, v in b.items()}
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
+        return all_reduce_sum(t) if self.sharded else t
 
     def _batch_loss(self, b) -> torch.Tensor:
         """Summed response-token NLL of one batch (with graph)."""
@@ -130,8 +144,8 @@ class FinetuneLoss(CurvatureOperator):
             g += self._flat(grads).detach()
             val += loss.detach().to(torch.float64)
         self.model.train(was)
-        all_reduce_sum(g)
-        return float(all_reduce_sum(val)), g
+        self._reduce(g)
+        return float(self._reduce(val)), g
 
 
 def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
@@ -158,7 +172,7 @@ class HessianOperator(CurvatureOperator):
             hv = torch.autograd.grad(dot, plist, allow_unused=True)
             out += self._flat(hv).detach()
         self.model.train(was)
-        return all_reduce_sum(out)
+        return self._reduce(out)
 
 
 class _FunctionalMixin:
@@ -214,7 +228,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
             _, pull = vjp(f, *self._primals())
             out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.acc_dtype)
         self.model.train(was)
-        return all_reduce_sum(out)
+        return self._reduce(out)
 
     def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
         """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
@@ -263,7 +277,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
             for k in acc:
                 acc[k] += forms[k] / total
         self.model.train(was)
-        summed = all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
+        summed = self._reduce(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
         return dict(zip(acc, summed.tolist()))
 
 
@@ -335,7 +349,7 @@ class FisherOperator(_FunctionalMixin, CurvatureOperator):
             _, pull = vjp(fn, *self._primals())
             out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.acc_dtype) / N
         self.model.train(was)
-        return all_reduce_sum(out)
+        return self._reduce(out)
 
 
 def rademacher(op: CurvatureOperator, generator: torch.Generator) -> torch.Tensor:

@@ -49,6 +49,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.distributed import all_reduce_sum, shard
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, generate
 from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, rademacher, top_eigenpairs
@@ -330,23 +331,25 @@ def _bootstrap(
         "u_Fg": (G @ Fg / total_tokens).tolist(),
         "u_FHg": (G @ FHg / total_tokens).tolist(),
     }
-    h_Fg, h_FHg = [], []
     e = (G @ Bd).cpu()  # per-example coordinates in M
     gram = (G @ G.T).cpu()
-    # Per-example H_n g (g fixed at the full-data value).
-    hc = []
-    for i in range(len(ft)):
+    # Per-example H_n g (g fixed at the full-data value): the examples are split over the ranks, each
+    # example's product is computed whole by one rank, and the small [M, d + 2] table is all-reduced.
+    d = Bd.shape[1]
+    rows = torch.zeros(len(ft), d + 2, dtype=torch.float64, device=Bd.device)  # Bᵀ h_n, h_nᵀF g, h_nᵀF Hg
+    for i in shard(range(len(ft))):
         one = EncodedSet.__new__(EncodedSet)
         one.examples, one.items, one.pad_id = [ft.examples[i]], [ft.items[i]], ft.pad_id
-        Hi = HessianOperator(model, params, one, 1)
+        Hi = HessianOperator(model, params, one, 1, sharded=False)
         hv = Hi.matvec(g).to(torch.float64) * (tokens[i] / tokens.sum())  # H_i normalised by its own tokens
         if precond is not None:
             hv = hv * precond.to(torch.float64)
-        hc.append((Bd.T @ hv).cpu())
-        h_Fg.append(float(hv @ Fg))
-        h_FHg.append(float(hv @ FHg))
-    per_example["h_Fg"], per_example["h_FHg"] = h_Fg, h_FHg
-    hc = torch.stack(hc)  # Σ_i hc_i = Bᵀ H g
+        rows[i, :d] = Bd.T @ hv
+        rows[i, d] = hv @ Fg
+        rows[i, d + 1] = hv @ FHg
+    rows = all_reduce_sum(rows).cpu()
+    per_example["h_Fg"], per_example["h_FHg"] = rows[:, d].tolist(), rows[:, d + 1].tolist()
+    hc = rows[:, :d]  # Σ_i hc_i = Bᵀ H g
     A = Fop.per_sequence_gram(Bd).cpu()  # [K, d, d]
     del G
     rng = np.random.default_rng(s.seed)
