@@ -56,7 +56,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_helpers_are_identities_without_a_process_group():
+def test_distributed_helpers_are_identities_without_a_process_group():
     assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
     t = torch.arange(3.0)
