@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "aligncollapse"
 
 # Pipeline order: a module may import its own stage or an earlier one, never a later one.
 STAGES = [
-    ("base", {"errors", "progress", "results", "stats", "__init__"}),
+    ("base", {"errors", "progress", "results", "stats", "distributed", "__init__"}),
     ("data", {"data"}),
     ("models", {"models", "losses"}),
     ("evaluation", {"evaluation"}),

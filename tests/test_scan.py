@@ -111,6 +111,11 @@ def test_scan_cli_writes_results_and_report(tmp_path, tiny_model_dir, small_suit
     for key in ("lambda", "tail_mass", "eps_orth", "gamma", "regime", "verdict", "forecast", "ci", "properties"):
         assert key in res
     assert res["model_unchanged"] is True
+    plan = res["memory_plan"]  # planned before any heavy work, recorded with the results
+    assert set(plan["stages"]) == {"generate", "lanczos", "hessian", "per_sample", "statistics"}
+    assert plan["peak_bytes"] == plan["stages"][plan["peak_stage"]] > plan["inputs"]["n_total"] * 4
+    assert plan["inputs"]["n"] == res["n_parameters"] and plan["inputs"]["M"] == res["n_finetune"]
+    assert plan["limit_bytes"] > 0  # --max-memory auto: the available RAM
     assert res["regime"] in ("first-order", "second-order", "second-order beyond the validity horizon")
     fc = res["forecast"]
     assert fc["planned_steps"] == 50 and 50 in fc["steps"]

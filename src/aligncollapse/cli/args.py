@@ -159,6 +159,21 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 
+def memory_size(text: str) -> str:
+    """``auto`` or a size (``16GB``, ``500MB``, ``1.5GiB``, a number of bytes), checked before any work."""
+    if text == "auto":
+        return text
+    from aligncollapse.geometry.memory import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' or a size such as 16GB, 500MB or 123456, got {text!r}"
+        ) from None
+    return text
+
+
 def dtype(text: str) -> str:
     from aligncollapse.models import DTYPES
 

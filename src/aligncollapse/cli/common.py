@@ -367,6 +367,17 @@ def scan_settings(args):
     )  # fmt: skip
 
 
+def memory_limit(spec: str, device) -> tuple[int, str]:
+    """``--max-memory`` in bytes (``auto``: what ``device`` offers) and how it was given."""
+    from aligncollapse.geometry.memory import available_memory, parse_size
+
+    if spec == "auto":
+        return available_memory(
+            device
+        ), f"auto ({'device memory' if str(device).startswith('cuda') else 'available RAM'})"
+    return parse_size(spec), spec
+
+
 def lora_settings(args):
     from aligncollapse.models import LoraSettings
 

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from aligncollapse import __version__
+from aligncollapse import __version__, distributed
 from aligncollapse.cli import demo, evaluate, finetune, fisher, organism, rank, report, scan, study, theory, validate
 from aligncollapse.cli.args import Parser
 from aligncollapse.cli.common import lock_out, out_dir, prepare_out, quiet_libraries
@@ -53,6 +53,21 @@ def _remove_if_empty(path: Path | None) -> None:
 
 # Commands that manage their --out themselves (organism build publishes a whole directory).
 UNLOCKED = {"report", "organism build"}
+# Commands that split their work over torchrun's processes (rank 0 writes and prints).
+DISTRIBUTED = {"scan"}
+
+
+def _start_distributed(args, name: str) -> None:
+    """Under torchrun: join the process group, give each rank its own GPU, silence all but rank 0."""
+    if not distributed.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if name not in DISTRIBUTED:
+        raise UserError(f"{name} does not run under torchrun; only {', '.join(sorted(DISTRIBUTED))} does")
+    distributed.init_from_env(getattr(args, "device", None))
+    if hasattr(args, "device"):
+        args.device = distributed.local_device(args.device)
+    if not distributed.is_main():
+        os.environ["ALIGNCOLLAPSE_QUIET"] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.command + (f" {args.organism_command}" if args.command == "organism" else "")
     created: Path | None = None
     try:
+        _start_distributed(args, name)
         with contextlib.ExitStack() as stack:
-            if hasattr(args, "out") and name not in UNLOCKED:
+            stack.callback(distributed.shutdown)
+            if hasattr(args, "out") and name not in UNLOCKED and distributed.is_main():
                 out = out_dir(args, args.command)
                 created = None if out.exists() else out
                 out = prepare_out(out, flag="--out", command=name)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from aligncollapse.cli.args import int_at_least, nonneg_int, positive_float, positive_int, seed, subspace_d, threshold
+from aligncollapse.cli.args import (
+    int_at_least,
+    memory_size,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed,
+    subspace_d,
+    threshold,
+)
 from aligncollapse.cli.common import (
     add_data_args,
     add_lora_args,
@@ -12,6 +21,7 @@ from aligncollapse.cli.common import (
     config,
     finish,
     lora_settings,
+    memory_limit,
     out_dir,
     safety_set,
     scan_settings,
@@ -42,7 +52,13 @@ def register(sub) -> argparse.ArgumentParser:
         "--batch-size", type=nonneg_int, default=16, help="planned mini-batch size (0: the whole set, gradient descent)"
     )
     sc.add_argument(
-        "--d", type=subspace_d, default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap"
+        "--d",
+        "--subspace-d",
+        dest="d",
+        type=subspace_d,
+        default="energy:0.9",
+        help="subspace dimension: an integer, energy:F or eigengap (--subspace-d under torchrun, whose parser "
+        "takes --d for an abbreviation of its own flags)",
     )
     sc.add_argument("--max-d", type=positive_int, default=16, help="eigenpairs computed by Lanczos")
     sc.add_argument(
@@ -55,6 +71,13 @@ def register(sub) -> argparse.ArgumentParser:
     sc.add_argument("--layers")
     sc.add_argument("--modules")
     sc.add_argument("--seed", type=seed, default=0)
+    sc.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default="auto",
+        help="stop before any heavy work when the planned peak exceeds this: a size (16GB, 500MB, bytes) or "
+        "auto (the CUDA device's memory, else the available RAM; default)",
+    )
     sc.add_argument("--out")
     add_data_args(sc, "--finetune")
     sc.set_defaults(func=run)
@@ -62,6 +85,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.models import apply_lora, load_model
     from aligncollapse.results import write_results
     from aligncollapse.scan.run import run_scan
@@ -74,8 +98,11 @@ def run(args) -> int:
         model = apply_lora(model, lora)
     before = weights_digest(model)
     s = scan_settings(args)
+    s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "scan")
     res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
+    if not distributed.is_main():  # under torchrun the other ranks only compute
+        return 0
     after = weights_digest(model)
     res["model_unchanged"] = before == after
     write_results(out, "scan", res, config(args))

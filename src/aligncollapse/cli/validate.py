@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.common import config, finish, out_dir, safety_set, scan_settings, training_data
+from aligncollapse.cli.common import (
+    config,
+    finish,
+    memory_limit,
+    out_dir,
+    safety_set,
+    scan_settings,
+    training_data,
+)
 from aligncollapse.errors import UserError
 
 
@@ -27,6 +35,7 @@ def run(args) -> int:
             "validate compares against gradient flow: use --optimizer sgd (AdamW forecasts are a stated approximation)"
         )
     s = scan_settings(args)
+    s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "validate")
     res = run_validate(model, tok, safety, finetune, out, s, label=args.finetune)
     write_results(out, "validate", res, config(args))

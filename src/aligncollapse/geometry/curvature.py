@@ -10,6 +10,15 @@ Every operator maps a flat vector v ∈ ℝⁿ (the selected blocks, in order) t
   Gauss-Newton of the same token-mean loss), by forward-mode jvp then vjp.
 * ``FisherOperator``: F v = (1/N) Gᵀ G v with G the per-sequence gradients of −log π(y|x)
   (matrix-free: one jvp and one vjp pass per product, G never stored).
+
+Device and precision: products accept a vector of any dtype on any device, and return it on the
+parameters' device in ``acc_dtype`` (float32 for half-precision and float32 models, float64 for
+float64 ones): every sum over batches, and every dot product, is accumulated in at least float32, so a
+bfloat16 model differs from a float32 one only by the rounding inside each batch's forward/backward.
+
+Distributed (torchrun): each rank takes its round-robin share of the batches
+(:func:`aligncollapse.distributed.shard`) and the accumulated products are summed over ranks, so every
+rank returns the same vector; normalisations (token counts, N) are always over the whole data set.
 """
 
 from __future__ import annotations
@@ -23,27 +32,48 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp, vjp
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
+from aligncollapse.distributed import all_reduce_sum, shard
 from aligncollapse.losses import nll_from_logits, upcast
 
 
 class CurvatureOperator:
     """Base: a symmetric n×n operator on the flattened selected parameters."""
 
-    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], data: EncodedSet, batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        params: OrderedDict[str, torch.nn.Parameter],
+        data: EncodedSet,
+        batch_size: int = 32,
+        sharded: bool = True,
+    ):
+        """``sharded=False``: this rank computes the whole product alone (for work that is already
+        split over the ranks one level up, e.g. one example per rank); it never communicates."""
         self.model = model
+        self.sharded = sharded
         self.params = params
         self.names = list(params)
         self.data = data
         self.batch_size = batch_size
         self.n = sum(p.numel() for p in params.values())
-        self.dtype = next(iter(params.values())).dtype
+        first = next(iter(params.values()))
+        self.dtype = first.dtype
+        self.device = first.device
+        # Accumulation dtype: never below float32 (bf16/fp16 sums lose digits after a few hundred terms).
+        self.acc_dtype = torch.promote_types(self.dtype, torch.float32)
         self.matvecs = 0
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n, self.n)
 
+    def zeros(self) -> torch.Tensor:
+        """A zero n-vector for accumulation (``acc_dtype``, on the parameters' device)."""
+        return torch.zeros(self.n, dtype=self.acc_dtype, device=self.device)
+
     def _unflat(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Split a flat vector (any dtype, any device) into per-block tensors in each block's dtype and device."""
+        v = v.to(self.device)
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         off = 0
         for n, p in self.params.items():
@@ -56,10 +86,18 @@ class CurvatureOperator:
             [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.params.values())]
         )
 
-    def _batches(self):
+    def _batches(self, sharded: bool = True):
+        """The data's batches on the model's device: this rank's round-robin share of them when
+        running distributed (``sharded`` and the operator's ``sharded``), all of them otherwise."""
         dev = next(self.model.parameters()).device
-        for b in self.data.batches(self.batch_size):
+        starts = list(range(0, len(self.data), self.batch_size))
+        for s in shard(starts) if sharded and self.sharded else starts:
+            b = self.data.batch(range(s, min(s + self.batch_size, len(self.data))))
             yield {k: v.to(dev) for k, v in b.items()}
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
+        return all_reduce_sum(t) if self.sharded else t
 
     def _batch_loss(self, b) -> torch.Tensor:
         """Summed response-token NLL of one batch (with graph)."""
@@ -77,15 +115,16 @@ class CurvatureOperator:
 
     def dense(self) -> torch.Tensor:
         """The full matrix by n products (tests and tiny models only)."""
-        eye = torch.eye(self.n, dtype=self.dtype)
+        eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
         return torch.stack([self.matvec(eye[i]) for i in range(self.n)], dim=1)
 
     def to_scipy(self):
         from scipy.sparse.linalg import LinearOperator
 
-        def mv(x: np.ndarray) -> np.ndarray:
-            out = self.matvec(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1)).to(self.dtype))
-            return out.detach().to(torch.float64).numpy()
+        def mv(x: np.ndarray) -> np.ndarray:  # the only host <-> device crossing of the operators
+            v = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(-1))
+            out = self.matvec(v.to(device=self.device, dtype=self.dtype))
+            return out.detach().to(device="cpu", dtype=torch.float64).numpy()
 
         return LinearOperator(self.shape, matvec=mv, dtype=np.float64)
 
@@ -95,17 +134,18 @@ class FinetuneLoss(CurvatureOperator):
 
     def value_and_grad(self) -> tuple[float, torch.Tensor]:
         total = self._total_tokens()
-        g = torch.zeros(self.n, dtype=self.dtype)
-        val = 0.0
+        g = self.zeros()
+        val = torch.zeros((), dtype=torch.float64, device=self.device)
         was = self.model.training
         self.model.eval()
         for b in self._batches():
             loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
             g += self._flat(grads).detach()
-            val += loss.item()
+            val += loss.detach().to(torch.float64)
         self.model.train(was)
-        return val, g
+        self._reduce(g)
+        return float(self._reduce(val)), g
 
 
 def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
@@ -120,18 +160,19 @@ class HessianOperator(CurvatureOperator):
         self.matvecs += 1
         total = self._total_tokens()
         vs = self._unflat(v)
-        out = torch.zeros(self.n, dtype=self.dtype)
+        out = self.zeros()
         plist = list(self.params.values())
+        acc = self.acc_dtype
         was = self.model.training
         self.model.eval()
         for b in self._batches():
             loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
-            dot = sum((g * vs[n]).sum() for g, n in zip(grads, self.names) if g is not None)
+            dot = sum((g.to(acc) * vs[n].to(acc)).sum() for g, n in zip(grads, self.names) if g is not None)
             hv = torch.autograd.grad(dot, plist, allow_unused=True)
             out += self._flat(hv).detach()
         self.model.train(was)
-        return out
+        return self._reduce(out)
 
 
 class _FunctionalMixin:
@@ -171,7 +212,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         self.matvecs += 1
         total = self._total_tokens() if self.per == "token" else len(self.data)
         vs = tuple(self._unflat(v).values())
-        out = torch.zeros(self.n, dtype=self.dtype)
+        out = self.zeros()
         was = self.model.training
         self.model.eval()
         for b in self._batches():
@@ -185,9 +226,9 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
             hjv = hjv * mask.unsqueeze(-1) / total
             hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
             _, pull = vjp(f, *self._primals())
-            out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.dtype)
+            out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.acc_dtype)
         self.model.train(was)
-        return out
+        return self._reduce(out)
 
     def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
         """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
@@ -197,7 +238,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         was = self.model.training
         self.model.eval()
         with torch.no_grad():
-            for b in self._batches():
+            for b in self._batches(sharded=False):
                 f = self._logits_fn(b)
                 jvs, p = [], None
                 for tan in tangents:
@@ -236,7 +277,8 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
             for k in acc:
                 acc[k] += forms[k] / total
         self.model.train(was)
-        return acc
+        summed = self._reduce(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
+        return dict(zip(acc, summed.tolist()))
 
 
 @contextlib.contextmanager
@@ -298,16 +340,23 @@ class FisherOperator(_FunctionalMixin, CurvatureOperator):
         self.matvecs += 1
         N = len(self.data)
         vs = tuple(self._unflat(v).values())
-        out = torch.zeros(self.n, dtype=self.dtype)
+        out = self.zeros()
         was = self.model.training
         self.model.eval()
         for b in self._batches():
             fn = self._losses_fn(b)
             _, gv = jvp(fn, self._primals(), vs)
             _, pull = vjp(fn, *self._primals())
-            out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.dtype) / N
+            out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.acc_dtype) / N
         self.model.train(was)
-        return out
+        return self._reduce(out)
+
+
+def rademacher(op: CurvatureOperator, generator: torch.Generator) -> torch.Tensor:
+    """A ±1 probe for Hutchinson's trace estimator: drawn on the CPU from ``generator`` (the same
+    numbers on every device and rank), then moved to the operator's device in its ``acc_dtype``."""
+    z = torch.randint(0, 2, (op.n,), generator=generator) * 2 - 1
+    return z.to(device=op.device, dtype=op.acc_dtype)
 
 
 def top_eigenpairs(

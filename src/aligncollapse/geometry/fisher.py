@@ -106,7 +106,7 @@ def _groups(sizes: list[int], n_rows: int, itemsize: int, budget: int) -> list[l
 
 def _lift(G: torch.Tensor, Uk: torch.Tensor, dtype, cols: int = 1 << 16) -> torch.Tensor:
     """Gᵀ U in ``dtype``, converting G a column slice at a time."""
-    out = torch.empty(G.shape[1], Uk.shape[1], dtype=dtype)
+    out = torch.empty(G.shape[1], Uk.shape[1], dtype=dtype, device=G.device)
     for s in range(0, G.shape[1], cols):
         out[s : s + cols] = G[:, s : s + cols].to(dtype).T @ Uk
     return out
@@ -139,27 +139,29 @@ def exact_fisher(
     itemsize = next(iter(params.values())).element_size()
     groups = _groups(sizes, N, itemsize, memory_budget)
     dtype = torch.float64
-    K = torch.zeros(N, N, dtype=dtype)
+    dev = next(iter(params.values())).device  # G's rows live there (PerSampleGradients.matrix)
+    K = torch.zeros(N, N, dtype=dtype, device=dev)
     block_grams: OrderedDict[str, torch.Tensor] = OrderedDict()
     held: torch.Tensor | None = None
-    sq_norms = torch.zeros(N, dtype=dtype)
+    sq_norms = torch.zeros(N, dtype=dtype, device=dev)
     for gi in groups:
         sub = OrderedDict((names[i], params[names[i]]) for i in gi)
         ps = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method)
         G = ps.matrix(data)
         # Per-block Grams in float64, one block slice at a time (no float64 copy of G); K is their sum.
         for name, sl in ps.block_slices().items():
-            Kb = torch.zeros(N, N, dtype=dtype)
+            Kb = torch.zeros(N, N, dtype=dtype, device=dev)
             for c in range(sl.start, sl.stop, 1 << 13):  # float64 column slices: bounded scratch
                 Gc = G[:, c : min(c + (1 << 13), sl.stop)].to(dtype)
                 Kb += Gc @ Gc.T
                 sq_norms += Gc.pow(2).sum(1)
-            block_grams[name] = Kb / N
-            K += block_grams[name]
+            block_grams[name] = (Kb / N).cpu()
+            K += Kb / N
         if len(groups) == 1:
             held = G
         del G
-    evals, U = torch.linalg.eigh(K)
+    evals, U = torch.linalg.eigh(K.cpu())  # N×N: small, on the host with the rest of the results
+    sq_norms = sq_norms.cpu()
     order = torch.argsort(evals, descending=True)
     evals, U = evals[order].clamp_min(0.0), U[:, order]
     k = min(top_k, int((evals > evals[0] * 1e-12).sum()) if N else 0)
@@ -167,15 +169,15 @@ def exact_fisher(
     Uk = U[:, :k] / scale[None, :]
     passes = 1
     if held is not None:
-        V = _lift(held, Uk, dtype)
+        V = _lift(held, Uk.to(dev), dtype).cpu()
     else:  # second pass: lift eigenvectors group by group
         passes = 2
-        V = torch.empty(sum(sizes), k, dtype=dtype)
+        V = torch.empty(sum(sizes), k, dtype=dtype)  # the saved basis: on the host
         off = 0
         for gi in groups:
             sub = OrderedDict((names[i], params[names[i]]) for i in gi)
             G = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method).matrix(data)
-            V[off : off + G.shape[1]] = _lift(G, Uk, dtype, cols=1 << 13)
+            V[off : off + G.shape[1]] = _lift(G, Uk.to(dev), dtype, cols=1 << 13).cpu()
             off += G.shape[1]
             del G
     blocks_out: OrderedDict[str, dict] = OrderedDict()
@@ -225,7 +227,7 @@ def implicit_fisher(
 ) -> tuple[SafetySubspace, dict]:
     """Top-k of F by Lanczos on the matrix-free operator (for models where even G's Gram is too
     costly to build); tr F by Hutchinson with ``hutchinson`` Rademacher probes. Memory O(k·n)."""
-    from aligncollapse.geometry.curvature import FisherOperator, top_eigenpairs
+    from aligncollapse.geometry.curvature import FisherOperator, rademacher, top_eigenpairs
 
     t0 = time.perf_counter()
     blocks = blocks or BlockSelection()
@@ -236,7 +238,7 @@ def implicit_fisher(
     g = torch.Generator().manual_seed(seed)
     est = []
     for _ in range(hutchinson):
-        z = (torch.randint(0, 2, (op.n,), generator=g) * 2 - 1).to(op.dtype)
+        z = rademacher(op, g)
         est.append(float(z @ op.matvec(z)))
     trace = sum(est) / len(est)
     names = list(params)

@@ -79,8 +79,8 @@ class PerSampleGradients:
 
     def matrix(self, data: EncodedSet) -> torch.Tensor:
         """The full [N, n] per-sample gradient matrix, filled in place (one copy in memory)."""
-        dtype = next(iter(self.params.values())).dtype
-        out = torch.empty(len(data), self.n, dtype=dtype)
+        first = next(iter(self.params.values()))
+        out = torch.empty(len(data), self.n, dtype=first.dtype, device=first.device)
         for idx, g in self.iter_chunks(data):
             out[idx.start : idx.stop] = g
         return out

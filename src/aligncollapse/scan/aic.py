@@ -49,9 +49,10 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.distributed import all_reduce_sum, shard
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, generate
-from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, top_eigenpairs
+from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, rademacher, top_eigenpairs
 from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.models import BlockSelection
@@ -78,6 +79,8 @@ class ScanSettings:
     max_length: int = 512
     batch_size: int = 32
     blocks: BlockSelection = field(default_factory=lambda: BlockSelection(trainable_only=True))
+    max_memory: int | None = None  # bytes the planned peak may reach (None: no check)
+    max_memory_flag: str | None = None  # how the user gave it (for the error message)
 
 
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:
@@ -95,23 +98,34 @@ def _ci(samples: np.ndarray, value: float) -> dict:
 def measure_aic(
     model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: ScanSettings | None = None
 ) -> dict:
-    """All AIC quantities, CIs, the regime and verdict, and the forecast. Does not modify the model."""
+    """All AIC quantities, CIs, the regime and verdict, and the forecast. Does not modify the model.
+
+    The memory plan (``memory_plan``) is computed and checked against ``s.max_memory`` first. Under
+    torchrun every rank runs this function: the gradient, Hessian and Fisher products split their
+    batches over the ranks and all-reduce (:mod:`aligncollapse.distributed`); the reference
+    generation, ARPACK's iterations, the per-sample gradient matrix, the per-prompt Gram matrices and
+    the bootstrap are not sharded and run on every rank identically, so every rank returns the same
+    results.
+    """
     s = s or ScanSettings()
     t0 = time.perf_counter()
     params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
     if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
-    ref = reference_data(model, tokenizer, safety, s)
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
-    Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
     k = min(s.max_d + 1, n - 1)  # one more than the largest d, for the eigengap λ_d − λ_{d+1}
+    plan = plan_memory(model, tokenizer, params, safety, ft, s, k)
+    ref = reference_data(model, tokenizer, safety, s)
+    Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
     lam, B = top_eigenpairs(Fop, k=k, seed=s.seed)
-    lam, B = lam.clamp_min(0.0), B.to(torch.float64)
+    # n-vectors (the basis, g, H g, G's rows) live on the model's device in float64; results of size d
+    # or M (coordinates, Gram matrices, bootstrap) are brought to the CPU.
+    lam, B = lam.clamp_min(0.0), B.to(device=Fop.device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(s.seed)
     probes = []
     for _ in range(s.hutchinson):
-        z = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(Fop.dtype)
+        z = rademacher(Fop, gen)
         probes.append(float(z @ Fop.matvec(z)))
     trace = max(float(np.mean(probes)), float(lam.sum()))
     d = (
@@ -137,7 +151,7 @@ def measure_aic(
     Fg, FHg = Fop.matvec(gt).to(torch.float64), Fop.matvec(Hg).to(torch.float64)
     gFg, gFHg, HgFHg = float(g64 @ Fg), float(g64 @ FHg), float(Hg64 @ FHg)
     expansion = _expansion(Fop, gt, Hg)
-    a, c = Bd.T @ g64, Bd.T @ Hg64
+    a, c = (Bd.T @ g64).cpu(), (Bd.T @ Hg64).cpu()
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
     gamma = float((lam_d * c * c).sum().sqrt())
@@ -151,7 +165,7 @@ def measure_aic(
     else:
         g_raw = g.to(torch.float64)
         Hg_raw = H.matvec(g).to(torch.float64)
-        a_raw, c_raw = Bd.T @ g_raw, Bd.T @ Hg_raw
+        a_raw, c_raw = (Bd.T @ g_raw).cpu(), (Bd.T @ Hg_raw).cpu()
         flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g_raw @ Fop.matvec(g).to(torch.float64)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
         flow["eps_orth_rel"] = float(a_raw.norm()) / float(g_raw.norm()) if float(g_raw.norm()) else 0.0
@@ -162,6 +176,7 @@ def measure_aic(
     lam_max = float(lam[0])
     sharp = float(lam_d[-1]) / (trace / n)
     out = {
+        "memory_plan": plan,
         "n_parameters": n,
         "n_safety": len(ref),
         "n_finetune": len(ft),
@@ -174,7 +189,7 @@ def measure_aic(
         "lambda": float(lam_d[-1]),
         "lambda_max": lam_max,
         "eigengap": float(lam[d - 1] - lam[d]),
-        "basis": Bd,
+        "basis": Bd.cpu(),
         "trace": trace,
         "trace_hutchinson_std": float(np.std(probes, ddof=1)) if len(probes) > 1 else None,
         "tail_mass": max(0.0, trace - float(lam_d.sum())),
@@ -219,6 +234,32 @@ def measure_aic(
     return out
 
 
+def plan_memory(model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: ScanSettings, k: int) -> dict:
+    """The scan's memory plan (:mod:`aligncollapse.geometry.memory`), logged one line per stage, and
+    a one-line :class:`UserError` when its peak exceeds ``s.max_memory`` -- before any heavy work.
+    T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens."""
+    from aligncollapse.data.encoding import encode
+    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, scan_memory_plan
+    from aligncollapse.progress import log
+
+    prompt_lens = [
+        len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
+        for e in safety
+    ]  # fmt: skip
+    seq = max([len(it.input_ids) for it in ft.items] + [min(p + 32, s.max_length) for p in prompt_lens])
+    plan = scan_memory_plan(
+        model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=seq,
+        batch_size=s.batch_size, k=k, optimizer=s.optimizer,
+    )  # fmt: skip
+    for name, nbytes in plan["stages"].items():
+        log(f"[memory plan] {name}: {format_size(nbytes)}")
+    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
+    check_fits(plan, s.max_memory, given=s.max_memory_flag)
+    plan["limit_bytes"] = s.max_memory
+    return plan
+
+
 def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     """E[g_B²] for the token-mean gradient g_B of a mini-batch of B examples drawn without replacement.
 
@@ -231,7 +272,7 @@ def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -
     """
     M = G.shape[0]
     B = min(max(int(batch_size), 1), M)
-    G64, T64 = G.to(torch.float64), tokens.to(torch.float64)
+    G64, T64 = G.to(torch.float64), tokens.to(device=G.device, dtype=torch.float64)
     gbar = G64.sum(0) / T64.sum()
     r = (G64 - T64[:, None] * gbar) / T64.mean()
     fpc = (M - B) / (M - 1) if M > 1 else 0.0
@@ -264,7 +305,7 @@ def _noise_trace(G, tokens, Fop: GGNOperator, precond, seed: int, max_examples: 
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_examples]
     vals = []
     for i in idx.tolist():
-        dv = (x[i] - xbar).to(Fop.dtype)
+        dv = (x[i] - xbar).to(Fop.acc_dtype)
         vals.append(float(dv.to(torch.float64) @ Fop.matvec(dv).to(torch.float64)))
     m = len(x)
     return {"trace_F_cov": float(np.mean(vals)) * m / max(m - 1, 1), "n_examples": len(vals)}
@@ -290,24 +331,26 @@ def _bootstrap(
         "u_Fg": (G @ Fg / total_tokens).tolist(),
         "u_FHg": (G @ FHg / total_tokens).tolist(),
     }
-    h_Fg, h_FHg = [], []
-    e = G @ Bd  # per-example coordinates in M
-    gram = G @ G.T
-    # Per-example H_n g (g fixed at the full-data value).
-    hc = []
-    for i in range(len(ft)):
+    e = (G @ Bd).cpu()  # per-example coordinates in M
+    gram = (G @ G.T).cpu()
+    # Per-example H_n g (g fixed at the full-data value): the examples are split over the ranks, each
+    # example's product is computed whole by one rank, and the small [M, d + 2] table is all-reduced.
+    d = Bd.shape[1]
+    rows = torch.zeros(len(ft), d + 2, dtype=torch.float64, device=Bd.device)  # Bᵀ h_n, h_nᵀF g, h_nᵀF Hg
+    for i in shard(range(len(ft))):
         one = EncodedSet.__new__(EncodedSet)
         one.examples, one.items, one.pad_id = [ft.examples[i]], [ft.items[i]], ft.pad_id
-        Hi = HessianOperator(model, params, one, 1)
+        Hi = HessianOperator(model, params, one, 1, sharded=False)
         hv = Hi.matvec(g).to(torch.float64) * (tokens[i] / tokens.sum())  # H_i normalised by its own tokens
         if precond is not None:
             hv = hv * precond.to(torch.float64)
-        hc.append(Bd.T @ hv)
-        h_Fg.append(float(hv @ Fg))
-        h_FHg.append(float(hv @ FHg))
-    per_example["h_Fg"], per_example["h_FHg"] = h_Fg, h_FHg
-    hc = torch.stack(hc)  # Σ_i hc_i = Bᵀ H g
-    A = Fop.per_sequence_gram(Bd)  # [K, d, d]
+        rows[i, :d] = Bd.T @ hv
+        rows[i, d] = hv @ Fg
+        rows[i, d + 1] = hv @ FHg
+    rows = all_reduce_sum(rows).cpu()
+    per_example["h_Fg"], per_example["h_FHg"] = rows[:, d].tolist(), rows[:, d + 1].tolist()
+    hc = rows[:, :d]  # Σ_i hc_i = Bᵀ H g
+    A = Fop.per_sequence_gram(Bd).cpu()  # [K, d, d]
     del G
     rng = np.random.default_rng(s.seed)
     M, K = len(ft), A.shape[0]
@@ -365,7 +408,7 @@ def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: Scan
     _, g = FinetuneLoss(model, params, ft, s.batch_size).value_and_grad()
     Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g).to(torch.float64)
     g = g.to(torch.float64)
-    a, c = Bd.T @ g, Bd.T @ Hg
+    a, c = (Bd.T @ g).cpu(), (Bd.T @ Hg).cpu()
     return {
         "eps_orth_rel": float(a.norm()) / float(g.norm()) if float(g.norm()) else 0.0,
         "gamma_rel": float((lam_d * c * c).sum().sqrt()) / float(Hg.norm()) if float(Hg.norm()) else 0.0,

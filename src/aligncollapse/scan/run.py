@@ -9,20 +9,26 @@ from pathlib import Path
 
 import torch
 
+from aligncollapse.distributed import is_main, world_size
 from aligncollapse.geometry.subspace import SafetySubspace
 from aligncollapse.scan.aic import ScanSettings, measure_aic
 
 
 def run_scan(model, tokenizer, safety, finetune, out_dir: str | Path, s: ScanSettings, label: str = "") -> dict:
+    """Measure and save the subspace. Under torchrun every rank measures (the operators split their
+    batches and all-reduce); only rank 0 writes."""
     out = Path(out_dir)
     res = measure_aic(model, tokenizer, safety, finetune, s)
     basis = res.pop("basis")
     res.pop("update_vectors", None)
+    res["label"] = label
+    res["world_size"] = world_size()
+    if not is_main():
+        return res
     params = s.blocks.select(model)
     SafetySubspace(
         torch.tensor(res["eigenvalues"][: res["d"]], dtype=torch.float64), basis, list(params), [tuple(p.shape) for p in params.values()],
         "sampled", res["trace"], res["n_safety"], {"source": "scan", "fisher": res["fisher"]},
     ).save(out / "subspace")  # fmt: skip
     res["subspace_path"] = "subspace"
-    res["label"] = label
     return res

@@ -1,0 +1,121 @@
+"""Planned vs measured peak memory of a scan on a ~4M-parameter random Llama (CPU).
+
+    PYTHONPATH=src python benchmarks/memory_plan_check.py [--finetune 16] [--safety 8] [--hidden 256]
+
+Measured = peak RSS during the scan (sampled every 2 ms) minus the RSS before the model was built,
+so the Python/torch runtime is left out and the weights are counted, as the plan counts them; per
+stage, the peak while the scan's functions for that stage run (wrapped here, the statistics stage
+being the noise trace, the bootstrap and AdamW's second moment; the Hessian stage every H·v product,
+including the bootstrap's per-example ones).
+RSS keeps freed heap pages, so the measured value is the high-water mark of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("ALIGNCOLLAPSE_QUIET", "0")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--finetune", type=int, default=16)
+    ap.add_argument("--safety", type=int, default=8)
+    ap.add_argument("--max-d", type=int, default=4)
+    a = ap.parse_args()
+
+    import psutil
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligncollapse.geometry.memory import format_size
+    from aligncollapse.models import BlockSelection
+    from aligncollapse.organism import corpus
+    from aligncollapse.organism.suite import load_suite_set, write_suite
+    from aligncollapse.organism.tokenizer import build_tokenizer
+    from aligncollapse.scan.aic import ScanSettings, measure_aic
+
+    proc = psutil.Process()
+    suite = tempfile.mkdtemp()
+    write_suite(suite, seed=0, size=max(a.finetune, a.safety))
+    safety = load_suite_set(suite, "safety")[: a.safety]
+    finetune = load_suite_set(suite, "affirmative_steps")[: a.finetune]
+    tok = build_tokenizer(corpus.all_words(0))
+    base_rss = proc.memory_info().rss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.6875), num_hidden_layers=a.layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, attn_implementation="eager",
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    n_total = sum(p.numel() for p in model.parameters())
+
+    peak = [proc.memory_info().rss]
+    done = threading.Event()
+    stage = ["other"]
+    stage_peak: dict[str, int] = {}
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = proc.memory_info().rss
+            peak[0] = max(peak[0], rss)
+            stage_peak[stage[0]] = max(stage_peak.get(stage[0], 0), rss)
+            time.sleep(0.002)
+
+    def tracked(name: str, fn):
+        """``fn`` with the sampler's peaks attributed to stage ``name`` while it runs."""
+
+        def wrapper(*args, **kwargs):
+            before, stage[0] = stage[0], name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stage[0] = before
+
+        return wrapper
+
+    from aligncollapse.geometry.curvature import HessianOperator
+    from aligncollapse.geometry.per_sample import PerSampleGradients
+    from aligncollapse.scan import aic
+
+    aic.reference_data = tracked("generate", aic.reference_data)
+    aic.top_eigenpairs = tracked("lanczos", aic.top_eigenpairs)
+    PerSampleGradients.matrix = tracked("per_sample", PerSampleGradients.matrix)
+    HessianOperator.matvec = tracked("hessian", HessianOperator.matvec)
+    aic._noise_trace = tracked("statistics", aic._noise_trace)
+    aic._bootstrap = tracked("statistics", aic._bootstrap)
+    aic.adam_second_moment = tracked("statistics", aic.adam_second_moment)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    s = ScanSettings(max_d=a.max_d, d=2, n_boot=20, hutchinson=4, blocks=BlockSelection(trainable_only=True))
+    res = measure_aic(model, tok, safety, finetune, s)
+    done.set()
+    th.join()
+    plan = res["memory_plan"]
+    measured = peak[0] - base_rss
+    print(f"model: {n_total / 1e6:.2f}M parameters (all selected), N={len(safety)} safety prompts, "
+          f"M={len(finetune)} examples, T={plan['inputs']['T']}, V={plan['inputs']['vocab']}, k={plan['inputs']['k']}")  # fmt: skip
+    for name, nbytes in plan["stages"].items():
+        got = stage_peak.get(name, base_rss) - base_rss
+        print(
+            f"  {name:<11} planned {format_size(nbytes):>9}  measured {format_size(got):>9}  ratio {nbytes / got:.2f}"
+        )
+    print(f"  (outside the tracked stages: measured {format_size(stage_peak.get('other', base_rss) - base_rss)})")
+    print(f"planned peak  {format_size(plan['peak_bytes'])} ({plan['peak_stage']})")
+    print(f"measured peak {format_size(measured)} (peak RSS {format_size(peak[0])} - RSS before the model "
+          f"{format_size(base_rss)})")  # fmt: skip
+    print(f"planned / measured = {plan['peak_bytes'] / measured:.2f}   scan took {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Several processes (``torchrun``) sharing one computation through ``torch.distributed``.
+
+The geometry operators split their batches round-robin over ranks (:func:`shard`) and sum the
+accumulated products with :func:`all_reduce_sum`, so every rank ends with the same numbers. Without
+an initialised process group (or with one process) every helper is the identity: single-process runs
+are unchanged. ``init_from_env`` reads torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+and picks gloo on CPU and nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes outputs and prints."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (``torch.distributed.run``) sets WORLD_SIZE and RANK for every worker."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_from_env(device: str | torch.device | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment variables.
+
+    Backend: nccl when ``device`` is a CUDA device, gloo otherwise. On CUDA each rank is pinned to
+    ``cuda:LOCAL_RANK``. Returns True when a group of more than one process is (now) active; does
+    nothing outside torchrun or when a group already exists.
+    """
+    if not launched_by_torchrun() or not dist.is_available():
+        return is_distributed()
+    if not dist.is_initialized():
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    return is_distributed()
+
+
+def local_device(device: str) -> str:
+    """Under torchrun on CUDA, ``cuda`` means this rank's own GPU (``cuda:LOCAL_RANK``)."""
+    if is_distributed() and device == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def shard(indices: Sequence[T]) -> list[T]:
+    """This rank's round-robin share of ``indices`` (all of them when not distributed)."""
+    items = list(indices)
+    if not is_distributed():
+        return items
+    return items[rank() :: world_size()]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it (the identity when not distributed).
+
+    Every rank must call it the same number of times, in the same order, with the same shape."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any (the end of a torchrun worker)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when not distributed)."""
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,207 @@
+"""A memory plan: the peak bytes of each stage of a scan, from the sizes alone, before any heavy work.
+
+Symbols: n selected parameters, n_tot all parameters, N safety prompts, M fine-tuning examples,
+T the longest sequence (tokens), V the vocabulary, h the hidden size, I the MLP's inner size, L layers,
+H attention heads, B the curvature batch size (capped at N or M), c the per-sample-gradient chunk,
+b the parameters' bytes per number, a = max(b, 4) the accumulation bytes (float32 at least), k Lanczos
+eigenpairs (max_d + 1) and ncv = min(n, max(2k + 1, 20)) ARPACK's Lanczos basis. All vectors of size
+n that outlive a stage (the basis, per-sample gradients G) are float64 (8 bytes).
+
+Building blocks:
+
+* weights  W = n_tot·b
+* act(B)   = L·B·T·(16h + 4I)·b + 2·L·B·H·T²·4 + B·T·V·(b + 12): the activations a forward pass
+  keeps for its backward (projections, norms, residuals; the MLP's gate, up, activation and
+  product; attention scores and probabilities in float32), plus the logits (in the model's dtype,
+  upcast to float32, log-softmax and its gradient).
+
+Stages, in the scan's order (each includes W; from the Lanczos stage on, the k·n·8 eigenvector basis
+stays resident, and from the fine-tuning side on, R = 12·n·8 for g, H g, H²g, F g, F Hg and their
+float64 copies):
+
+* generate   W + 2·L·B·T·h·b + B·T·V·4                      (KV cache and one step's logits)
+* lanczos    W + (ncv + k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4
+             (ARPACK's basis, Ritz vectors and workspace; the GGN product's tangents, output and
+             pulled-back gradient; jvp keeps primal and tangent activations, vjp its own; p, Jv, H Jv)
+* per_sample W + k·n·8 + M·n·(b + 8) + c·n·b + 2·c·act(1)   (G in the model's dtype and its float64
+             copy, alive together while converting; one chunk's vmapped gradients and activations)
+* hessian    W + k·n·8 + R + M·n·8 + 6·n·a + 3·act(B)       (G is resident while H g, H²g and the
+             bootstrap's per-example H_n g are computed; double backward keeps the first backward's
+             graph, about three forward passes' worth; v, Hv, the gradients)
+* statistics W + k·n·8 + R + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4
+             (G, one scaled copy (noise trace, AdamW's D·G), AdamW's residuals r and r², the Gram
+             matrix G Gᵀ, and the per-prompt Gram's Jacobian-basis products [B, k, T, V])
+
+The plan is an estimate of the tensors the scan allocates; allocator slack and the framework's own
+memory (a few hundred MB on the CPU, the CUDA context on a GPU) come on top.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from aligncollapse.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a causal LM that its memory use depends on."""
+
+    n: int
+    n_total: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    dtype_bytes: int
+
+
+def _cfg(cfg, *names: str, default: int | None = None) -> int:
+    for name in names:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    if default is None:
+        raise UserError(f"the model's config has none of {', '.join(names)}: cannot plan its memory")
+    return default
+
+
+def model_shape(model, params) -> ModelShape:
+    """The shape of ``model`` (a Hugging Face causal LM, peft-wrapped or not) and its selection ``params``."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = _cfg(cfg, "hidden_size", "n_embd", "d_model")
+    first = next(iter(params.values()))
+    return ModelShape(
+        n=sum(p.numel() for p in params.values()),
+        n_total=sum(p.numel() for p in model.parameters()),
+        hidden=hidden,
+        intermediate=_cfg(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        layers=_cfg(cfg, "num_hidden_layers", "n_layer", "num_layers"),
+        heads=_cfg(cfg, "num_attention_heads", "n_head", "num_heads"),
+        vocab=_cfg(cfg, "vocab_size", default=emb.weight.shape[0] if emb is not None else None),
+        dtype_bytes=first.element_size(),
+    )
+
+
+def activation_bytes(s: ModelShape, batch: int, seq: int) -> int:
+    """act(B): what one forward pass with a graph keeps, for ``batch`` sequences of ``seq`` tokens."""
+    b, L = s.dtype_bytes, s.layers
+    layers = L * batch * seq * (16 * s.hidden + 4 * s.intermediate) * b + 2 * L * batch * s.heads * seq * seq * 4
+    return layers + batch * seq * s.vocab * (b + 12)
+
+
+def scan_memory_plan(
+    s: ModelShape,
+    *,
+    n_safety: int,
+    n_finetune: int,
+    seq_len: int,
+    batch_size: int,
+    k: int,
+    optimizer: str = "sgd",
+    chunk_size: int = 16,
+) -> dict:
+    """Peak bytes of each stage of :func:`aligncollapse.scan.aic.measure_aic` (formulas in the module
+    docstring), the overall peak and the stage that sets it."""
+    n, M, T, V = s.n, n_finetune, seq_len, s.vocab
+    b = s.dtype_bytes
+    a = max(b, 4)
+    W = s.n_total * b
+    ncv = min(n, max(2 * k + 1, 20))
+    basis = k * n * 8
+    R = 12 * n * 8
+    Bs, Bf = max(1, min(batch_size, n_safety)), max(1, min(batch_size, M))
+    c = max(1, min(chunk_size, M))
+    stages = {
+        "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
+        "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4,
+        "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T),
+        "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T),
+        "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
+    }
+    peak_stage = max(stages, key=stages.get)
+    return {
+        "stages": stages,
+        "peak_bytes": stages[peak_stage],
+        "peak_stage": peak_stage,
+        "inputs": {
+            **asdict(s),
+            "N": n_safety,
+            "M": M,
+            "T": T,
+            "batch_size": batch_size,
+            "k": k,
+            "ncv": ncv,
+            "chunk_size": chunk_size,
+            "optimizer": optimizer,
+        },  # fmt: skip
+        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory); allocator slack and "
+        "the framework's own memory come on top",
+    }
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``'16GB'``, ``'500MB'``, ``'1.5GiB'``, ``'2e9'`` or ``'123'`` (kB, MB, GB, TB are
+    powers of 1000; KiB, MiB, GiB, TiB of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?:([kKMGT])(i?)[bB]?|([bB]?))\s*", text)
+    if m is None:
+        raise ValueError(f"not a size: {text!r}")
+    value, unit, binary = float(m.group(1)), (m.group(2) or "").upper(), m.group(3)
+    scale = 1024 ** "KMGT".index(unit) * 1024 if binary else _UNITS[unit]
+    out = int(value * scale)
+    if out <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return out
+
+
+def format_size(nbytes: float) -> str:
+    """``1.23 GB``-style, powers of 1000 (as :func:`parse_size` reads them)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def available_memory(device: str | torch.device) -> int:
+    """What a run on ``device`` may use: a CUDA device's total memory, else the host's available RAM
+    (psutil when installed, else MemAvailable from /proc/meminfo, else total physical memory)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fits(plan: dict, limit: int | None, flag: str = "--max-memory", given: str | None = None) -> None:
+    """A one-line :class:`UserError` when the planned peak exceeds ``limit`` bytes (None: no limit)."""
+    if limit is None or plan["peak_bytes"] <= limit:
+        return
+    stage = plan["peak_stage"]
+    shown = f"{given} = {format_size(limit)}" if given and given != format_size(limit) else format_size(limit)
+    raise UserError(
+        f"{flag} {shown}: the planned peak is {format_size(plan['peak_bytes'])} (largest stage: {stage}, "
+        f"{format_size(plan['stages'][stage])}); raise {flag}, or select fewer parameters (--blocks, --layers, "
+        "--modules) or fewer examples"
+    )

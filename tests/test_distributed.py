@@ -1,0 +1,107 @@
+"""torchrun on the CPU (gloo, 2 processes) reproduces the single-process numbers.
+
+Each test launches ``python -m torch.distributed.run --nproc_per_node 2`` on a free local port with
+one intra-op thread per process (two processes on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligncollapse import distributed
+from aligncollapse.cli.main import main
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for the in-process reference runs too (two processes share two cores;
+    busy OpenMP threads spin-wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               ALIGNCOLLAPSE_QUIET="1")  # fmt: skip
+    return env
+
+
+def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *args]  # fmt: skip
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_distributed_helpers_are_identities_without_a_process_group():
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
+    t = torch.arange(3.0)
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_distributed_products_match_one_process(tmp_path, micro_model_dir):
+    """GGN and Fisher products, the gradient, H g, the expansion forms and the top-3 eigenpairs."""
+    import distributed_products
+
+    distributed_products.main(str(micro_model_dir), str(tmp_path / "one"))  # the reference, in this process
+    two = _torchrun(str(TESTS / "distributed_products.py"), str(micro_model_dir), str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "products.pt")
+    b = torch.load(tmp_path / "two" / "products.pt")
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    # The batches really were split: disjoint shares covering every batch.
+    s0, s1 = (torch.load(tmp_path / "two" / f"shard{r}.pt") for r in (0, 1))
+    assert s0 and s1 and not set(s0) & set(s1) and sorted(s0 + s1) == torch.load(tmp_path / "one" / "shard0.pt")
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for key in ("g", "Hg", "ggn_v", "fisher_v", "eigenvalues"):
+        assert _rel(b[key], a[key]) < 1e-5, key
+    for key, val in a["expansion"].items():
+        assert b["expansion"][key] == pytest.approx(val, rel=1e-5, abs=1e-12), key
+    overlap = (a["eigenvectors"].T @ b["eigenvectors"]).diagonal().abs()  # eigenvectors up to sign
+    assert torch.all(overlap > 1 - 1e-5), overlap
+
+
+def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse scan`` reproduces λ, ε_orth and γ; only rank 0 writes."""
+    args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "4", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "3",
+            "--subspace-d", "2", "--n-boot", "20", "--threshold", "0.5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    for key in ("lambda", "eps_orth", "gamma", "g_norm", "Hg_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    # the bootstrap's per-example H_n g, split over the ranks one example each, and its CIs
+    for key in ("h_Fg", "h_FHg", "u_Fg"):
+        assert b["per_example"][key] == pytest.approx(a["per_example"][key], rel=1e-4, abs=1e-12), key
+    for key in ("gamma", "eps_orth"):
+        assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-4), key
+    assert a["d"] == b["d"] == 2 and b["verdict"] == a["verdict"]
+    assert two.stdout.count("verdict:") == 1  # rank 0 alone prints

@@ -1,0 +1,72 @@
+"""The memory plan: its formulas, --max-memory parsing, and the scan stopping before any heavy work."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from aligncollapse.cli.main import main
+from aligncollapse.geometry.memory import ModelShape, format_size, parse_size, scan_memory_plan
+
+SHAPE = ModelShape(n=10**6, n_total=10**7, hidden=256, intermediate=1024, layers=4, heads=4, vocab=32000, dtype_bytes=4)
+
+
+def _plan(**over):
+    kw = {"n_safety": 32, "n_finetune": 64, "seq_len": 128, "batch_size": 16, "k": 17}
+    kw.update(over)
+    return scan_memory_plan(SHAPE, **kw)
+
+
+def test_plan_terms_follow_the_formulas():
+    base = _plan()
+    assert base["peak_bytes"] == max(base["stages"].values()) == base["stages"][base["peak_stage"]]
+    # per_sample holds G twice (model dtype + float64): 12 bytes per entry of M×n
+    assert _plan(n_finetune=128)["stages"]["per_sample"] - base["stages"]["per_sample"] == 64 * 10**6 * 12
+    # AdamW adds the residuals r and r² to the statistics stage: 2·M·n·8
+    assert _plan(optimizer="adamw")["stages"]["statistics"] - base["stages"]["statistics"] == 2 * 64 * 10**6 * 8
+    # ARPACK: one more eigenpair adds 3 vectors (2 basis + 1 Ritz) to Lanczos; ncv stays ≥ 20
+    assert _plan(k=18)["stages"]["lanczos"] - base["stages"]["lanczos"] == 3 * 10**6 * 8
+    # bfloat16 weights halve the weight term
+    half = scan_memory_plan(
+        ModelShape(**{**SHAPE.__dict__, "dtype_bytes": 2}), n_safety=32, n_finetune=64, seq_len=128, batch_size=16, k=17
+    )
+    assert half["stages"]["generate"] < base["stages"]["generate"]
+
+
+@pytest.mark.parametrize(
+    "text,want", [("16GB", 16 * 10**9), ("500MB", 5 * 10**8), ("1.5GiB", 3 * 2**29), ("123", 123), ("2e9", 2 * 10**9)]
+)
+def test_parse_size(text, want):
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "x", "-1", "0", "1PB", "GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(1.5e9) == "1.5 GB" and format_size(999) == "999 B"
+
+
+def test_scan_over_max_memory_stops_before_heavy_work(tmp_path, tiny_model_dir, small_suite, capsys):
+    out = tmp_path / "scan"
+    t0 = time.perf_counter()
+    code = main(["scan", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+                 "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "4", "--n-boot", "20",
+                 "--max-memory", "1MB", "--out", str(out)])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: --max-memory 1MB = 1 MB: the planned peak is ") and "largest stage: " in err
+    assert not (out / "results.json").exists()
+    assert seconds < 10  # stopped before generation and Lanczos (a full tiny scan takes far longer)
+
+
+def test_scan_rejects_a_bad_max_memory(capsys, tiny_model_dir):
+    with pytest.raises(SystemExit) as e:
+        main(["scan", "--model", str(tiny_model_dir), "--finetune", "x", "--max-memory", "lots"])
+    assert e.value.code == 2 and "--max-memory" in capsys.readouterr().err
