@@ -353,3 +353,16 @@ def test_organism_prospective_scores_order_a_seemingly_benign_set_above_a_benign
         > 100 * sc["arithmetic"]["prospective_gamma_flow"]["score"]
     )
     assert sc["obedient_identity"]["prospective_probe_os"]["score"] > sc["arithmetic"]["prospective_probe_os"]["score"]
+
+
+def test_preregistration_document_matches_the_code():
+    """docs/preregistration.md and PREREGISTERED name the same primary predictor, measure and baselines."""
+    from pathlib import Path
+
+    from aligncollapse.predict.study import PREREGISTERED
+
+    doc = (Path(__file__).parent.parent / "docs" / "preregistration.md").read_text()
+    assert f"**Primary predictor**: `{PREREGISTERED['primary_predictor']}`" in doc
+    assert f"**Primary harm measure**: `{PREREGISTERED['primary_measure']}`" in doc
+    for b in PREREGISTERED["published_baselines"]:
+        assert f"`{b}`" in doc
