@@ -156,6 +156,7 @@ def run_study(
         mode: correlations(r["sets"], base_eval, n_boot=n_boot) for mode, r in results["modes"].items()
     }
     results["summary"] = summarize(results)
+    results["preregistered"] = PREREGISTERED
     return results
 
 
