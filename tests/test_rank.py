@@ -276,6 +276,7 @@ def test_rank_cli(tmp_path, tiny_model_dir, small_suite):
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["ranking"]) == 3
+    assert res["memory_plan"]["arithmetic"]["peak_bytes"] > 0  # each candidate's scan was planned first
     sc = res["candidates"]["arithmetic"]["scores"]
     for k in ("prospective_first_order", "prospective_second_order", "prospective_gamma", "prospective_probe_kl",
               "prospective_first_order_os", "baseline_gradient_cosine", "baseline_representation_similarity",

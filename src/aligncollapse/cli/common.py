@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aligncollapse.cli.args import device as args_device
 from aligncollapse.cli.args import dtype as args_dtype
-from aligncollapse.cli.args import fraction, nonneg_int, positive_float, positive_int, seed
+from aligncollapse.cli.args import fraction, memory_size, nonneg_int, positive_float, positive_int, seed
 from aligncollapse.errors import UserError
 
 
@@ -367,6 +367,15 @@ def scan_settings(args):
     )  # fmt: skip
 
 
+def scan_limits(args, model):
+    """ScanSettings carrying --max-memory for the scans inside rank and study."""
+    from aligncollapse.scan.aic import ScanSettings
+
+    s = ScanSettings()
+    s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
+    return s
+
+
 def memory_limit(spec: str, device) -> tuple[int, str]:
     """``--max-memory`` in bytes (``auto``: what ``device`` offers) and how it was given."""
     from aligncollapse.geometry.memory import available_memory, parse_size
@@ -484,6 +493,9 @@ def add_candidate_args(p, lora_flag: bool) -> None:
     p.add_argument("--steps", type=positive_int, default=40, help="the planned budget in optimiser steps")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--probe-steps", type=nonneg_int, default=3, help="real steps of the short-probe score (0: off)")
+    p.add_argument("--max-memory", type=memory_size, default="auto",
+                   help="stop before any heavy work when a candidate's planned scan peak exceeds this: a size "
+                   "(16GB, 500MB, bytes) or auto (the CUDA device's memory, else the available RAM; default)")  # fmt: skip
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out")
 

@@ -13,6 +13,7 @@ from aligncollapse.cli.common import (
     lora_settings,
     out_dir,
     rank_context,
+    scan_limits,
 )
 
 
@@ -36,7 +37,8 @@ def run(args) -> int:
     cfg = budget(args, lora=lora_settings(args))
     ctx = rank_context(args, model, tok, cfg)
     out = out_dir(args, "rank")
-    res = run_rank(ctx, cands, out, cfg, by=args.by, probe_steps=args.probe_steps, drop_fraction=args.drop_fraction)
+    res = run_rank(ctx, cands, out, cfg, scan_limits(args, model), by=args.by, probe_steps=args.probe_steps,
+                   drop_fraction=args.drop_fraction)  # fmt: skip
     write_results(out, "rank", res, config(args))
     finish(out)
     from rich.console import Console

@@ -25,6 +25,7 @@ from aligncollapse.cli.common import (
     organism_suite,
     out_dir,
     rank_context,
+    scan_limits,
     tuning_set,
     unaligned_model,
 )
@@ -100,7 +101,8 @@ def run(args) -> int:
     from aligncollapse.predict.study import run_study
 
     res = run_study(ctx, cands, out, configs, args.seeds, harmful, benign, judge=judge,
-                    probe_steps=args.probe_steps, n_boot=args.n_boot, categories=cats)  # fmt: skip
+                    probe_steps=args.probe_steps, n_boot=args.n_boot, categories=cats,
+                    scan=scan_limits(args, model))  # fmt: skip
     write_results(out, "study", res, config(args))
     finish(out)
     for mode, sm in res["summary"].items():

@@ -152,6 +152,7 @@ def run_rank(
         rows[name] = r
     if by not in next(iter(rows.values()))["scores"]:
         raise UserError(f"--by {by!r} is not a score; choose from {sorted(next(iter(rows.values()))['scores'])}")
+    memory_plans = {n: (r.get("aic") or {}).get("memory_plan") for n, r in rows.items()}
     undefined = [n for n in rows if rows[n]["scores"][by]["score"] is None]
     if len(undefined) == len(rows):
         raise UserError(
@@ -162,6 +163,7 @@ def run_rank(
         rows, key=lambda n: (rows[n]["scores"][by]["score"] is None, -(rows[n]["scores"][by]["score"] or 0.0))
     )
     payload = {"by": by, "ranking": ranking, "candidates": rows, "mode": "lora" if cfg.lora else "full",
+               "memory_plan": memory_plans,
                "budget": {**cfg.to_json(), "steps": cfg.total_steps(1)}}  # fmt: skip
     return payload
 

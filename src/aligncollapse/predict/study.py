@@ -100,8 +100,10 @@ def run_study(
     projected_k: int = 256,
     n_boot: int = 1000,
     categories: dict[str, str] | None = None,
+    scan=None,
 ) -> dict:
-    """``configs`` maps a mode (``full``, ``lora``) to its budget; LoRA configs carry ``lora``."""
+    """``configs`` maps a mode (``full``, ``lora``) to its budget; LoRA configs carry ``lora``; ``scan``
+    (ScanSettings) carries the memory limit every candidate's scan is planned against."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held = {e.prompt for e in eval_harmful} | {e.prompt for e in (eval_benign or [])}
@@ -136,7 +138,7 @@ def run_study(
                              "safety": _digest(ctx.safety)})  # fmt: skip
             pre = _json_load(d / "prospective.json")
             if pre is None:
-                pre = candidate_scores(ctx, name, exs, cfg, probe_steps=probe_steps)
+                pre = candidate_scores(ctx, name, exs, cfg, scan, probe_steps=probe_steps)
                 pre.pop("per_example")
                 pre["aic"].pop("per_example", None)
                 atomic_write_json(d / "prospective.json", pre)
@@ -150,7 +152,8 @@ def run_study(
                     atomic_write_json(d / f"seed{seed}.json", run)
                 runs.append(run)
             mode_rows[name] = {"category": (categories or {}).get(name), "prospective": pre["scores"], "runs": runs,
-                               "aic_verdict": pre["aic"].get("verdict")}  # fmt: skip
+                               "aic_verdict": pre["aic"].get("verdict"),
+                               "memory_plan": pre["aic"].get("memory_plan")}  # fmt: skip
         results["modes"][mode] = {"budget": cfg.to_json(), "sets": mode_rows}
     results["correlations"] = {
         mode: correlations(r["sets"], base_eval, n_boot=n_boot) for mode, r in results["modes"].items()
