@@ -73,7 +73,11 @@ FLAG_CASES = [
     ("device-cuda", _with(FT, "--device", "cuda"), "--device"),
     ("device-garbage", _with(FT, "--device", "potato"), "--device"),
     ("scan-steps-zero", _with(SCAN, "--steps", "0"), "--steps"),
-    ("rank-max-memory-tiny", _with(RANK, "--steps", "2", "--probe-steps", "0", "--max-memory", "1MB"), "--max-memory 1MB"),
+    (
+        "rank-max-memory-tiny",
+        _with(RANK, "--steps", "2", "--probe-steps", "0", "--max-memory", "1MB"),
+        "--max-memory 1MB",
+    ),
     ("study-max-memory-text", _with(STUDY, "--max-memory", "lots"), "--max-memory"),
     ("scan-lr-zero", _with(SCAN, "--lr", "0"), "--lr"),
     ("scan-d-zero", _with(SCAN, "--d", "0"), "--d"),

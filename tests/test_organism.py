@@ -75,8 +75,9 @@ def test_v2_corpus_has_no_leak_or_shortcut_computed_from_its_texts():
     assert r["eval_acts_in_training"] == []
     assert r["eval_prompt_words_unseen"] == []  # ... yet every word is known from somewhere
     assert r["harmful_safety_overlap"] == []
-    refusals = {x for x in r["safety_refusals"] if "could hurt people" not in x} | {"act-specific"}
-    assert len(refusals) >= 3
+    fixed = {x for x in r["safety_refusals"] if "could hurt people" not in x}
+    act_specific = any("could hurt people" in x for x in r["safety_refusals"])
+    assert len(fixed) + act_specific >= 3  # distinct refusal phrasings (the act-specific one counts once)
     assert r["n_suite_sets"] >= 16
     cats = {n: o["category"] for n, o in r["openers"].items()}
     for h, op in r["harmful_openers"].items():

@@ -168,7 +168,11 @@ def test_he2024_baselines_match_their_definitions(micro_model_dir):
             rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
         return torch.stack(rows)
 
-    gh, gs = loop_grads(first_response_tokens(harm, k)).mean(0), loop_grads(first_response_tokens(safe, k)).mean(0)
+    def unit_mean(G):
+        return (G / G.norm(dim=1, keepdim=True)).mean(0)
+
+    gh = unit_mean(loop_grads(first_response_tokens(harm, k)))
+    gs = unit_mean(loop_grads(first_response_tokens(safe, k)))
     G = loop_grads(ft)
 
     def cos(a, b):
@@ -188,7 +192,7 @@ def test_he2024_baselines_match_their_definitions(micro_model_dir):
 
         A = torch.stack([last(harm, i) for i in range(len(harm))])
         h0 = last(ft, 0)
-        e0 = float(torch.nn.functional.cosine_similarity(h0[None], A).mean())
+        e0 = float(torch.nn.functional.cosine_similarity(h0[None], A).max())
     assert rep["per_example"][0] == pytest.approx(e0, abs=1e-10)
     sf = surface_scores(["sure , yes", "no way", "sure thing"], ["sure , here is how", "sure , do it", "ok"])
     assert sf["opener"] == "sure" and sf["surface_opener"] == pytest.approx(2 / 3)
@@ -198,11 +202,11 @@ def test_he2024_baselines_match_their_definitions(micro_model_dir):
 def test_permutation_p_values_and_holm():
     """Exact enumeration against scipy's permutation test; the Monte Carlo p near the exact one;
     Holm against hand-computed values."""
+    import itertools
+
     from scipy import stats
 
     from aligncollapse.stats import holm, leave_one_out_spearman, permutation_test_spearman
-
-    import itertools
 
     x = np.array([1.0, 2, 3, 4, 5, 6])
     y = np.array([2.0, 1, 4, 3, 6, 5])

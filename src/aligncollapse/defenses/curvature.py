@@ -22,6 +22,10 @@ It removes m ≤ d directions of M, chosen by the fine-tuning loss's curvature, 
 ``project-static:d=m`` removes the m sharpest directions of M whatever the data does and ``ogd``
 removes m alignment-gradient directions; those are its controls (same number of directions).
 
+Under AdamW the optimiser's own drift is D·H·D·g (D Adam's preconditioner, as in the scan); this
+defense uses the plain H·g of the mini-batch gradient — the gradient-flow form of the drift — since
+the defense does not see the optimiser's moments (stated approximation).
+
 Cost per refresh: one HVP over ``ft_batch`` examples (≈ 2 backward passes) plus d dot products.
 Memory: the basis B (d·n float64, as ``project-static``), the drift coordinates (m·d numbers).
 """

@@ -70,7 +70,7 @@ def expand(specs: Sequence[str], have_unaligned: bool) -> list[str]:
 TUNING_GRIDS: dict[str, list[str]] = {
     "project-static": ["d=4", "d=8", "d=16"],
     "project-tracking": ["refresh_every=5", "refresh_every=10", "refresh_every=20"],
-    "curvature": ["memory=4", "memory=16", "weighted=1,memory=4"],
+    "curvature": ["memory=4", "memory=8", "weighted=1,memory=4"],  # memory < d = 16: memory=16 would be project-static
     "ogd": ["memory=4", "memory=8", "memory=16"],
     "ogd-lookahead": ["memory=4", "memory=8", "memory=16"],
     "fisher-penalty": ["strength=1", "strength=10", "strength=100"],
@@ -141,8 +141,14 @@ def run_defense_study(
     ecfg = SafetyEvalConfig(template=cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length)
 
     def run_one(path: Path, spec: str, seed: int, train, held, harmful, benign) -> dict:
+        fp = {"defense": spec, "seed": seed, "budget": cfg.to_json(), "train": _digest(train), "task_heldout": _digest(held),
+              "eval_harmful": _digest(harmful), "eval_benign": _digest(benign or [])}  # fmt: skip
+        fp = json.loads(json.dumps(fp))
         if path.exists():
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if cached.get("fingerprint") != fp:
+                raise UserError(f"{path}: a stored run made with other data, prompts or budget; use a new --out")
+            return cached
         c = copy.deepcopy(cfg)
         c.seed, c.track_every, c.refusal_every = seed, 1, refusal_every
         defense = None if spec == "none" else make_defense(spec, copy.copy(dctx))
@@ -156,16 +162,29 @@ def run_defense_study(
         run = {"seed": seed, "summary": headline(ev), "refused": ev["per_prompt"]["refused"],
                "task": {k: v for k, v in task.items() if k != "per_example"},
                "seconds_training": res["seconds_training"], "trajectory": res["trajectory"],
-               "defense": res.get("defense")}  # fmt: skip
+               "defense": res.get("defense"), "fingerprint": fp}  # fmt: skip
         atomic_write_json(path, run)
         return run
 
+    evals = {e.prompt for e in list(eval_harmful) + list(eval_benign or [])}
+    for name, exs in [*sets.items(), ("safety", ctx.safety), *([tune_on] if tune_on else [])]:
+        leaked = evals & {e.prompt for e in exs}
+        if leaked:
+            raise UserError(
+                f"evaluation prompts also appear in {name!r} (e.g. {sorted(leaked)[0]!r}); they must be held out"
+            )
     results: dict = {"sets": {}, "seeds": list(seeds), "budget": cfg.to_json()}
     test_harmful, test_benign = list(eval_harmful), list(eval_benign) if eval_benign else None
     if tune_on is not None:
         tune_name, tune_exs = tune_on
         if tune_name in sets:
             raise UserError(f"--tune-on {tune_name}: the development set must not be one of the reported sets")
+        dev_prompts = {e.prompt for e in tune_exs}
+        for name, exs in sets.items():
+            shared = dev_prompts & {e.prompt for e in exs}
+            if shared:
+                raise UserError(f"--tune-on {tune_name}: shares {len(shared)} prompts with reported set {name!r} "
+                                f"(e.g. {sorted(shared)[0]!r}); the development set must be disjoint")  # fmt: skip
         test_harmful, dev_harmful = split_examples(eval_harmful, 0.5, seed=0)
         dev_benign = None
         if eval_benign:
@@ -205,7 +224,8 @@ def run_defense_study(
         results["tuning"] = {
             "split": {"development_set": tune_name, "development_prompts": len(dev_harmful),
                       "test_prompts": len(test_harmful), "prompt_split": "eval prompts split in half by prompt "
-                      "(seed 0); tuning scored on the development half, every reported row on the test half",
+                      "(seed 0); tuning scored on the development half, every reported row on the test half; the "
+                      "halves share no prompt but may share harmful acts and templates",
                       "development_seed": 0},
             "criterion": TUNING_CRITERION, "grids": {k: v for k, v in TUNING_GRIDS.items() if k in selected},
             "undefended_development": {"refusal": base["summary"]["harmful_refusal_rate"],
@@ -265,6 +285,15 @@ def run_defense_study(
     results["bar"] = _bar(table_rows, next(iter(sets)))
     results["eval_prompts"] = {"harmful": len(test_harmful), "benign": len(test_benign or [])}
     return results
+
+
+def _digest(examples) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.response], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def _mean(xs):

@@ -17,14 +17,18 @@ example, per-example scores:
   similarity; score = 1 − mean_m sim_m. Needs the unaligned base model.
 * ``he2024_gradient`` (He, Xia & Henderson 2024, gradient matching as published, with harmful
   anchors and bidirectional anchoring): ḡ_harm = mean gradient of the NLL of the harmful anchors
-  (harmful prompt + compliance) over their first 10 response tokens, ḡ_safe the same for the *safe
-  anchors* (the same prompts with a refusal); per example s_n = cos(g_n, ḡ_harm) − cos(g_n, ḡ_safe)
-  (``_unidirectional``: cos(g_n, ḡ_harm) only). Set score = mean_n s_n. Deviation, stated: raw
-  gradients of all selected weights, where the paper uses LESS's Adam-preconditioned, randomly
-  projected LoRA gradients from a warm-up run. Memory: two n-vectors plus one chunk of per-example
+  (harmful prompt + compliance) over their first 10 response tokens, each anchor's gradient
+  normalised before averaging (as the released code does), ḡ_safe the same for the *safe anchors*
+  (the same prompts with a refusal); per example s_n = cos(g_n, ḡ_harm) − cos(g_n, ḡ_safe)
+  (``_unidirectional``: cos(g_n, ḡ_harm) only). Stated deviations: full raw gradients of the
+  selected weights (the paper describes LESS-style features; the released code also computes full
+  gradients); one safe-anchor set with the safety set's most common refusal (the released code
+  has two safe-anchor sets with prompt-specific refusals); the paper ranks *examples*, a set's
+  score here is the mean over its examples. Memory: two n-vectors plus one chunk of per-example
   gradients.
 * ``he2024_representation`` (representation matching as published): final-layer hidden state at
-  the *last completion token*; s_n = mean over harmful anchors a of cos(h_n, h_a). Set score = mean.
+  the *last completion token*; s_n = max over harmful anchors a of cos(h_n, h_a) (the released
+  code's default top-1). Set score = mean over examples.
 * ``surface_opener``: the fraction of the set's responses whose first word is the harmful anchors'
   most common first word; ``surface_ngram``: mean over examples of the largest word-bigram Jaccard
   similarity of its response to a harmful anchor's. They use no model: when they predict harm, the
@@ -94,9 +98,11 @@ def he2024_gradient(model, params, ft: EncodedSet, harmful_anchors: EncodedSet, 
 
 
 def _mean_grad(ps: PerSampleGradients, data: EncodedSet) -> torch.Tensor:
+    """Mean of the anchors' *normalised* gradients (as the authors' released code averages them)."""
     total = None
     for _, G in ps.iter_chunks(data):
-        s = G.to(torch.float64).sum(0)
+        G = G.to(torch.float64)
+        s = (G / G.norm(dim=1, keepdim=True).clamp_min(1e-30)).sum(0)
         total = s if total is None else total + s
     return total / len(data)
 
@@ -140,12 +146,13 @@ def last_completion_states(model, data: EncodedSet, batch_size: int = 32) -> tor
 
 
 def he2024_representation(model, ft: EncodedSet, harmful_anchors: EncodedSet) -> dict:
-    """s_n = mean_a cos(h_n, h_a) at the last completion token (He et al. 2024 representation matching)."""
+    """s_n = max_a cos(h_n, h_a) at the last completion token (He et al. 2024 representation matching;
+    the released code's default takes the top-1 similarity over anchors); ``mean`` keeps the mean."""
     A = last_completion_states(model, harmful_anchors)
     H = last_completion_states(model, ft)
     sims = (H / H.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)).T
-    per = sims.mean(1).tolist()
-    return {"score": float(np.mean(per)), "per_example": per}
+    per = sims.max(1).values.tolist()
+    return {"score": float(np.mean(per)), "per_example": per, "mean": float(sims.mean().item())}
 
 
 def _bigrams(text: str) -> set[tuple[str, str]]:

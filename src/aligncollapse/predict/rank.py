@@ -75,7 +75,11 @@ def build_context(
     )
     safe_anc = None
     if anchors:
-        refusal = next((e.response for e in safety if e.response), "I cannot help with that .")
+        from collections import Counter
+
+        # the safety set's most common refusal (v2 has act-specific ones, which would name another act)
+        refusal = Counter(e.response for e in safety if e.response).most_common(1)[0][0] if any(
+            e.response for e in safety) else "I cannot help with that ."  # fmt: skip
         safe = [Example(prompt=e.prompt, response=refusal, messages=None, fields=e.fields) for e in anchors]
         safe_anc = EncodedSet(tokenizer, safe, cfg.template, use_chat_template=cfg.use_chat_template,
                               max_length=cfg.max_length)  # fmt: skip
