@@ -13,7 +13,8 @@ safety prompts) after every step, in two variants:
 
 Reported per run: the early exponent (log-log least squares over steps 1–8), the largest local
 exponent (slope over 3 consecutive steps), and the exponent fitted inside the predicted window
-where it holds ≥ 4 steps.
+where it holds ≥ 4 steps — each over the points with Δu above ``FLOOR`` (1e-6 nats; below it the
+float32 KL is rounding noise). ``--from-results FILE`` recomputes these from a saved run's curves.
 
     python experiments/quartic_window.py --organism DIR --out docs/results/quartic_window
 """
@@ -39,23 +40,67 @@ from aligncollapse.training.finetune import FinetuneConfig, finetune
 SETS = ("arithmetic", "facts", "affirmative_steps", "obedient_identity")
 LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 STEPS = 40
+FLOOR = 1e-6  # nats: 10x the largest |negative| Δu measured (6.7e-8): below it the float32 KL is rounding noise
 
 
 def slope(t, y) -> float | None:
-    ok = (np.asarray(y) > 0) & np.isfinite(y)
+    ok = (np.asarray(y) > FLOOR) & np.isfinite(y)
     if ok.sum() < 3:
         return None
     return float(np.polyfit(np.log(np.asarray(t)[ok]), np.log(np.asarray(y)[ok]), 1)[0])
 
 
+def analyse(row: dict) -> dict:
+    """Exponents of one run's curve (points above FLOOR only)."""
+    t, y, lr = np.array(row["t"]), np.array(row["delta_u"]), row["lr"]
+    t1, tv = row["predicted_window_t"]
+    local = [slope(t[i : i + 3], y[i : i + 3]) if (y[i : i + 3] > FLOOR).all() else None for i in range(len(t) - 2)]
+    win = (t >= t1) & (t <= tv)
+    ok = [x for x in local if x is not None]
+    return {
+        "early_exponent_steps_1_8": slope(t[:8], y[:8]),
+        "max_local_exponent": max(ok) if ok else None,
+        "step_of_max_local_exponent": int(np.nanargmax([np.nan if x is None else x for x in local])) + 2
+        if ok
+        else None,
+        "predicted_window_steps": [t1 / lr, tv / lr],
+        "steps_inside_window": int(win.sum()),
+        "exponent_inside_window": slope(t[win], y[win]) if win.sum() >= 4 else None,
+        "points_above_floor": int((y > FLOOR).sum()),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["max_local_exponent"] is not None]
+    best = max(ok, key=lambda r: r["max_local_exponent"]) if ok else None
+    early = [r["early_exponent_steps_1_8"] for r in runs if r["early_exponent_steps_1_8"] is not None]
+    inside = [r["exponent_inside_window"] for r in runs if r["exponent_inside_window"] is not None]
+    return {"largest_local_exponent": best["max_local_exponent"] if best else None,
+            "where": {k: best[k] for k in ("set", "lr", "variant", "step_of_max_local_exponent")} if best else None,
+            "early_exponent_range": [min(early), max(early)] if early else None,
+            "exponent_inside_window_range": [min(inside), max(inside)] if inside else None,
+            "runs_with_early_exponent_above_3": sum(1 for x in early if x > 3),
+            "runs": len(runs), "floor_nats": FLOOR}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--organism", required=True)
+    ap.add_argument("--organism")
     ap.add_argument("--out", required=True, help="directory for results.json")
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
     ap.add_argument("--n-boot", type=int, default=100)
+    ap.add_argument("--from-results", help="recompute exponents and summary from a saved results.json")
     a = ap.parse_args()
+    if a.from_results:
+        import json
+
+        res = json.loads(Path(a.from_results).read_text())
+        runs = [{**r, **analyse(r)} for r in res["runs"]]
+        write_results(a.out, "experiment quartic_window", {"scans": res["scans"], "runs": runs,
+                      "summary": summarise(runs), "steps": STEPS}, res["config"])  # fmt: skip
+        print(summarise(runs))
+        return
     org = Path(a.organism)
     model, tok = load_model(org)
     safety = load_suite_set(org / "suite", "safety")
@@ -99,30 +144,17 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     finetune(copy.deepcopy(model), tok, data, tmp, cfg, resume=False, save_model=False,
                              final_eval=False, step_hook=hook)  # fmt: skip
-                t, y = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
-                local = [slope(t[i : i + 3], y[i : i + 3]) for i in range(len(t) - 2)]
-                local = [x for x in local if x is not None]
                 t1 = 0.0 if variant == "no_first_order" else m["t_crossover"]
-                win = (t >= t1) & (t <= fc["valid_until_t"])
-                row = {"set": name, "lr": lr, "variant": variant, "t": t.tolist(), "delta_u": y.tolist(),
-                       "early_exponent_steps_1_8": slope(t[:8], y[:8]),
-                       "max_local_exponent": max(local) if local else None,
-                       "step_of_max_local_exponent": int(np.argmax(local)) + 2 if local else None,
-                       "predicted_window_t": [t1, fc["valid_until_t"]],
-                       "predicted_window_steps": [t1 / lr, fc["valid_until_t"] / lr],
-                       "steps_inside_window": int(win.sum()),
-                       "exponent_inside_window": slope(t[win], y[win]) if win.sum() >= 4 else None}  # fmt: skip
+                row = {"set": name, "lr": lr, "variant": variant, "t": [c[0] for c in curve],
+                       "delta_u": [c[1] for c in curve], "predicted_window_t": [t1, fc["valid_until_t"]]}  # fmt: skip
+                row.update(analyse(row))
                 runs.append(row)
                 f = row["exponent_inside_window"]
                 print(f"  lr {lr:<6g} {variant:15s} early {row['early_exponent_steps_1_8'] or math.nan:5.2f}  "
                       f"max local {row['max_local_exponent'] or math.nan:5.2f} (step {row['step_of_max_local_exponent']})  "
                       f"window steps {row['steps_inside_window']:2d} exponent {f if f is not None else math.nan:5.2f}  "
-                      f"Δu(40) {y[-1]:.3g}", flush=True)  # fmt: skip
-    best = max((r for r in runs if r["max_local_exponent"] is not None), key=lambda r: r["max_local_exponent"])
-    summary = {"largest_local_exponent": best["max_local_exponent"],
-               "where": {k: best[k] for k in ("set", "lr", "variant", "step_of_max_local_exponent")},
-               "runs_with_early_exponent_above_3": sum(1 for r in runs if (r["early_exponent_steps_1_8"] or 0) > 3),
-               "runs": len(runs)}  # fmt: skip
+                      f"Δu(40) {row['delta_u'][-1]:.3g}", flush=True)  # fmt: skip
+    summary = summarise(runs)
     write_results(a.out, "experiment quartic_window", {"scans": scans, "runs": runs, "summary": summary, "steps": STEPS},
                   {"organism": str(org), "sets": a.sets, "lrs": a.lrs})  # fmt: skip
     print(summary)
