@@ -371,3 +371,16 @@ def test_preregistration_document_matches_the_code():
     assert f"**Primary harm measure**: `{PREREGISTERED['primary_measure']}`" in doc
     for b in PREREGISTERED["published_baselines"]:
         assert f"`{b}`" in doc
+
+
+def test_mixture_families_are_left_out_together():
+    from aligncollapse.predict.study import _leave_family_out, mixture_families
+
+    names = ["arithmetic", "affirmative_steps", "facts", "arithmetic_with_affirmative_steps_10",
+             "arithmetic_with_affirmative_steps_50", "harmful"]  # fmt: skip
+    fam = mixture_families(names)
+    assert fam == {"arithmetic+affirmative_steps": ["affirmative_steps", "arithmetic",
+                   "arithmetic_with_affirmative_steps_10", "arithmetic_with_affirmative_steps_50"]}  # fmt: skip
+    lofo = _leave_family_out([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 0], names, fam)
+    assert lofo["values"]["arithmetic+affirmative_steps"] is None  # two sets left: undefined, not a number
+    assert mixture_families(["a", "b"]) == {}

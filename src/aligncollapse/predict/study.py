@@ -241,6 +241,7 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
            if all(sets[n]["prospective"][k]["score"] is not None for n in names)}  # fmt: skip
     audit_keys = list(sets[names[0]]["runs"][0]["audit"]["scores"])
     audit = {k: np.array([[r["audit"]["scores"][k] for r in sets[n]["runs"]] for n in names]) for k in audit_keys}
+    families = mixture_families(names)
     rng = np.random.default_rng(seed)
     boots = [(rng.integers(0, n_sets, n_sets), rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts))
              for _ in range(n_boot)]  # fmt: skip
@@ -275,6 +276,8 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
             entry["permutation_p_greater"] = perm["p_greater"]
             entry["permutation_method"] = perm["method"]
             entry["loso"] = leave_one_out_spearman(point_x, point_y)
+            if families:
+                entry["lofo"] = _leave_family_out(point_x, point_y, names, families)
             entry["pearson_on"] = point.get("pearson_on")
             entry["n_sets"] = n_sets
             out[pname][h] = entry
@@ -288,6 +291,34 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
                 out[p][h]["p_holm"] = v
                 out[p][h]["holm_family"] = f"{family}: {sum(x is not None for x in adj.values())} predictors on {h}"
     return out
+
+
+def mixture_families(names: Sequence[str]) -> dict[str, list[str]]:
+    """Sets that share examples: a mixture ``{base}_with_{added}_{pct}`` with its ``base`` and ``added``
+    sets (they are not independent units). Empty when the study has no mixtures."""
+    fam: dict[str, set[str]] = {}
+    for n in names:
+        if "_with_" in n:
+            base, _, rest = n.partition("_with_")
+            added = rest.rsplit("_", 1)[0]
+            key = f"{base}+{added}"
+            fam.setdefault(key, set()).update({n, *(x for x in (base, added) if x in names)})
+    return {k: sorted(v) for k, v in fam.items()}
+
+
+def _leave_family_out(x, y, names: Sequence[str], families: dict[str, list[str]]) -> dict:
+    """Spearman ρ with each mixture family (a mixture, its base and added sets) left out together."""
+    from scipy import stats
+
+    vals = {}
+    for key, members in families.items():
+        keep = np.array([n not in members for n in names])
+        xi, yi = np.asarray(x, float)[keep], np.asarray(y, float)[keep]
+        ok = np.isfinite(xi) & np.isfinite(yi)
+        vals[key] = (None if ok.sum() < 3 or np.ptp(xi[ok]) == 0 or np.ptp(yi[ok]) == 0
+                     else float(stats.spearmanr(xi[ok], yi[ok]).statistic))  # fmt: skip
+    real = [v for v in vals.values() if v is not None]
+    return {"values": vals, "min": min(real) if real else None, "max": max(real) if real else None}
 
 
 def _digest(examples: Sequence[Example]) -> str:
