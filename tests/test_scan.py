@@ -153,6 +153,9 @@ def test_validate_cli(tmp_path, tiny_model_dir, small_suite):
     res = json.loads((out / "results.json").read_text())
     assert len(res["comparison"]) == 6 and len(res["drift"]) == 6 and len(res["rotation"]) >= 1
     assert res["exponent"] is not None and "ci_low" in res["exponent"]
+    seq = res["sequence_kl"]["rows"]  # Lemma 3.2's form at the checkpoints, beside the greedy-path one
+    assert [r["step"] for r in seq] == [r["step"] for r in res["rotation"]]
+    assert all(r["sequence_kl"] >= 0 and r["greedy_path_kl"] is not None for r in seq)
     _assert_report_consistent(res["scan"], (out / "report.html").read_text())
     assert (out / "validate.png").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aligncollapse.cli.args import nonneg_int
 from aligncollapse.cli.common import (
     config,
     finish,
@@ -19,6 +20,9 @@ def register(sub, scan_parser) -> None:
     for action in scan_parser._actions:
         if action.dest not in ("help",):
             va._add_action(action)
+    va.add_argument("--sequence-kl", type=nonneg_int, default=8, metavar="S",
+                    help="also measure Lemma 3.2's sequence-level KL at the checkpoints with S responses sampled "
+                    "per safety prompt (0: off)")  # fmt: skip
     va.set_defaults(func=run)
 
 
@@ -37,7 +41,7 @@ def run(args) -> int:
     s = scan_settings(args)
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "validate")
-    res = run_validate(model, tok, safety, finetune, out, s, label=args.finetune)
+    res = run_validate(model, tok, safety, finetune, out, s, label=args.finetune, sequence_kl_samples=args.sequence_kl)
     write_results(out, "validate", res, config(args))
     finish(out)
     ex = res["exponent"] or {}

@@ -158,4 +158,9 @@ def render_validate(out: Path, results: dict, src: Path | None = None) -> Path:
         md += f"Davis–Kahan (Lipschitz constant {dk.get('lipschitz', 'at the same point')}): holds = {dk.get('holds')}, vacuous = {dk.get('vacuous')}\n\n"
         md += table(results["rotation"], ["step", "subspace_rotation", "lipschitz_F", "lipschitz_F_other_checkpoints",
                                           "davis_kahan_bound", "holds", "vacuous"])  # fmt: skip
+    seq = (results.get("sequence_kl") or {}).get("rows")
+    if seq:
+        md += ("\n## Greedy-path vs sequence-level KL\n\nThe forecast is about the greedy-path form; Lemma 3.2's "
+               "sequence-level KL (Monte Carlo over responses sampled from θ\\*) at the checkpoints:\n\n")  # fmt: skip
+        md += table(seq, ["step", "greedy_path_kl", "sequence_kl", "stderr", "ratio"])
     return write_report(out, "report", md, f"validate: {label}")
