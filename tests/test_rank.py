@@ -235,6 +235,23 @@ def test_permutation_p_values_and_holm():
     assert lo["min"] == min(lo["values"]) and lo["max"] == max(lo["values"])
 
 
+def test_rank_correlations_batch_matches_scalar():
+    from aligncollapse.stats import rank_correlations_batch
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(1, 6, (40, 7)).astype(float)  # many ties, as resampled sets give
+    Y = rng.random((40, 7))
+    Y[3] = 1.0  # a constant row: NaN, as the scalar version's None
+    b = rank_correlations_batch(X, Y, log_x=True)
+    for r in range(40):
+        c = rank_correlations(X[r], Y[r], log_x=True)
+        for k in ("spearman", "kendall", "pearson"):
+            if c[k] is None:
+                assert np.isnan(b[k][r])
+            else:
+                assert b[k][r] == pytest.approx(c[k], abs=1e-12)
+
+
 def test_rank_correlations():
     x, y = [1, 2, 3, 4, 5], [2, 4, 5, 4.5, 10]
     c = rank_correlations(x, y, log_x=False)

@@ -227,7 +227,7 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
     :func:`aligncollapse.stats.permutation_test_spearman` (exact for ≤ 9 sets); ``p_holm``: Holm's
     correction of ``permutation_p`` across all predictors for that harm measure; ``loso``: Spearman ρ
     with each set left out (min, max, values)."""
-    from aligncollapse.stats import holm, leave_one_out_spearman, permutation_test_spearman
+    from aligncollapse.stats import holm, leave_one_out_spearman, permutation_test_spearman, rank_correlations_batch
 
     names = list(sets)
     n_sets = len(names)
@@ -245,25 +245,27 @@ def correlations(sets: dict[str, dict], base: dict, n_boot: int = 1000, seed: in
     rng = np.random.default_rng(seed)
     boots = [(rng.integers(0, n_sets, n_sets), rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_prompts, n_prompts))
              for _ in range(n_boot)]  # fmt: skip
+    K = np.array([b[0] for b in boots]) if boots else np.zeros((0, n_sets), int)
+    # Harm per set under every (seed, prompt) resample, computed once for all predictors: [n_boot, n_sets].
+    Yb = {h: np.array([[float(np.nanmean(m[np.ix_(si, pi)])) for m in mats] for _, si, pi in boots]).reshape(-1, n_sets)
+          for h, mats in harm.items()}  # fmt: skip
+    rows_b = np.arange(len(boots))[:, None]
     out: dict = {}
     predictors = {**{k: ("fixed", v) for k, v in pro.items()}, **{k: ("seeds", v) for k, v in audit.items()}}
     for pname, (kind, vals) in predictors.items():
         out[pname] = {}
+        # The predictor under every seed resample (audit scores vary by seed; pre-flight ones do not).
+        Xb = (np.tile(vals, (len(boots), 1)) if kind == "fixed"
+              else np.array([vals[:, si].mean(1) for _, si, _ in boots]).reshape(-1, n_sets))  # fmt: skip
         for h, mats in harm.items():
             point_y = np.array([float(np.nanmean(m)) for m in mats])
             point_x = vals if kind == "fixed" else vals.mean(1)
             point = rank_correlations(point_x, point_y)
             log_x = point.get("pearson_on") == "log10 predictor"
-            joint: dict[str, list[float]] = {"spearman": [], "kendall": [], "pearson": []}
-            fixed: dict[str, list[float]] = {"spearman": [], "kendall": [], "pearson": []}
-            for ki, si, pi in boots:
-                y = np.array([float(np.nanmean(m[np.ix_(si, pi)])) for m in mats])
-                x = vals if kind == "fixed" else vals[:, si].mean(1)
-                for acc, c in ((fixed, rank_correlations(x, y, log_x=log_x)),
-                               (joint, rank_correlations(x[ki], y[ki], log_x=log_x))):  # fmt: skip
-                    for k in acc:
-                        if c[k] is not None:
-                            acc[k].append(c[k])
+            fixed_b = rank_correlations_batch(Xb, Yb[h], log_x=log_x)
+            joint_b = rank_correlations_batch(Xb[rows_b, K], Yb[h][rows_b, K], log_x=log_x)
+            joint = {k: v[np.isfinite(v)].tolist() for k, v in joint_b.items()}
+            fixed = {k: v[np.isfinite(v)].tolist() for k, v in fixed_b.items()}
             entry: dict = {}
             for k in joint:
                 lo, hi = np.quantile(joint[k], [0.025, 0.975]).tolist() if joint[k] else (None, None)
