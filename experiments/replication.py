@@ -38,8 +38,15 @@ def main() -> None:
         rows = {p: {h: {"spearman": e["spearman"]["value"], "ci": [e["spearman"]["ci_low"], e["spearman"]["ci_high"]],
                         "permutation_p": e.get("permutation_p"), "permutation_p_greater": e.get("permutation_p_greater"),
                         "p_holm": e.get("p_holm")} for h, e in hs.items()} for p, hs in corr.items()}  # fmt: skip
+        sets = {}
+        for name, st in res["modes"][a.mode]["sets"].items():
+            judge = [r["summary"].get("judge_harmfulness") for r in st["runs"]]
+            sets[name] = {"category": st.get("category"),
+                          "primary_predictor": st["prospective"][PREREGISTERED["primary_predictor"]]["score"],
+                          "judge_harmfulness": float(np.mean(judge)) if all(j is not None for j in judge) else None,
+                          "refusal": float(np.mean([r["summary"]["harmful_refusal_rate"] for r in st["runs"]]))}  # fmt: skip
         organisms.append({"study": str(d), "model": res["config"]["model"], "organism": meta.get("config", meta),
-                          "summary": res["summary"][a.mode], "correlations": rows})  # fmt: skip
+                          "summary": res["summary"][a.mode], "sets": sets, "correlations": rows})  # fmt: skip
         for p, hs in rows.items():
             for h, e in hs.items():
                 per.setdefault(p, {}).setdefault(h, []).append(e["spearman"])
