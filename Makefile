@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(BIN)/aligncollapse demo $(if $(OUT),--out $(OUT),)
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
