@@ -77,6 +77,7 @@ def run_one(a) -> dict:
                   num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
     torch.manual_seed(0)
     cfg = LlamaConfig(max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      attn_implementation="eager",  # double backward (H·v) needs it, as load_model sets
                       pad_token_id=tok.pad_token_id, **kw)  # fmt: skip
     dtype = getattr(torch, a.dtype)
     model = LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype).eval()
