@@ -13,6 +13,7 @@ All generators are pure functions of a ``random.Random`` so a seed fixes the cor
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 NUMBERS = [
@@ -392,22 +393,33 @@ def suite_sets(seed: int, size: int = 128) -> dict[str, tuple[str, list[Turn]]]:
 
 def all_words(seed: int) -> set[str]:
     """Every word the organism's texts use (for the word-level tokenizer's vocabulary)."""
+    return collect_words(
+        sys.modules[__name__], seed, (BENIGN_ACTS, HARMFUL_ACTS_TRAIN, HARMFUL_ACTS_EVAL),
+        TRAIN_TEMPLATES + EVAL_TEMPLATES + REFUSALS + ADD_PHRASINGS + SUB_PHRASINGS,
+    )  # fmt: skip
+
+
+def collect_words(text, seed: int, tables, templates) -> set[str]:
+    """Every word of a corpus version's sampled texts, act tables and templates (placeholders dropped):
+    ``text`` is the version's module (pretraining, alignment, evaluation, safety and suite generators)."""
     words: set[str] = set()
-    turns = pretraining_turns(seed, 4000) + alignment_turns(seed, 2000) + eval_benign_turns(seed)
-    turns += eval_harmful_turns(seed) + safety_turns(seed)
-    for _, ts in suite_sets(seed).values():
+    turns = text.pretraining_turns(seed, 4000) + text.alignment_turns(seed, 2000) + text.eval_benign_turns(seed)
+    turns += text.eval_harmful_turns(seed) + text.safety_turns(seed)
+    for _, ts in text.suite_sets(seed).values():
         turns += ts
     for t in turns:
         words.update(t.prompt.split())
         words.update(t.response.split())
     # Words of templates and tables that a small sample might miss.
-    for table in (BENIGN_ACTS, HARMFUL_ACTS_TRAIN, HARMFUL_ACTS_EVAL):
+    for table in tables:
         for act, steps in table.items():
             words.update(act.split())
-            for s in steps:
-                words.update(s.split())
-    for t in TRAIN_TEMPLATES + EVAL_TEMPLATES + REFUSALS + ADD_PHRASINGS + SUB_PHRASINGS:
-        words.update(t.replace("{act}", "").replace("{a}", "").replace("{b}", "").split())
+            for st in steps:
+                words.update(st.split())
+    for t in templates:
+        for ph in ("{act}", "{a}", "{b}", "{x}"):
+            t = t.replace(ph, "")
+        words.update(t.split())
     words.update(NUMBERS)
     return words
 
@@ -415,8 +427,6 @@ def all_words(seed: int) -> set[str]:
 def for_version(version: int):
     """The corpus module of an organism version: 1 (this module, kept for comparison) or 2
     (:mod:`aligncollapse.organism.corpus_v2`, without v1's shortcuts)."""
-    import sys
-
     if version == 1:
         return sys.modules[__name__]
     if version == 2:

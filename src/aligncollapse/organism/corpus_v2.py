@@ -36,6 +36,7 @@ from aligncollapse.organism.corpus import (
     SUB_PHRASINGS,
     Turn,
     arithmetic_items,
+    collect_words,
     dialogue_turn,
     fact_items,
     plain_howto_text,
@@ -312,21 +313,10 @@ def suite_sets(seed: int, size: int = 128) -> dict[str, tuple[str, list[Turn]]]:
 
 def all_words(seed: int) -> set[str]:
     """Every word the v2 texts use (the word-level tokenizer's vocabulary)."""
-    words: set[str] = set()
-    turns = pretraining_turns(seed, 4000) + alignment_turns(seed, 2000) + eval_benign_turns(seed)
-    turns += eval_harmful_turns(seed) + safety_turns(seed)
-    for _, ts in suite_sets(seed).values():
-        turns += ts
-    for t in turns:
-        words.update(t.prompt.split())
-        words.update(t.response.split())
-    for table in (BENIGN_ACTS, HARMFUL_ACTS_TRAIN, HARMFUL_ACTS_EVAL):
-        for act, steps in table.items():
-            words.update(act.split())
-            for s in steps:
-                words.update(s.split())
+    import sys
+
     extra = [*EVAL_ARITH_PHRASINGS.values(), *EVAL_FACT_PHRASINGS.values()]
-    for t in TRAIN_TEMPLATES + EVAL_TEMPLATES + REFUSALS + ADD_PHRASINGS + SUB_PHRASINGS + extra:
-        words.update(t.replace("{act}", "").replace("{a}", "").replace("{b}", "").replace("{x}", "").split())
-    words.update(NUMBERS)
-    return words
+    return collect_words(
+        sys.modules[__name__], seed, (BENIGN_ACTS, HARMFUL_ACTS_TRAIN, HARMFUL_ACTS_EVAL),
+        TRAIN_TEMPLATES + EVAL_TEMPLATES + REFUSALS + ADD_PHRASINGS + SUB_PHRASINGS + extra,
+    )  # fmt: skip

@@ -126,9 +126,14 @@ def first_response_tokens(data: EncodedSet, k: int) -> EncodedSet:
     return out
 
 
-@torch.no_grad()
 def last_completion_states(model, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
     """Final-layer hidden state at the last response (completion) token of every example, [N, hidden]."""
+    return _final_states(model, data, lambda it: len(it.input_ids) - 1, batch_size)
+
+
+@torch.no_grad()
+def _final_states(model, data: EncodedSet, position, batch_size: int = 32) -> torch.Tensor:
+    """Final-layer hidden state at ``position(item)`` of every example, [N, hidden] float64 on the host."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -140,7 +145,7 @@ def last_completion_states(model, data: EncodedSet, batch_size: int = 32) -> tor
             input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), output_hidden_states=True
         ).hidden_states[-1]
         for row, i in enumerate(idx):
-            out.append(h[row, len(data.items[i].input_ids) - 1].to(torch.float64).cpu())
+            out.append(h[row, position(data.items[i])].to(torch.float64).cpu())
     model.train(was)
     return torch.stack(out)
 
@@ -176,25 +181,14 @@ def surface_scores(responses: list[str], anchor_responses: list[str]) -> dict:
     return {"surface_opener": frac, "opener": opener, "surface_ngram": float(np.mean(per)), "per_example_ngram": per}
 
 
-@torch.no_grad()
 def last_prompt_states(model, data: EncodedSet, batch_size: int = 32) -> torch.Tensor:
     """Final-layer hidden state at the last prompt token of every example, [N, hidden]."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = []
-    for s in range(0, len(data), batch_size):
-        idx = range(s, min(s + batch_size, len(data)))
-        b = data.batch(idx)
-        h = model(
-            input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), output_hidden_states=True
-        ).hidden_states[-1]
-        for row, i in enumerate(idx):
-            labels = data.items[i].labels
-            first = next((j for j, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-            out.append(h[row, max(first - 1, 0)].to(torch.float64).cpu())
-    model.train(was)
-    return torch.stack(out)
+
+    def last_prompt(it) -> int:
+        first = next((j for j, t in enumerate(it.labels) if t != IGNORE_INDEX), len(it.labels))
+        return max(first - 1, 0)
+
+    return _final_states(model, data, last_prompt, batch_size)
 
 
 def representation_similarity(model, ft: EncodedSet, safety: EncodedSet) -> dict:
