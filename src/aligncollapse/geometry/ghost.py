@@ -1,0 +1,360 @@
+"""Per-example gradients in factored ("ghost") form: their inner products without ever forming one.
+
+For a linear map z = W a (+ b) applied at positions t, example i's gradient is
+∇_W ℓ_i = Σ_t δ_{i,t} a_{i,t}ᵀ with δ = ∂ℓ_i/∂z (and ∇_b ℓ_i = Σ_t δ_{i,t}), so
+
+    ⟨∇_W ℓ_i, ∇_W ℓ_j⟩ = Σ_{t,s} (a_{i,t}·a_{j,s}) (δ_{i,t}·δ_{j,s})
+
+is computable from the T × (d_in + d_out) factors (the per-example-gradient trick of Goodfellow 2015,
+as in "ghost clipping", Li et al. 2022). An embedding's gradient is Σ_t e_{id_t} ε_tᵀ (ε the gradient
+at its output), so ⟨·,·⟩ = Σ_{t,s} [id_{i,t} = id_{j,s}] ε_{i,t}·ε_{j,s}. A weight used twice (a tied
+embedding and LM head) adds the cross terms, e.g. embedding × linear:
+Σ_{t,s} δ_{j,s}[id_{i,t}] (ε_{i,t}·a_{j,s}). Any other selected parameter (norm gains: small) gets its
+per-example gradient formed explicitly, by vmapping its own module's vjp over the examples.
+
+The gradients at the module outputs come from one ``torch.autograd.grad`` w.r.t. those outputs, so no
+parameter gradient (no n-vector) is ever formed. Padding positions (attention mask 0) are dropped.
+
+Memory (float32 factors): Σ_sites (d_in + d_out)·R for R non-padding tokens of the collected examples,
+plus numel per example for the explicit parameters; a Gram block costs Σ_sites R₁·R₂·(d_in + d_out)
+multiply-adds, computed in row chunks of at most ``chunk_elems`` products.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call, vjp, vmap
+
+from aligncollapse.errors import UserError
+
+
+@dataclass
+class _Site:
+    """One module whose direct parameters are (partly) selected."""
+
+    module: str
+    kind: str  # "linear" | "embedding" | "explicit"
+    weight: str | None = None  # selected parameter names (None: not selected)
+    bias: str | None = None
+    explicit: list[str] = field(default_factory=list)  # selected names of an "explicit" module, in order
+    d_in: int = 0
+    d_out: int = 0
+
+
+@dataclass
+class _Use:
+    """The factors of one site over a collected set of examples (all batches concatenated)."""
+
+    site: _Site
+    a: list[torch.Tensor] = field(default_factory=list)  # [R, d_in] inputs (linear) | token ids (embedding)
+    d: list[torch.Tensor] = field(default_factory=list)  # [R, d_out] gradients at the output
+    ex: list[torch.Tensor] = field(default_factory=list)  # [R] example index of each row
+    g: list[torch.Tensor] = field(default_factory=list)  # explicit: [B, numel] per-example gradients
+
+    def done(self) -> None:
+        for name in ("a", "d", "ex", "g"):
+            parts = getattr(self, name)
+            setattr(self, name, torch.cat(parts) if parts else None)
+
+
+class Factors:
+    """Factored per-example gradients of a set of ``count`` examples (see the module docstring)."""
+
+    def __init__(self, uses: list[_Use], count: int, sizes: OrderedDict[str, torch.Size]):
+        self.uses, self.count, self.sizes = uses, count, sizes
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for u in self.uses for t in (u.a, u.d, u.ex, u.g) if t is not None)
+
+
+class GhostGradients:
+    """Collects :class:`Factors` for per-example losses and computes Grams, dots and sums from them."""
+
+    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], chunk_elems: int = 2**25):
+        self.model, self.params, self.chunk_elems = model, params, chunk_elems
+        by_id = {id(p): name for name, p in params.items()}
+        self.sites: list[tuple[torch.nn.Module, _Site]] = []
+        covered: set[str] = set()
+        for mname, mod in model.named_modules():
+            direct = [(pn, by_id[id(p)]) for pn, p in mod.named_parameters(recurse=False) if id(p) in by_id]
+            if not direct:
+                continue
+            names = dict(direct)
+            if isinstance(mod, torch.nn.Linear) and set(names) <= {"weight", "bias"}:
+                site = _Site(mname, "linear", names.get("weight"), names.get("bias"), d_in=mod.in_features,
+                             d_out=mod.out_features)  # fmt: skip
+            elif isinstance(mod, torch.nn.Embedding) and set(names) == {"weight"}:
+                if mod.max_norm is not None:
+                    raise UserError(
+                        f"module {mname}: an embedding with max_norm is not supported by the sample-space scan"
+                    )
+                site = _Site(mname, "embedding", names["weight"], d_in=mod.num_embeddings, d_out=mod.embedding_dim)
+            else:
+                site = _Site(mname, "explicit", explicit=[n for _, n in direct])
+            covered.update(n for _, n in direct)
+            self.sites.append((mod, site))
+        shared = {}
+        for _, site in self.sites:
+            for n in [site.weight, site.bias, *site.explicit]:
+                if n is not None:
+                    shared.setdefault(n, []).append(site.kind)
+        for n, kinds in shared.items():
+            if "explicit" in kinds and len(kinds) > 1:
+                raise UserError(
+                    f"parameter {n} is shared by an unsupported module: the sample-space scan cannot factor it"
+                )
+        missing = [n for n in params if n not in covered]
+        if missing:  # parameters no module owns directly (cannot happen for nn.Module trees)
+            raise UserError(f"selected parameters without an owning module: {', '.join(missing[:3])}")
+        self.sizes = OrderedDict((n, p.shape) for n, p in params.items())
+
+    # ------------------------------------------------------------------------------------------
+    def floats_per_token(self) -> int:
+        """Factor floats stored per non-padding token (the memory plan's unit)."""
+        return sum(s.d_out + (s.d_in if s.kind == "linear" else 1) for _, s in self.sites if s.kind != "explicit")
+
+    def explicit_numel(self) -> int:
+        return sum(self.params[n].numel() for _, s in self.sites for n in s.explicit)
+
+    def collect(self, batches: Iterable[tuple[dict, Callable]]) -> Factors:
+        """Factors of every per-example loss. ``batches`` yields (batch, loss_fn) with the batch's
+        tensors on the model's device and ``loss_fn(logits, batch) -> [B]`` one loss per example."""
+        uses = [_Use(site) for _, site in self.sites]
+        count = 0
+        was = self.model.training
+        self.model.eval()
+        req = {n: p.requires_grad for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        try:
+            for batch, loss_fn in batches:
+                count += self._collect_batch(batch, loss_fn, uses, count)
+        finally:
+            for n, p in self.params.items():
+                p.requires_grad_(req[n])
+            self.model.train(was)
+        for u in uses:
+            u.done()
+        return Factors(uses, count, self.sizes)
+
+    def _collect_batch(self, batch: dict, loss_fn: Callable, uses: list[_Use], offset: int) -> int:
+        calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (site index, input, output)
+
+        def hook(i):
+            def fn(mod, args, out):
+                calls.append((i, args[0], out))
+
+            return fn
+
+        handles = [mod.register_forward_hook(hook(i)) for i, (mod, _) in enumerate(self.sites)]
+        try:
+            with torch.enable_grad():
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                losses = loss_fn(out.logits, batch)
+            B = losses.shape[0]
+            outs = [o for _, _, o in calls]
+            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        mask = batch["attention_mask"].bool()
+        for (i, x, o), dz in zip(calls, grads):
+            mod, site = self.sites[i]
+            u = uses[i]
+            if dz is None:
+                dz = torch.zeros_like(o)
+            if site.kind == "explicit":
+                u.g.append(self._explicit_grads(mod, site, x.detach(), dz.detach()))
+                continue
+            if tuple(x.shape[:2]) == tuple(mask.shape):
+                keep = mask
+            elif x.shape[0] == B:
+                keep = torch.ones(x.shape[: x.dim() - (1 if site.kind == "linear" else 0)], dtype=torch.bool,
+                                  device=x.device)  # fmt: skip
+            else:
+                raise UserError(
+                    f"module {site.module}: input of shape {tuple(x.shape)} has no per-example leading dimension"
+                )
+            ex = torch.arange(B, device=x.device).view(-1, *([1] * (keep.dim() - 1))).expand(keep.shape)[keep]
+            u.ex.append(ex + offset)
+            if site.kind == "linear":
+                u.a.append(x.detach()[keep].to(torch.float32 if x.dtype != torch.float64 else x.dtype))
+            else:
+                u.a.append(x.detach()[keep])
+            u.d.append(dz.detach()[keep].to(torch.float32 if dz.dtype != torch.float64 else dz.dtype))
+        return B
+
+    def _explicit_grads(self, mod, site: _Site, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """[B, numel] per-example gradients of the selected direct parameters of a small module."""
+        prefix = site.module + "." if site.module else ""
+        local = dict(mod.named_parameters(recurse=False))
+        keys = [n[len(prefix) :] for n in site.explicit]
+        primals = tuple(local[k].detach() for k in keys)
+
+        def one(xi, di):
+            def f(*ps):
+                return functional_call(mod, dict(zip(keys, ps)), (xi.unsqueeze(0),)).squeeze(0)
+
+            _, pull = vjp(f, *primals)
+            return torch.cat([t.reshape(-1) for t in pull(di)])
+
+        with torch.no_grad():
+            g = vmap(one)(x, dz)
+        return g.to(torch.float32 if g.dtype != torch.float64 else g.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def gram(self, f1: Factors, f2: Factors, per_param: bool = False):
+        """[count₁, count₂] inner products ⟨∇ℓ_i, ∇ℓ_j⟩ over the selection (float64); with
+        ``per_param``, a dict parameter name -> its block's contribution."""
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name, val):
+            out[name] = out[name] + val if name in out else val
+
+        for u in f1.uses:
+            for w in f2.uses:
+                for name, val in self._pair(u, w, f1.count, f2.count).items():
+                    add(name, val)
+        if per_param:
+            return out
+        total = torch.zeros(f1.count, f2.count, dtype=torch.float64)
+        for v in out.values():
+            total += v
+        return total
+
+    def _pair(self, u: _Use, w: _Use, n1: int, n2: int) -> dict[str, torch.Tensor]:
+        su, sw = u.site, w.site
+        res: dict[str, torch.Tensor] = {}
+        if su.kind == "explicit" or sw.kind == "explicit":
+            if su is sw:
+                off = 0
+                for n in su.explicit:  # one block per parameter
+                    k = self.params[n].numel()
+                    res[n] = (u.g[:, off : off + k].to(torch.float64) @ w.g[:, off : off + k].to(torch.float64).T).cpu()
+                    off += k
+            return res
+        if u.ex is None or w.ex is None:
+            return res
+        shared_w = su.weight is not None and su.weight == sw.weight
+        shared_b = su.kind == "linear" and sw.kind == "linear" and su.bias is not None and su.bias == sw.bias
+        if not (shared_w or shared_b):
+            return res
+        dev = u.d.device
+        acc_w = torch.zeros(n1, n2, dtype=torch.float64, device=dev)
+        acc_b = torch.zeros(n1, n2, dtype=torch.float64, device=dev)
+        R1 = u.d.shape[0]
+        step = max(1, self.chunk_elems // max(1, w.d.shape[0]))
+        for s in range(0, R1, step):
+            sl = slice(s, min(s + step, R1))
+            if su.kind == "linear" and sw.kind == "linear":
+                dd = u.d[sl] @ w.d.T
+                if shared_w:
+                    _segment_add(acc_w, u.ex[sl], w.ex, (u.a[sl] @ w.a.T) * dd)
+                if shared_b:
+                    _segment_add(acc_b, u.ex[sl], w.ex, dd)
+            elif su.kind == "embedding" and sw.kind == "embedding":
+                same = u.a[sl, None] == w.a[None, :]
+                _segment_add(acc_w, u.ex[sl], w.ex, (u.d[sl] @ w.d.T) * same)
+            elif su.kind == "embedding":  # embedding × linear of the same (V × h) weight
+                _segment_add(acc_w, u.ex[sl], w.ex, w.d.T[u.a[sl]] * (u.d[sl] @ w.a.T))
+            else:  # linear × embedding
+                _segment_add(acc_w, u.ex[sl], w.ex, (u.d[sl][:, w.a]) * (u.a[sl] @ w.d.T))
+        if shared_w:
+            res[su.weight] = acc_w.cpu()
+        if shared_b:
+            res[su.bias] = acc_b.cpu()
+        return res
+
+    def dot(self, f: Factors, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64."""
+        out = torch.zeros(f.count, dtype=torch.float64)
+        for u in f.uses:
+            s = u.site
+            if s.kind == "explicit":
+                vec = torch.cat([v[n].reshape(-1) for n in s.explicit]).to(u.g)
+                out += (u.g @ vec).to(torch.float64).cpu()
+                continue
+            if u.ex is None:
+                continue
+            row = torch.zeros(u.d.shape[0], dtype=torch.float64, device=u.d.device)
+            if s.kind == "linear":
+                if s.weight is not None:
+                    row += ((u.d @ v[s.weight].to(u.d)) * u.a).sum(-1).to(torch.float64)
+                if s.bias is not None:
+                    row += (u.d @ v[s.bias].to(u.d)).to(torch.float64)
+            else:
+                row += (u.d * v[s.weight].to(u.d)[u.a]).sum(-1).to(torch.float64)
+            out += torch.zeros(f.count, dtype=torch.float64, device=row.device).index_add_(0, u.ex, row).cpu()
+        return out
+
+    def weighted_sum(self, f: Factors, w: torch.Tensor, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
+        """Σ_i w_i ∇ℓ_i per parameter (w: [count])."""
+        out = OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in self.params.items())
+        for u in f.uses:
+            s = u.site
+            if s.kind == "explicit":
+                vec = (w.to(u.g) @ u.g).to(dtype)
+                off = 0
+                for n in s.explicit:
+                    k = self.params[n].numel()
+                    out[n] += vec[off : off + k].reshape(out[n].shape)
+                    off += k
+                continue
+            if u.ex is None:
+                continue
+            wd = u.d * w.to(u.d)[u.ex].unsqueeze(-1)
+            if s.kind == "linear":
+                if s.weight is not None:
+                    out[s.weight] += (wd.T @ u.a).to(dtype)
+                if s.bias is not None:
+                    out[s.bias] += wd.sum(0).to(dtype)
+            else:
+                out[s.weight].index_add_(0, u.a, wd.to(dtype))
+        return out
+
+    def sum_of_squares(self, f: Factors, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
+        """Σ_i (∇ℓ_i)² elementwise, per parameter: each example's gradient is formed one site at a
+        time (memory: one site's weight), never all at once."""
+        out = OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in self.params.items())
+        for i in range(f.count):
+            per: dict[str, torch.Tensor] = {}
+            for u in f.uses:
+                s = u.site
+                if s.kind == "explicit":
+                    off = 0
+                    for n in s.explicit:
+                        k = self.params[n].numel()
+                        t = u.g[i, off : off + k].reshape(self.params[n].shape).to(dtype)
+                        per[n] = per[n] + t if n in per else t
+                        off += k
+                    continue
+                if u.ex is None:
+                    continue
+                rows = u.ex == i
+                d = u.d[rows].to(dtype)
+                if s.kind == "linear":
+                    if s.weight is not None:
+                        t = d.T @ u.a[rows].to(dtype)
+                        per[s.weight] = per[s.weight] + t if s.weight in per else t
+                    if s.bias is not None:
+                        t = d.sum(0)
+                        per[s.bias] = per[s.bias] + t if s.bias in per else t
+                else:
+                    t = torch.zeros(self.params[s.weight].shape, dtype=dtype, device=d.device).index_add_(
+                        0, u.a[rows], d
+                    )
+                    per[s.weight] = per[s.weight] + t if s.weight in per else t
+            for n, t in per.items():
+                out[n] += t * t
+        return out
+
+
+def _segment_add(acc: torch.Tensor, ex1: torch.Tensor, ex2: torch.Tensor, x: torch.Tensor) -> None:
+    """acc[e1, e2] += Σ x[r, c] over rows r of example e1 and columns c of example e2."""
+    rows = torch.zeros(acc.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    rows.index_add_(0, ex1, x.to(torch.float64))
+    acc.index_add_(1, ex2, rows)
