@@ -31,13 +31,15 @@ from torch.func import functional_call, vjp, vmap
 
 from aligncollapse.errors import UserError
 
+_FORMED = ("explicit", "linear_dense")  # sites whose per-example gradients are stored formed
+
 
 @dataclass
 class _Site:
     """One module whose direct parameters are (partly) selected."""
 
     module: str
-    kind: str  # "linear" | "embedding" | "explicit"
+    kind: str  # "linear" | "embedding" | "explicit" | "linear_dense" (formed, see GhostGradients)
     weight: str | None = None  # selected parameter names (None: not selected)
     bias: str | None = None
     explicit: list[str] = field(default_factory=list)  # selected names of an "explicit" module, in order
@@ -74,7 +76,16 @@ class Factors:
 class GhostGradients:
     """Collects :class:`Factors` for per-example losses and computes Grams, dots and sums from them."""
 
-    def __init__(self, model, params: OrderedDict[str, torch.nn.Parameter], chunk_elems: int = 2**25):
+    def __init__(
+        self,
+        model,
+        params: OrderedDict[str, torch.nn.Parameter],
+        chunk_elems: int = 2**25,
+        tokens_per_example: float | None = None,
+    ):
+        """``tokens_per_example`` (T̄): a linear layer whose weight is not shared and has
+        d_in·d_out ≤ 2·T̄·(d_in + d_out) stores its per-example gradient instead of its factors (at most
+        twice the memory, and a Gram T̄/2 or more times cheaper)."""
         self.model, self.params, self.chunk_elems = model, params, chunk_elems
         by_id = {id(p): name for name, p in params.items()}
         self.sites: list[tuple[torch.nn.Module, _Site]] = []
@@ -97,6 +108,18 @@ class GhostGradients:
                 site = _Site(mname, "explicit", explicit=[n for _, n in direct])
             covered.update(n for _, n in direct)
             self.sites.append((mod, site))
+        uses_of: dict[str, int] = {}
+        for _, site in self.sites:
+            for nm in (site.weight, site.bias):
+                if nm is not None:
+                    uses_of[nm] = uses_of.get(nm, 0) + 1
+        if tokens_per_example:
+            for _, site in self.sites:
+                small = site.d_in * site.d_out <= 2 * tokens_per_example * (site.d_in + site.d_out)
+                alone = all(uses_of.get(nm, 0) <= 1 for nm in (site.weight, site.bias) if nm is not None)
+                if site.kind == "linear" and small and alone:
+                    site.kind = "linear_dense"
+                    site.explicit = [nm for nm in (site.weight, site.bias) if nm is not None]
         shared = {}
         for _, site in self.sites:
             for n in [site.weight, site.bias, *site.explicit]:
@@ -115,9 +138,12 @@ class GhostGradients:
     # ------------------------------------------------------------------------------------------
     def floats_per_token(self) -> int:
         """Factor floats stored per non-padding token (the memory plan's unit)."""
-        return sum(s.d_out + (s.d_in if s.kind == "linear" else 1) for _, s in self.sites if s.kind != "explicit")
+        return sum(
+            s.d_out + (s.d_in if s.kind == "linear" else 1) for _, s in self.sites if s.kind in ("linear", "embedding")
+        )
 
     def explicit_numel(self) -> int:
+        """Numbers stored per example for the parameters whose per-example gradients are formed."""
         return sum(self.params[n].numel() for _, s in self.sites for n in s.explicit)
 
     def collect(self, batches: Iterable[tuple[dict, Callable]]) -> Factors:
@@ -170,6 +196,9 @@ class GhostGradients:
             if site.kind == "explicit":
                 u.g.append(self._explicit_grads(mod, site, x.detach(), dz.detach()))
                 continue
+            if site.kind == "linear_dense":
+                u.g.append(self._linear_grads(site, x.detach(), dz.detach(), mask))
+                continue
             if tuple(x.shape[:2]) == tuple(mask.shape):
                 keep = mask
             elif x.shape[0] == B:
@@ -187,6 +216,22 @@ class GhostGradients:
                 u.a.append(x.detach()[keep])
             u.d.append(dz.detach()[keep].to(torch.float32 if dz.dtype != torch.float64 else dz.dtype))
         return B
+
+    def _linear_grads(self, site: _Site, x: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, numel] per-example gradients Σ_t δ_t a_tᵀ (and Σ_t δ_t) of a small linear layer."""
+        dt = torch.float32 if x.dtype != torch.float64 else x.dtype
+        x, dz = x.to(dt), dz.to(dt)
+        if tuple(x.shape[:2]) == tuple(mask.shape):
+            m = mask.to(dt).unsqueeze(-1)
+            x, dz = x * m, dz * m
+        B = x.shape[0]
+        x, dz = x.reshape(B, -1, x.shape[-1]), dz.reshape(B, -1, dz.shape[-1])
+        parts = []
+        if site.weight is not None:
+            parts.append(torch.einsum("bto,bti->boi", dz, x).reshape(B, -1))
+        if site.bias is not None:
+            parts.append(dz.sum(1))
+        return torch.cat(parts, 1)
 
     def _explicit_grads(self, mod, site: _Site, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
         """[B, numel] per-example gradients of the selected direct parameters of a small module."""
@@ -229,7 +274,7 @@ class GhostGradients:
     def _pair(self, u: _Use, w: _Use, n1: int, n2: int) -> dict[str, torch.Tensor]:
         su, sw = u.site, w.site
         res: dict[str, torch.Tensor] = {}
-        if su.kind == "explicit" or sw.kind == "explicit":
+        if su.kind in _FORMED or sw.kind in _FORMED:
             if su is sw:
                 off = 0
                 for n in su.explicit:  # one block per parameter
@@ -274,7 +319,7 @@ class GhostGradients:
         out = torch.zeros(f.count, dtype=torch.float64)
         for u in f.uses:
             s = u.site
-            if s.kind == "explicit":
+            if s.kind in _FORMED:
                 vec = torch.cat([v[n].reshape(-1) for n in s.explicit]).to(u.g)
                 out += (u.g @ vec).to(torch.float64).cpu()
                 continue
@@ -296,7 +341,7 @@ class GhostGradients:
         out = OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in self.params.items())
         for u in f.uses:
             s = u.site
-            if s.kind == "explicit":
+            if s.kind in _FORMED:
                 vec = (w.to(u.g) @ u.g).to(dtype)
                 off = 0
                 for n in s.explicit:
@@ -324,7 +369,7 @@ class GhostGradients:
             per: dict[str, torch.Tensor] = {}
             for u in f.uses:
                 s = u.site
-                if s.kind == "explicit":
+                if s.kind in _FORMED:
                     off = 0
                     for n in s.explicit:
                         k = self.params[n].numel()

@@ -128,6 +128,7 @@ def scan_memory_plan(
     }
     peak_stage = max(stages, key=stages.get)
     return {
+        "method": "exact",
         "stages": stages,
         "peak_bytes": stages[peak_stage],
         "peak_stage": peak_stage,
@@ -144,6 +145,83 @@ def scan_memory_plan(
         },  # fmt: skip
         "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory); allocator slack and "
         "the framework's own memory come on top",
+    }
+
+
+def sample_scan_memory_plan(
+    s: ModelShape,
+    *,
+    n_safety: int,
+    n_finetune: int,
+    seq_len: int,
+    batch_size: int,
+    samples: int,
+    tokens_safety: int,
+    tokens_finetune: int,
+    floats_per_token: int,
+    explicit_numel: int,
+    optimizer: str = "sgd",
+    n_param_blocks: int = 1,
+    gram_chunk: int = 2**25,
+) -> dict:
+    """Peak bytes of each stage of the sample-space scan (:mod:`aligncollapse.scan.sample_space`).
+
+    With f = factor floats per token (Σ_sites d_in + d_out), e = numel of the explicitly formed
+    (small) parameters, R_S = S·Σ safety tokens and R_M = Σ fine-tuning tokens (non-padding), the
+    factors are Fac_S = 4·(f·R_S + e·N·S) and Fac_M = 4·(f·R_M + e·M) bytes. Stages (each with the
+    weights W and, from the scores on, Fac_S resident):
+
+    * generate   as the exact scan's
+    * scores     W + Fac_S + act(B) + 2·B·T·V·8                    (the draw's probabilities on the host)
+    * finetune   W + Fac_S + Fac_M + act(B) + n·a + 3·4·chunk + P·(NS + M)·M·8
+                 (g; the Gram blocks' row-chunk workspace; per-parameter Gram tables, P parameter blocks)
+    * hessian    W + Fac_S + 6·n·a + 3·act(B)                      (g, H g, H²g, v, the double backward)
+    * fisher     W + Fac_S + 6·n·a + 3·act(B) + 3·B·T·V·4          (g, H g, F g, F Hg; jvp and vjp)
+    * differences W + Fac_S + Fac_M/⌈M/B⌉ + 7·n·a + act(B) + 3·4·chunk
+                 (g, H g, D F g, D F Hg, D, the weights' backup; one batch's factors at θ ± εg)
+
+    Nothing of size N·n, M·n or k·n exists: n enters only through W and a handful of n-vectors.
+    """
+    n, M, N, V = s.n, n_finetune, n_safety, s.vocab
+    b = s.dtype_bytes
+    a = max(b, 4)
+    W = s.n_total * b
+    Bs, Bf = max(1, min(batch_size, N)), max(1, min(batch_size, M))
+    T = seq_len
+    fac_s = 4 * (floats_per_token * tokens_safety * samples + explicit_numel * N * samples)
+    fac_m = 4 * (floats_per_token * tokens_finetune + explicit_numel * M)
+    work = 3 * 4 * gram_chunk
+    act = activation_bytes(s, Bs, T)
+    stages = {
+        "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
+        "scores": W + fac_s + act + 2 * Bs * T * V * 8,
+        "finetune_factors": W + fac_s + fac_m + activation_bytes(s, Bf, T) + n * a + work
+        + n_param_blocks * (N * samples + M) * M * 8,
+        "hessian": W + fac_s + 6 * n * a + 3 * activation_bytes(s, Bf, T),
+        "fisher_products": W + fac_s + 6 * n * a + 3 * act + 3 * Bs * T * V * 4,
+        "differences": W + fac_s + fac_m // max(1, -(-M // Bf)) + 7 * n * a + activation_bytes(s, Bf, T) + work,
+    }  # fmt: skip
+    peak_stage = max(stages, key=stages.get)
+    return {
+        "method": "sample",
+        "stages": stages,
+        "peak_bytes": stages[peak_stage],
+        "peak_stage": peak_stage,
+        "inputs": {
+            **asdict(s),
+            "N": N,
+            "M": M,
+            "T": T,
+            "S": samples,
+            "batch_size": batch_size,
+            "tokens_safety": tokens_safety,
+            "tokens_finetune": tokens_finetune,
+            "factor_floats_per_token": floats_per_token,
+            "explicit_numel": explicit_numel,
+            "optimizer": optimizer,
+        },  # fmt: skip
+        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.sample_scan_memory_plan); "
+        "allocator slack and the framework's own memory come on top",
     }
 
 

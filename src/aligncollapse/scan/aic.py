@@ -81,6 +81,8 @@ class ScanSettings:
     blocks: BlockSelection = field(default_factory=lambda: BlockSelection(trainable_only=True))
     max_memory: int | None = None  # bytes the planned peak may reach (None: no check)
     max_memory_flag: str | None = None  # how the user gave it (for the error message)
+    method: str = "auto"  # exact (Lanczos on the exact GGN) | sample (sample space) | auto (see resolve_method)
+    fisher_samples: int = 4  # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S)
 
 
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:
@@ -108,6 +110,10 @@ def measure_aic(
     results.
     """
     s = s or ScanSettings()
+    if resolve_method(model, tokenizer, safety, finetune, s) == "sample":
+        from aligncollapse.scan.sample_space import measure_aic_sample
+
+        return measure_aic_sample(model, tokenizer, safety, finetune, s)
     t0 = time.perf_counter()
     params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
@@ -177,6 +183,7 @@ def measure_aic(
     sharp = float(lam_d[-1]) / (trace / n)
     out = {
         "memory_plan": plan,
+        "scan_method": "exact",
         "n_parameters": n,
         "n_safety": len(ref),
         "n_finetune": len(ft),
@@ -225,13 +232,43 @@ def measure_aic(
     # Crossover time where the second-order Fisher-weighted drift overtakes the first-order one.
     out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = forecast(out, s, a, c, lam_d, float(HHg.norm()), hgnorm, gnorm)
-    out["shuffled_null"] = shuffled_null(model, tokenizer, params, finetune, s, Bd, lam_d)
+    out["shuffled_null"] = shuffled_null(model, tokenizer, params, finetune, s, lambda v: (Bd.T @ v).cpu(), lam_d)
     out["properties"] = properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
     out["seconds"] = time.perf_counter() - t0
     out["hessian_matvecs"] = H.matvecs
     out["fisher_matvecs"] = Fop.matvecs
     return out
+
+
+AUTO_EXACT_MAX_N = 1_000_000  # auto: the exact scan up to this many selected parameters
+
+
+def resolve_method(model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: ScanSettings) -> str:
+    """``exact`` or ``sample`` for ``s.method``. ``auto`` takes the exact scan (the reference) when at
+    most ``AUTO_EXACT_MAX_N`` parameters are selected and its memory plan fits ``s.max_memory``, or
+    when running under torchrun (the sample-space scan runs in one process); else the sample space."""
+    from aligncollapse.distributed import world_size
+
+    if s.method not in ("auto", "exact", "sample"):
+        raise ValueError(f"unknown scan method {s.method!r}")
+    if s.method != "auto":
+        return s.method
+    if world_size() > 1:
+        return "exact"
+    params = s.blocks.select(model)
+    n = sum(p.numel() for p in params.values())
+    if n > AUTO_EXACT_MAX_N:
+        return "sample"
+    if s.max_memory is None:
+        return "exact"
+    from aligncollapse.geometry.memory import model_shape, scan_memory_plan
+
+    lengths = [len(tokenizer((e.prompt or "") + " " + (e.response or "")).input_ids) for e in list(finetune)[:256]]
+    seq = min(max(lengths, default=1) + 32, s.max_length)
+    plan = scan_memory_plan(model_shape(model, params), n_safety=len(safety), n_finetune=len(finetune), seq_len=seq,
+                            batch_size=s.batch_size, k=min(s.max_d + 1, n - 1), optimizer=s.optimizer)  # fmt: skip
+    return "exact" if plan["peak_bytes"] <= s.max_memory else "sample"
 
 
 def plan_memory(model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: ScanSettings, k: int) -> dict:
@@ -352,8 +389,17 @@ def _bootstrap(
     hc = rows[:, :d]  # Σ_i hc_i = Bᵀ H g
     A = Fop.per_sequence_gram(Bd).cpu()  # [K, d, d]
     del G
+    return bootstrap_ci(e, gram, hc, A, tokens, s), per_example
+
+
+def bootstrap_ci(e: torch.Tensor, gram: torch.Tensor, hc: torch.Tensor, A: torch.Tensor, tokens: torch.Tensor,
+                 s: ScanSettings) -> dict:  # fmt: skip
+    """Percentile CIs from the small tables: e [M, d] per-example (summed-loss) gradient coordinates in
+    M, gram [M, M] their Gram matrix, hc [M, d] per-example H_n g coordinates (Σ_n hc_n = Bᵀ H g),
+    A [K, d, d] per-prompt Fisher blocks (mean_k A_k = Bᵀ F B); fine-tuning examples and safety prompts
+    are resampled independently, ``s.n_boot`` times."""
     rng = np.random.default_rng(s.seed)
-    M, K = len(ft), A.shape[0]
+    M, K = e.shape[0], A.shape[0]
     res = {"eps_orth": [], "eps_orth_rel": [], "eps_fisher": [], "gamma": [], "lambda": []}
     for _ in range(s.n_boot):
         i = torch.from_numpy(rng.integers(0, M, M))
@@ -384,14 +430,15 @@ def _bootstrap(
     out = {k: _ci(np.array(v), point[k]) for k, v in res.items()}
     out["n_boot"] = s.n_boot
     out["note"] = "subspace M held fixed; H g resampled with g at its full-data value"
-    return out, per_example
+    return out
 
 
-def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: ScanSettings, Bd, lam_d) -> dict:
+def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: ScanSettings, project, lam_d) -> dict:
     """The structured null of properties 2 and 3: the same fine-tuning texts with the responses
     permuted across prompts (a seeded derangement), which keeps every response's wording and length
     and destroys only the prompt–response pairing. Raw (optimiser-free) geometry: ‖Pg‖/‖g‖ and
-    γ/‖Hg‖ = ‖F^½ P Hg‖/‖Hg‖. Cost: one gradient and one Hessian-vector product over the M examples."""
+    γ/‖Hg‖ = ‖F^½ P Hg‖/‖Hg‖. ``project(v)`` gives a flat n-vector's coordinates in M (float64, CPU).
+    Cost: one gradient and one Hessian-vector product over the M examples."""
     exs = list(finetune)
     responses = [e.response for e in exs]
     identical = len(set(responses)) == 1
@@ -408,7 +455,7 @@ def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: Scan
     _, g = FinetuneLoss(model, params, ft, s.batch_size).value_and_grad()
     Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g).to(torch.float64)
     g = g.to(torch.float64)
-    a, c = (Bd.T @ g).cpu(), (Bd.T @ Hg).cpu()
+    a, c = project(g), project(Hg)
     return {
         "eps_orth_rel": float(a.norm()) / float(g.norm()) if float(g.norm()) else 0.0,
         "gamma_rel": float((lam_d * c * c).sum().sqrt()) / float(Hg.norm()) if float(Hg.norm()) else 0.0,

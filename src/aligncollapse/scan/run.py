@@ -25,6 +25,12 @@ def run_scan(model, tokenizer, safety, finetune, out_dir: str | Path, s: ScanSet
     res["world_size"] = world_size()
     if not is_main():
         return res
+    if basis is None:  # the sample-space scan holds no n × d basis
+        res["subspace_path"] = None
+        res["subspace_note"] = (
+            "not saved by the sample-space scan (no n × d basis is formed); `aligncollapse fisher` saves one"
+        )
+        return res
     params = s.blocks.select(model)
     SafetySubspace(
         torch.tensor(res["eigenvalues"][: res["d"]], dtype=torch.float64), basis, list(params), [tuple(p.shape) for p in params.values()],

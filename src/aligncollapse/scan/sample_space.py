@@ -1,0 +1,462 @@
+"""The AIC scan in sample space: no n × k basis, no M × n gradient matrix (``--scan-method sample``).
+
+The same quantities as :func:`aligncollapse.scan.aic.measure_aic` (same keys, same forecast,
+properties and verdict), with the Fisher replaced by its Monte-Carlo (model-sampled) estimate:
+
+* for each safety prompt x (with θ*'s greedy response y*) and each of S draws, labels
+  y_t ~ π_θ*(·|x, y*<t) at every response position give a score s = Σ_t ∇ log π(y_t|x, y*<t); the
+  contexts are fixed, so the positions' scores have mean zero and are independent, and
+  E[s sᵀ] = Σ_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t: F̂ = (1/NS) Σ s sᵀ = U Uᵀ/NS is unbiased for the exact
+  F of the exact scan, with rank ≤ N·S;
+* the Gram trick: K = UᵀU/NS = W Λ Wᵀ has F̂'s nonzero eigenvalues, and its eigenvectors are
+  V = U W Λ^{-1/2}/√(NS), so any vector's coordinates in M are Vᵀx = Λ^{-1/2} Wᵀ (Uᵀx)/√(NS);
+* every inner product with a score (UᵀU, Uᵀg_n for every fine-tuning example, Uᵀ g, Uᵀ H g) comes
+  from factored per-example gradients (:mod:`aligncollapse.geometry.ghost`), never from a stored
+  gradient; tr F̂ = tr K exactly (no Hutchinson probes);
+* g, H g, H²g, F g and F H g are single n-vectors (F is the exact GGN, so the forecast's quadratic
+  forms gᵀFg, gᵀFHg, (Hg)ᵀF(Hg) and the per-example products are exact, as in the exact scan);
+* the bootstrap's per-example H_n g, all M of them, by central differences of the factored
+  per-example gradients along g: H_n g ≈ (∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg))/2ε, with ε = u^{1/3}‖θ‖/‖g‖
+  (u the unit roundoff of the weights' dtype): two more per-example passes instead of M
+  single-example HVPs (skipped for half-precision weights, where θ ± εg is not representable: each
+  example then gets its token share of H g, and the note says so);
+* AdamW: g → D g and H g → D H D g exactly; the per-example tables (bootstrap coordinates, Gram,
+  noise trace) use D averaged within each parameter block (a diagonal D between two factored
+  gradients does not factor), stated in ``approximations``.
+
+Cost: N·S forward+backward passes for the scores (S draws share nothing), 3 per-example passes over
+the M fine-tuning examples (factors at θ and θ ± εg), 2 Hessian-vector products over them (H g, H²g;
+3 for AdamW), 2 GGN products and the expansion's forward-mode passes over the N prompts, the shuffled
+null (one gradient and one HVP), and the Gram blocks Σ_sites R₁R₂(d_in + d_out). Memory: see
+:func:`aligncollapse.geometry.memory.sample_scan_memory_plan`; it grows with n only through the
+model, its gradient and six n-vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
+from aligncollapse.data.examples import Example
+from aligncollapse.distributed import world_size
+from aligncollapse.errors import NonFiniteError, UserError
+from aligncollapse.geometry.curvature import GGNOperator, HessianOperator
+from aligncollapse.geometry.ghost import Factors, GhostGradients
+from aligncollapse.geometry.spectrum import choose_d
+from aligncollapse.losses import nll_from_logits, upcast
+from aligncollapse.progress import log
+from aligncollapse.scan import aic as _aic
+from aligncollapse.scan.verdict import decide_verdict
+
+
+def _unflat(params, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    out, off = OrderedDict(), 0
+    for name, p in params.items():
+        out[name] = v[off : off + p.numel()].view(p.shape)
+        off += p.numel()
+    return out
+
+
+def _flat(tensors: OrderedDict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+class SampledFisher:
+    """F̂ = U Uᵀ/NS from S score draws per prompt, represented by the scores' factors and K's eigenpairs."""
+
+    def __init__(self, ghost: GhostGradients, ref: EncodedSet, samples: int, batch_size: int, seed: int):
+        self.ghost, self.N, self.S = ghost, len(ref), samples
+        gen = torch.Generator().manual_seed(seed)
+        dev = next(ghost.model.parameters()).device
+        self.prompt_of: list[int] = []
+
+        def draw(logits, b):
+            logp = F.log_softmax(upcast(logits[:, :-1]), -1)
+            mask = b["labels"][:, 1:] != IGNORE_INDEX
+            probs = logp.detach().exp().reshape(-1, logp.shape[-1]).to("cpu", torch.float64)
+            y = torch.multinomial(probs, 1, generator=gen).view(mask.shape).to(logp.device)
+            return (logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+
+        def batches():
+            for start in range(0, self.N, batch_size):
+                idx = range(start, min(start + batch_size, self.N))
+                b = {k: v.to(dev) for k, v in ref.batch(idx).items()}
+                for _ in range(samples):
+                    self.prompt_of.extend(idx)
+                    yield b, draw
+
+        self.factors: Factors = ghost.collect(batches())
+        K_raw = ghost.gram(self.factors, self.factors)  # UᵀU
+        self.K_raw = K_raw
+        mu, W = torch.linalg.eigh(K_raw / (self.N * samples))
+        order = torch.argsort(mu, descending=True)
+        self.mu, self.W = mu[order].clamp_min(0.0), W[:, order]
+        self.trace = float(torch.trace(K_raw)) / (self.N * samples)
+        norms = torch.diagonal(K_raw)
+        # Standard error of tr F̂ over prompts (the S draws of one prompt are averaged first).
+        per_prompt = (
+            torch.zeros(self.N, dtype=torch.float64).index_add_(0, torch.tensor(self.prompt_of), norms) / samples
+        )
+        self.trace_se = float(per_prompt.std(unbiased=True)) / math.sqrt(self.N) if self.N > 1 else None
+        self.d = 0
+
+    @property
+    def count(self) -> int:
+        return self.N * self.S
+
+    def set_d(self, d: int) -> None:
+        self.d = d
+        lam = self.mu[:d]
+        self._proj = (self.W[:, :d] / lam.clamp_min(1e-300).sqrt()).T / math.sqrt(self.count)  # [d, NS]
+
+    def coords(self, Ux: torch.Tensor) -> torch.Tensor:
+        """Vᵀx from the score inner products Uᵀx ([NS] or [NS, m] -> [d] or [d, m])."""
+        return self._proj @ Ux.to(torch.float64)
+
+    def scores_dot(self, v: torch.Tensor, params) -> torch.Tensor:
+        """Uᵀv for a flat n-vector v ([NS], float64)."""
+        return self.ghost.dot(self.factors, _unflat(params, v))
+
+    def cross_validated(self, d: int) -> dict:
+        """Held-out Rayleigh quotients: eigenvectors from one half of the scores, F̂ from the other
+        (halves of the draws when S ≥ 2, of the prompts when S = 1), both ways, averaged.
+
+        The in-sample top eigenvalues of a sampled Fisher are biased upwards (so its tail beyond d is
+        biased down, and property 1 would hold too easily); a held-out quotient v_jᵀF̂_B v_j is unbiased
+        for v_jᵀF v_j given v_j, and Σ_{j≤d} of them is, in expectation, at most the true top-d sum:
+        a conservative tail. With v_j = U_A w_j/√(μ_j |A|):
+        v_jᵀF̂_B v_j = ‖K[B, A] w_j‖² / (μ_j |A| |B|)."""
+        prompt_of = torch.tensor(self.prompt_of)
+        if self.S >= 2:
+            draw_index = torch.zeros(self.count, dtype=torch.long)  # which draw of its prompt each score is
+            seen: dict[int, int] = {}
+            for j, k in enumerate(self.prompt_of):
+                draw_index[j] = seen.get(k, 0)
+                seen[k] = seen.get(k, 0) + 1
+            first = draw_index < self.S // 2
+        else:
+            first = prompt_of < self.N // 2
+        halves = [torch.nonzero(first).view(-1), torch.nonzero(~first).view(-1)]
+        vals = torch.zeros(d, dtype=torch.float64)
+        for A_, B_ in (halves, halves[::-1]):
+            mu, W = torch.linalg.eigh(self.K_raw[A_][:, A_] / len(A_))
+            order = torch.argsort(mu, descending=True)[:d]
+            mu, W = mu[order].clamp_min(1e-300), W[:, order]
+            proj = self.K_raw[B_][:, A_] @ W  # [|B|, d]
+            vals += (proj**2).sum(0) / (mu * len(A_) * len(B_)) / 2
+        return {"rayleigh": vals, "split": "draws" if self.S >= 2 else "prompts"}
+
+    def per_prompt_blocks(self) -> torch.Tensor:
+        """A_k = Vᵀ F̂_k V ([N, d, d]) with F̂_k = (1/S) Σ_s s_{k,s} s_{k,s}ᵀ, so mean_k A_k = Λ_d."""
+        Z = self.coords(self.K_raw).T  # [NS, d]: Vᵀ s_j
+        A = torch.zeros(self.N, self.d, self.d, dtype=torch.float64)
+        A.index_add_(0, torch.tensor(self.prompt_of), Z.unsqueeze(2) * Z.unsqueeze(1))
+        return A / self.S
+
+
+def _nll_batches(ft: EncodedSet, batch_size: int, dev, indices: Sequence[int] | None = None):
+    def loss(logits, b):
+        return nll_from_logits(logits, b["labels"])
+
+    idx = list(range(len(ft))) if indices is None else list(indices)
+    for s in range(0, len(idx), batch_size):
+        b = ft.batch(idx[s : s + batch_size])
+        yield {k: v.to(dev) for k, v in b.items()}, loss
+
+
+def measure_aic_sample(
+    model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: _aic.ScanSettings
+) -> dict:
+    """:func:`aligncollapse.scan.aic.measure_aic` in sample space (module docstring). One process."""
+    t0 = time.perf_counter()
+    if world_size() > 1:
+        raise UserError("--scan-method sample runs in one process; under torchrun use --scan-method exact")
+    if s.fisher_samples < 1:
+        raise UserError("--fisher-samples must be at least 1")
+    params = s.blocks.select(model)
+    n = sum(p.numel() for p in params.values())
+    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
+    ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
+    mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
+    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens)
+    plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
+    ref = _aic.reference_data(model, tokenizer, safety, s)
+    first = next(iter(params.values()))
+    dev, acc = first.device, torch.promote_types(first.dtype, torch.float32)
+    Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
+
+    log(f"[sample-space scan] scores: {len(ref)} prompts × {s.fisher_samples} draws")
+    fisher = SampledFisher(ghost, ref, s.fisher_samples, s.batch_size, s.seed)
+    k = min(s.max_d + 1, n - 1)
+    lam = torch.zeros(k, dtype=torch.float64)
+    lam[: min(k, len(fisher.mu))] = fisher.mu[:k]
+    rank = int((fisher.mu > 1e-12 * max(float(fisher.mu[0]), 1e-300)).sum())
+    trace = max(fisher.trace, float(lam.sum()))
+    d = (
+        choose_d(lam[:-1], s.d)
+        if not str(s.d).startswith("energy:")
+        else _aic._energy_d(lam[:-1], trace, float(str(s.d).split(":")[1]))
+    )
+    d = max(1, min(d, rank))
+    fisher.set_d(d)
+    lam_d = lam[:d]
+    cv = fisher.cross_validated(d)
+    lam_cv = cv["rayleigh"]
+
+    # Fine-tuning side: factors at θ*, then everything the exact scan takes from G.
+    log(f"[sample-space scan] fine-tuning factors: {len(ft)} examples")
+    FF = ghost.collect(_nll_batches(ft, s.batch_size, dev))
+    tokens = torch.tensor([sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items], dtype=torch.float64)
+    total = float(tokens.sum())
+    M = len(ft)
+    g = _flat(ghost.weighted_sum(FF, torch.full((M,), 1.0 / total, dtype=torch.float64), dtype=acc))
+    C_blocks = ghost.gram(fisher.factors, FF, per_param=True)  # name -> [NS, M]
+    K_blocks = ghost.gram(FF, FF, per_param=True)  # name -> [M, M]
+    approximations = []
+    precond, block_d = None, {name: 1.0 for name in params}
+    if s.optimizer == "adamw":
+        Bsz = min(max(s.ft_batch_size if s.ft_batch_size > 0 else M, 1), M)
+        sq = _flat(ghost.sum_of_squares(FF, dtype=acc))
+        tg = _flat(ghost.weighted_sum(FF, tokens, dtype=acc))
+        Tbar = float(tokens.mean())
+        r2 = (sq - 2 * g * tg + g * g * float((tokens**2).sum())) / (M * Tbar**2)
+        fpc = (M - Bsz) / (M - 1) if M > 1 else 0.0
+        v = g * g + r2.clamp_min(0) / Bsz * fpc
+        precond = (1.0 / (v.sqrt() + s.adam_delta)).to(g.dtype)
+        del sq, tg, r2, v
+        block_d = {name: float(t.to(torch.float64).mean()) for name, t in _unflat(params, precond).items()}
+        approximations.append(
+            "AdamW: per-example tables (bootstrap coordinates and Gram, noise trace, H_n g coordinates) use D averaged "
+            "within each parameter block; g, H g, the forecast and the per-example products use the full diagonal D"
+        )
+    zero_s = torch.zeros(fisher.count, M, dtype=torch.float64)
+    C_D = sum((block_d[nm] * C_blocks[nm] for nm in C_blocks), zero_s)
+    K_D = sum((block_d[nm] ** 2 * K_blocks[nm] for nm in K_blocks), torch.zeros(M, M, dtype=torch.float64))
+    C = sum(C_blocks.values(), zero_s)
+    del FF, K_blocks
+
+    H = HessianOperator(model, params, ft, s.batch_size)
+    gt = g if precond is None else precond * g
+    Hg = H.matvec(gt) if precond is None else precond * H.matvec(gt)
+    hhg_norm = float(H.matvec(Hg).to(torch.float64).norm())
+    Fg, FHg = Fop.matvec(gt), Fop.matvec(Hg)
+    g64, Hg64 = gt.to(torch.float64), Hg.to(torch.float64)
+    gFg, gFHg, HgFHg = (
+        float(g64 @ Fg.to(torch.float64)),
+        float(g64 @ FHg.to(torch.float64)),
+        float(Hg64 @ FHg.to(torch.float64)),
+    )
+    expansion = _aic._expansion(Fop, gt, Hg)
+    a, c = fisher.coords(fisher.scores_dot(gt, params)), fisher.coords(fisher.scores_dot(Hg, params))
+    eps = float(a.norm())
+    eps_f = float((lam_d * a * a).sum().sqrt())
+    gamma = float((lam_d * c * c).sum().sqrt())
+    gnorm, hgnorm = float(g64.norm()), float(Hg64.norm())
+    rand_gamma = hgnorm * math.sqrt(float(lam_d.sum()) / n)
+    if precond is None:
+        flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f, "eps_orth_rel": eps / gnorm if gnorm else 0.0,
+                "gamma_rel": gamma / hgnorm if hgnorm else 0.0}  # fmt: skip
+    else:
+        Hg_raw = H.matvec(g)
+        a_raw = fisher.coords(C.sum(1) / total)
+        c_raw = fisher.coords(fisher.scores_dot(Hg_raw, params))
+        graw_norm, hgraw_norm = float(g.to(torch.float64).norm()), float(Hg_raw.to(torch.float64).norm())
+        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g.to(torch.float64) @ Fop.matvec(g).to(torch.float64)),
+                "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
+        flow["eps_orth_rel"] = float(a_raw.norm()) / graw_norm if graw_norm else 0.0
+        flow["gamma_rel"] = flow["gamma"] / hgraw_norm if hgraw_norm else 0.0
+        del Hg_raw
+
+    # Mini-batch noise: tr(F̂ Σ) over all M examples, x_n = D g_n / T̄.
+    Ux = C_D / float(tokens.mean())
+    dev_x = Ux - Ux.mean(1, keepdim=True)
+    vals = (dev_x**2).sum(0) / fisher.count
+    noise = {"trace_F_cov": float(vals.mean()) * M / max(M - 1, 1), "n_examples": M, "fisher": "sampled (F̂)"}
+
+    # Per-example products and H_n g by central differences along D g.
+    DFg = Fg if precond is None else precond * Fg
+    DFHg = FHg if precond is None else precond * FHg
+    per_example, hc, fd = _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFHg, C_D, tokens,
+                                       block_d, Hg)  # fmt: skip
+    del DFg, DFHg, Fg, FHg
+    e = fisher.coords(C_D).T  # [M, d] per-example (summed-loss) coordinates
+    A = fisher.per_prompt_blocks()
+    boot = _aic.bootstrap_ci(e, K_D, hc, A, tokens, s)
+    boot["note"] += "; sampled Fisher F̂ (its draws held fixed)"
+    lam_max = float(lam[0])
+    sharp = float(lam_cv[-1]) / (trace / n)
+    out = {
+        "memory_plan": plan,
+        "scan_method": "sample",
+        "n_parameters": n,
+        "n_safety": len(ref),
+        "n_finetune": M,
+        "fisher": f"model-sampled Fisher of the alignment KL, Monte-Carlo: {s.fisher_samples} label draw(s) per safety "
+        f"prompt (rank ≤ {fisher.count}), eigenpairs by the Gram trick over factored per-example gradients; exact GGN "
+        "for the forecast's quadratic forms",
+        "fisher_samples": s.fisher_samples,
+        "fisher_rank": rank,
+        "delta_u_form": "greedy-path KL: Σ_t KL(π_θ*(·|x,y*<t) ‖ π_θ(·|x,y*<t)) along θ*'s greedy responses y*; equal to "
+        "Lemma 3.2's sequence-level KL only when π_θ* is deterministic (`eval --reference` measures both)",
+        "d": d,
+        "d_rule": str(s.d),
+        "eigenvalues": lam.tolist(),
+        # Property 1 reads the held-out (conservative) values; the in-sample ones are biased upwards.
+        "eigenvalues_held_out": lam_cv.tolist(),
+        "held_out_split": cv["split"],
+        "lambda": float(lam_cv[-1]),
+        "lambda_in_sample": float(lam_d[-1]),
+        "lambda_max": lam_max,
+        "eigengap": float(lam[d - 1] - lam[d]) if d < len(lam) else float(lam[d - 1]),
+        "basis": None,
+        "trace": trace,
+        "trace_hutchinson_std": None,
+        "trace_std_error": fisher.trace_se,
+        "tail_mass": max(0.0, trace - float(lam_cv.sum())),
+        "tail_fraction": max(0.0, trace - float(lam_cv.sum())) / trace if trace > 0 else 0.0,
+        "tail_fraction_in_sample": max(0.0, trace - float(lam_d.sum())) / trace if trace > 0 else 0.0,
+        "sharpness_ratio": sharp,
+        "g_norm": gnorm,
+        "eps_orth": eps,
+        "eps_orth_rel": eps / gnorm if gnorm else 0.0,
+        "eps_orth_random": math.sqrt(d / n),
+        "eps_fisher": eps_f,
+        "gamma": gamma,
+        "Hg_norm": hgnorm,
+        "gamma_random": rand_gamma,
+        "gamma_enrichment": gamma / rand_gamma if rand_gamma > 0 else None,
+        "overlap_enrichment": (eps / gnorm) ** 2 / (d / n) if gnorm else None,
+        "quadratic_forms": {"gFg": gFg, "gFHg": gFHg, "HgFHg": HgFHg, **expansion},
+        "quartic_coefficient": {
+            "full": expansion["qAq"] / 8 if expansion.get("qAq") is not None else None,
+            "gauss_newton": HgFHg / 8,
+            "gamma_sq_over_8": gamma**2 / 8,
+            "curvature_term": expansion["dAd"] / 8 if expansion.get("dAd") is not None else None,
+            "note": "t⁴ coefficient of Δu when J g ≈ 0: full = ⅛ qᵀA q with q = J Hg + ∇²z[g, g]; gauss_newton drops "
+            "∇²z[g, g]; γ²/8 is the Gauss-Newton part within M (the paper's, here with the sampled F̂'s M)",
+        },
+        "gradient_noise": noise,
+        "ci": boot,
+        "optimizer": s.optimizer,
+        "per_example": per_example,
+        "per_example_hvp": fd,
+        "approximations": approximations,
+        "flow_geometry": flow,
+        "update_vectors": {"g": gt.detach(), "Hg": Hg.detach(), "names": list(params), "fisher": Fop},
+    }
+    out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
+    out["forecast"] = _aic.forecast(out, s, a, c, lam_d, hhg_norm, hgnorm, gnorm)
+    out["shuffled_null"] = _aic.shuffled_null(
+        model, tokenizer, params, finetune, s, lambda v: fisher.coords(fisher.scores_dot(v, params)), lam_d
+    )
+    out["properties"] = _aic.properties(out, s)
+    out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
+    out["seconds"] = time.perf_counter() - t0
+    out["hessian_matvecs"] = H.matvecs
+    out["fisher_matvecs"] = Fop.matvecs
+    return out
+
+
+def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFHg, C_D, tokens, block_d, Hg):
+    """u_n and h_n products (see ``aic._bootstrap``) and the [M, d] H_n g coordinates; h_n by central
+    differences of the factored per-example gradients along ``gt`` (module docstring)."""
+    total = float(tokens.sum())
+    M = len(ft)
+    vFg, vFHg = _unflat(params, DFg), _unflat(params, DFHg)
+
+    def pass_at(sign: float, eps: float):
+        """Per-example ⟨∇ℓ_n, D F g⟩, ⟨∇ℓ_n, D F Hg⟩ and D-weighted Uᵀ∇ℓ_n at θ + sign·eps·gt, one batch at a time."""
+        backup = None
+        if sign != 0.0:
+            backup = [p.detach().clone() for p in params.values()]
+            with torch.no_grad():
+                for p, step in zip(params.values(), _unflat(params, gt).values()):
+                    p.add_(step.to(p.dtype), alpha=sign * eps)
+        try:
+            dots_f, dots_h, cols = [], [], []
+            for batch in _nll_batches(ft, s.batch_size, dev):
+                f = ghost.collect([batch])
+                dots_f.append(ghost.dot(f, vFg))
+                dots_h.append(ghost.dot(f, vFHg))
+                if sign != 0.0:
+                    blocks = ghost.gram(fisher.factors, f, per_param=True)
+                    z = torch.zeros(fisher.count, f.count, dtype=torch.float64)
+                    cols.append(sum((block_d[nm] * blk for nm, blk in blocks.items()), z))
+            return torch.cat(dots_f), torch.cat(dots_h), (torch.cat(cols, 1) if cols else None)
+        finally:
+            if backup is not None:
+                with torch.no_grad():
+                    for p, b in zip(params.values(), backup):
+                        p.copy_(b)
+
+    u_Fg, u_FHg, _ = pass_at(0.0, 0.0)
+    per_example = {"u_Fg": (u_Fg / total).tolist(), "u_FHg": (u_FHg / total).tolist()}
+    dtype = next(iter(params.values())).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        share = tokens / total
+        c_full = fisher.coords(fisher.scores_dot(Hg, params))
+        hc = share[:, None] * c_full[None, :]
+        hFg, hFHg = (
+            float(Hg.to(torch.float64) @ DFg.to(torch.float64)),
+            float(Hg.to(torch.float64) @ DFHg.to(torch.float64)),
+        )
+        per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
+        return per_example, hc, {"method": "token shares of H g (half-precision weights: no finite differences)"}
+    u = torch.finfo(dtype).eps
+    theta = math.sqrt(sum(float(p.detach().to(torch.float64).pow(2).sum()) for p in params.values()))
+    gn = float(gt.to(torch.float64).norm())
+    # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)
+    # balanced for O(1) curvature; checked below by Σ_n h_nᵀF g = (Hg)ᵀF g, reported as sum_check.
+    eps = 0.2 * u ** (1 / 3) / gn if gn > 0 else 0.0
+    if eps == 0.0:
+        z = torch.zeros(M, dtype=torch.float64)
+        per_example["h_Fg"], per_example["h_FHg"] = z.tolist(), z.tolist()
+        return per_example, torch.zeros(M, fisher.d, dtype=torch.float64), {"method": "g = 0"}
+    pf, ph, pc = pass_at(+1.0, eps)
+    mf, mh, mc = pass_at(-1.0, eps)
+    scale = 1.0 / (2 * eps * total)
+    h_f, h_h = (pf - mf) * scale, (ph - mh) * scale
+    # With AdamW, h_n = D H_n D g: the dots above already carry D (D F g, D F Hg), the columns D's block means.
+    per_example["h_Fg"], per_example["h_FHg"] = h_f.tolist(), h_h.tolist()
+    hc = fisher.coords((pc - mc) * scale).T  # [M, d]
+    want = float(Hg.to(torch.float64) @ DFg.to(torch.float64))  # = Σ_n h_nᵀ F g exactly
+    got = float(h_f.sum())
+    return per_example, hc, {
+        "method": "central differences of per-example gradients along g", "epsilon": eps,
+        "step_norm": eps * gn, "relative_step": eps * gn / max(theta, 1e-300),
+        "sum_check": {"sum_h_Fg": got, "HgFg": want, "relative_error": abs(got - want) / max(abs(want), 1e-300)},
+    }  # fmt: skip
+
+
+def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, ft: EncodedSet, s) -> dict:
+    """The sample-space scan's memory plan (:func:`aligncollapse.geometry.memory.sample_scan_memory_plan`),
+    logged and checked against ``s.max_memory`` before any heavy work."""
+    from aligncollapse.data.encoding import encode
+    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, sample_scan_memory_plan
+
+    prompt_lens = [
+        len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
+        for e in safety
+    ]  # fmt: skip
+    ref_lens = [min(p + 32, s.max_length) for p in prompt_lens]
+    ft_lens = [len(it.input_ids) for it in ft.items]
+    plan = sample_scan_memory_plan(
+        model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
+        batch_size=s.batch_size, samples=s.fisher_samples, tokens_safety=sum(ref_lens), tokens_finetune=sum(ft_lens),
+        floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
+        n_param_blocks=len(params),
+    )  # fmt: skip
+    for name, nbytes in plan["stages"].items():
+        log(f"[memory plan] {name}: {format_size(nbytes)}")
+    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
+    check_fits(plan, s.max_memory, given=s.max_memory_flag)
+    plan["limit_bytes"] = s.max_memory
+    return plan
