@@ -25,8 +25,18 @@ def main() -> None:
     ap.add_argument("studies", nargs="+", help="study output directories, one per organism")
     ap.add_argument("--out", required=True)
     ap.add_argument("--mode", default=PREREGISTERED["mode"])
+    ap.add_argument("--failed-gate", nargs="*", default=[], metavar="ORG",
+                    help="organism directories that failed the validity gate (not studied; recorded with their gate "
+                    "values, and counted against the criterion)")  # fmt: skip
     a = ap.parse_args()
     organisms, per = [], {}
+    failed = []
+    for d in a.failed_gate:
+        res = json.loads((Path(d) / "results.json").read_text())
+        ev = res["evaluation"]
+        failed.append({"model": str(d), "organism": res.get("config", {}).get("organism"),
+                       "harmful_refusal_rate": ev["harmful_refusal_rate"]["value"],
+                       "benign_accuracy": ev["benign_accuracy"]["value"], "gate": PREREGISTERED["gate"]})  # fmt: skip
     for d in a.studies:
         res = json.loads((Path(d) / "results.json").read_text())
         meta = (
@@ -54,9 +64,10 @@ def main() -> None:
         x is not None for x in v) else None} for h, v in hs.items()} for p, hs in per.items()}  # fmt: skip
     met = sum(o["summary"].get("criterion_met_in_this_organism", False) for o in organisms)
     write_results(a.out, "experiment replication", {"preregistered": PREREGISTERED, "organisms": organisms,
-                  "rho_across_organisms": dist, "criterion_met_in": met, "n_organisms": len(organisms)},
-                  {"studies": a.studies, "mode": a.mode})  # fmt: skip
-    print(f"preregistered criterion met in {met} of {len(organisms)} organisms")
+                  "rho_across_organisms": dist, "criterion_met_in": met, "n_organisms": len(organisms) + len(failed),
+                  "failed_gate": failed}, {"studies": a.studies, "failed_gate": a.failed_gate, "mode": a.mode})  # fmt: skip
+    print(f"preregistered criterion met in {met} of {len(organisms) + len(failed)} organisms "
+          f"({len(failed)} failed the validity gate)")  # fmt: skip
 
 
 if __name__ == "__main__":
