@@ -82,10 +82,20 @@ def run_one(a) -> dict:
     dtype = getattr(torch, a.dtype)
     model = LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype).eval()
     n = sum(p.numel() for p in model.parameters())
-    s = ScanSettings(n_boot=a.n_boot, max_d=a.max_d, hutchinson=8, batch_size=8,
-                     blocks=BlockSelection(trainable_only=True))  # fmt: skip
+    s = ScanSettings(n_boot=a.n_boot, max_d=a.max_d, hutchinson=8, batch_size=8, method=a.method,
+                     fisher_samples=a.fisher_samples, blocks=BlockSelection(trainable_only=True))  # fmt: skip
     row = {"n_parameters": n, "config": kw, "device": a.device, "dtype": a.dtype, "N": len(safety), "M": len(finetune)}
+    from aligncollapse.geometry.memory import available_memory
+    from aligncollapse.scan.aic import resolve_method
+
+    s.max_memory = available_memory(a.device)
+    method = resolve_method(model, tok, safety, finetune, s)
+    row["scan_method"] = method
+    if method == "sample":
+        s.method = "sample"  # its own plan is checked inside the scan (a UserError when it does not fit)
     try:
+        if method == "sample":
+            raise LookupError  # the exact plan below does not apply
         from aligncollapse.geometry.memory import available_memory, model_shape, scan_memory_plan
 
         plan = scan_memory_plan(model_shape(model, s.blocks.select(model)), n_safety=len(safety),
@@ -95,6 +105,8 @@ def run_one(a) -> dict:
         limit = available_memory(a.device)
         row["available_gb"] = limit / 2**30
         row["fits"] = plan["peak_bytes"] <= limit
+    except LookupError:
+        row["fits"] = True
     except Exception as e:  # the plan is informative only here; a failure to plan is reported
         row["plan_error"] = f"{type(e).__name__}: {e}"
         row["fits"] = True
@@ -105,22 +117,36 @@ def run_one(a) -> dict:
     # The floor: N per-example forward+backward passes (safety) and one HVP over the fine-tuning set.
     ref = EncodedSet(tok, safety, "raw")
     ft = EncodedSet(tok, finetune, "raw")
-    t0 = time.perf_counter()
-    for i in range(len(ref)):
-        FinetuneLoss(model, params, ref.subset([i]), 1).value_and_grad()
-    _, g = FinetuneLoss(model, params, ft, 8).value_and_grad()
-    HessianOperator(model, params, ft, 8).matvec(g)
-    row["floor_seconds"] = time.perf_counter() - t0
+    if not a.skip_floor:
+        t0 = time.perf_counter()
+        for i in range(len(ref)):
+            FinetuneLoss(model, params, ref.subset([i]), 1).value_and_grad()
+        _, g = FinetuneLoss(model, params, ft, 8).value_and_grad()
+        HessianOperator(model, params, ft, 8).matvec(g)
+        row["floor_seconds"] = time.perf_counter() - t0
+        del g
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    m = measure_aic(model, tok, safety, finetune, s)
+    from aligncollapse.errors import UserError
+
+    try:
+        m = measure_aic(model, tok, safety, finetune, s)
+    except UserError as e:  # the sample plan does not fit either
+        row["fits"], row["note"] = False, str(e)
+        return row
     row["scan_seconds"] = time.perf_counter() - t0
-    row["ratio_scan_to_floor"] = row["scan_seconds"] / row["floor_seconds"]
+    row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
+    row["plan_method"] = m["memory_plan"].get("method")
+    if "floor_seconds" in row:
+        row["ratio_scan_to_floor"] = row["scan_seconds"] / row["floor_seconds"]
     row["peak_rss_gb"] = _rss_gb() - rss0
     if a.device.startswith("cuda"):
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    row["lambda"], row["gamma"] = m["lambda"], m["gamma"]
+    row["lambda"], row["gamma"], row["d"] = m["lambda"], m["gamma"], m["d"]
+    row["per_example_hvp"] = m.get("per_example_hvp")
+    row["memory_plan_stages_gb"] = {k: v / 2**30 for k, v in m["memory_plan"]["stages"].items()}
+    row["tail_fraction"], row["verdict"] = m["tail_fraction"], m["verdict"]
     return row
 
 
@@ -142,6 +168,9 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=128)
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--max-d", type=int, default=16)
+    ap.add_argument("--method", default="auto", choices=["auto", "exact", "sample"], help="the scan method")
+    ap.add_argument("--fisher-samples", type=int, default=4, help="sample method: label draws per safety prompt")
+    ap.add_argument("--skip-floor", action="store_true", help="do not time the floor (saves its time on big models)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -154,7 +183,9 @@ def main() -> None:
     rows = []
     for flag, val in jobs:
         cmd = [sys.executable, __file__, flag, val, "--device", a.device, "--dtype", a.dtype, "--safety", str(a.safety),
-               "--finetune", str(a.finetune), "--n-boot", str(a.n_boot), "--max-d", str(a.max_d)]  # fmt: skip
+               "--finetune", str(a.finetune), "--n-boot", str(a.n_boot), "--max-d", str(a.max_d),
+               "--method", a.method, "--fisher-samples", str(a.fisher_samples)]  # fmt: skip
+        cmd += ["--skip-floor"] if a.skip_floor else []
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ALIGNCOLLAPSE_QUIET": "1"})
         if out.returncode != 0:
             rows.append({"size": val, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"})

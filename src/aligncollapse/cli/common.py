@@ -337,6 +337,24 @@ def blocks(args):
     )
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """How the scan measures the Fisher: exact Lanczos or the sample space (scan, rank, study)."""
+    p.add_argument(
+        "--scan-method",
+        choices=["auto", "exact", "sample"],
+        default="auto",
+        help="exact: Lanczos on the exact Fisher (memory grows with n·(k + M)); sample: a sampled Fisher in sample "
+        "space (memory: the model and a handful of n-vectors); auto: exact up to 1M selected parameters when its "
+        "memory plan fits, else sample",
+    )
+    p.add_argument(
+        "--fisher-samples",
+        type=positive_int,
+        default=4,
+        help="sample method: label draws per safety prompt (the sampled Fisher's rank is at most N × this)",
+    )
+
+
 def scan_settings(args):
     from aligncollapse.models import BlockSelection
     from aligncollapse.results import read_results
@@ -364,6 +382,7 @@ def scan_settings(args):
         d=args.d, max_d=args.max_d, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
         n_boot=args.n_boot, seed=args.seed, threshold=threshold, ft_batch_size=args.batch_size, template=args.template, use_chat_template=use_chat(args),
         blocks=BlockSelection(patterns=sel.patterns, layers=sel.layers, module_types=sel.module_types, trainable_only=True),
+        method=args.scan_method, fisher_samples=args.fisher_samples,
     )  # fmt: skip
 
 
@@ -373,6 +392,8 @@ def scan_limits(args, model):
 
     s = ScanSettings()
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
+    s.method = getattr(args, "scan_method", s.method)
+    s.fisher_samples = getattr(args, "fisher_samples", s.fisher_samples)
     return s
 
 
@@ -496,6 +517,7 @@ def add_candidate_args(p, lora_flag: bool) -> None:
     p.add_argument("--max-memory", type=memory_size, default="auto",
                    help="stop before any heavy work when a candidate's planned scan peak exceeds this: a size "
                    "(16GB, 500MB, bytes) or auto (the CUDA device's memory, else the available RAM; default)")  # fmt: skip
+    add_method_args(p)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out")
 

@@ -17,6 +17,7 @@ from aligncollapse.cli.args import (
 from aligncollapse.cli.common import (
     add_data_args,
     add_lora_args,
+    add_method_args,
     add_model_args,
     config,
     finish,
@@ -78,6 +79,7 @@ def register(sub) -> argparse.ArgumentParser:
         help="stop before any heavy work when the planned peak exceeds this: a size (16GB, 500MB, bytes) or "
         "auto (the CUDA device's memory, else the available RAM; default)",
     )
+    add_method_args(sc)
     sc.add_argument("--out")
     add_data_args(sc, "--finetune")
     sc.set_defaults(func=run)

@@ -61,6 +61,9 @@ class _Use:
         for name in ("a", "d", "ex", "g"):
             parts = getattr(self, name)
             setattr(self, name, torch.cat(parts) if parts else None)
+        if self.ex is not None and len(self.ex) > 1 and bool((self.ex[1:] < self.ex[:-1]).any()):
+            order = torch.sort(self.ex, stable=True).indices  # a module called twice per forward
+            self.ex, self.a, self.d = self.ex[order], self.a[order], self.d[order]
 
 
 class Factors:
@@ -82,10 +85,14 @@ class GhostGradients:
         params: OrderedDict[str, torch.nn.Parameter],
         chunk_elems: int = 2**25,
         tokens_per_example: float | None = None,
+        formed_budget: int | None = None,
+        examples_resident: int = 0,
     ):
-        """``tokens_per_example`` (T̄): a linear layer whose weight is not shared and has
-        d_in·d_out ≤ 2·T̄·(d_in + d_out) stores its per-example gradient instead of its factors (at most
-        twice the memory, and a Gram T̄/2 or more times cheaper)."""
+        """Formed sites: with ``tokens_per_example`` (T̄), a linear layer whose weight is not shared
+        stores its per-example gradient (d_in·d_out numbers) instead of its factors (T̄·(d_in + d_out))
+        when that is at most twice the memory (always), or when a Gram of formed gradients is cheaper
+        (d_in·d_out < T̄²·(d_in + d_out) multiply-adds per pair) and the formed gradients of the
+        ``examples_resident`` examples held at once fit ``formed_budget`` bytes (most saving first)."""
         self.model, self.params, self.chunk_elems = model, params, chunk_elems
         by_id = {id(p): name for name, p in params.items()}
         self.sites: list[tuple[torch.nn.Module, _Site]] = []
@@ -114,12 +121,23 @@ class GhostGradients:
                 if nm is not None:
                     uses_of[nm] = uses_of.get(nm, 0) + 1
         if tokens_per_example:
+            T = float(tokens_per_example)
+            budget = formed_budget if formed_budget is not None else 0
+            cheaper = []
             for _, site in self.sites:
-                small = site.d_in * site.d_out <= 2 * tokens_per_example * (site.d_in + site.d_out)
                 alone = all(uses_of.get(nm, 0) <= 1 for nm in (site.weight, site.bias) if nm is not None)
-                if site.kind == "linear" and small and alone:
-                    site.kind = "linear_dense"
-                    site.explicit = [nm for nm in (site.weight, site.bias) if nm is not None]
+                if site.kind != "linear" or not alone:
+                    continue
+                numel = site.d_in * site.d_out
+                if numel <= 2 * T * (site.d_in + site.d_out):
+                    self._form(site)
+                elif numel < T * T * (site.d_in + site.d_out):
+                    cheaper.append((T * T * (site.d_in + site.d_out) / numel, site))
+            for _, site in sorted(cheaper, key=lambda x: -x[0]):
+                need = 4 * site.d_in * site.d_out * max(examples_resident, 1)
+                if need <= budget:
+                    self._form(site)
+                    budget -= need
         shared = {}
         for _, site in self.sites:
             for n in [site.weight, site.bias, *site.explicit]:
@@ -134,6 +152,11 @@ class GhostGradients:
         if missing:  # parameters no module owns directly (cannot happen for nn.Module trees)
             raise UserError(f"selected parameters without an owning module: {', '.join(missing[:3])}")
         self.sizes = OrderedDict((n, p.shape) for n, p in params.items())
+
+    @staticmethod
+    def _form(site: _Site) -> None:
+        site.kind = "linear_dense"
+        site.explicit = [nm for nm in (site.weight, site.bias) if nm is not None]
 
     # ------------------------------------------------------------------------------------------
     def floats_per_token(self) -> int:
@@ -293,21 +316,22 @@ class GhostGradients:
         acc_b = torch.zeros(n1, n2, dtype=torch.float64, device=dev)
         R1 = u.d.shape[0]
         step = max(1, self.chunk_elems // max(1, w.d.shape[0]))
+        b2 = _bounds(w.ex, n2)
         for s in range(0, R1, step):
             sl = slice(s, min(s + step, R1))
             if su.kind == "linear" and sw.kind == "linear":
                 dd = u.d[sl] @ w.d.T
                 if shared_w:
-                    _segment_add(acc_w, u.ex[sl], w.ex, (u.a[sl] @ w.a.T) * dd)
+                    _segment_add(acc_w, u.ex[sl], b2, (u.a[sl] @ w.a.T) * dd)
                 if shared_b:
-                    _segment_add(acc_b, u.ex[sl], w.ex, dd)
+                    _segment_add(acc_b, u.ex[sl], b2, dd)
             elif su.kind == "embedding" and sw.kind == "embedding":
                 same = u.a[sl, None] == w.a[None, :]
-                _segment_add(acc_w, u.ex[sl], w.ex, (u.d[sl] @ w.d.T) * same)
+                _segment_add(acc_w, u.ex[sl], b2, (u.d[sl] @ w.d.T) * same)
             elif su.kind == "embedding":  # embedding × linear of the same (V × h) weight
-                _segment_add(acc_w, u.ex[sl], w.ex, w.d.T[u.a[sl]] * (u.d[sl] @ w.a.T))
+                _segment_add(acc_w, u.ex[sl], b2, w.d.T[u.a[sl]] * (u.d[sl] @ w.a.T))
             else:  # linear × embedding
-                _segment_add(acc_w, u.ex[sl], w.ex, (u.d[sl][:, w.a]) * (u.a[sl] @ w.d.T))
+                _segment_add(acc_w, u.ex[sl], b2, (u.d[sl][:, w.a]) * (u.a[sl] @ w.d.T))
         if shared_w:
             res[su.weight] = acc_w.cpu()
         if shared_b:
@@ -398,8 +422,17 @@ class GhostGradients:
         return out
 
 
-def _segment_add(acc: torch.Tensor, ex1: torch.Tensor, ex2: torch.Tensor, x: torch.Tensor) -> None:
-    """acc[e1, e2] += Σ x[r, c] over rows r of example e1 and columns c of example e2."""
-    rows = torch.zeros(acc.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
-    rows.index_add_(0, ex1, x.to(torch.float64))
-    acc.index_add_(1, ex2, rows)
+def _bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi) row ranges of each example in a sorted example-index vector (empty ranges allowed)."""
+    hi = torch.bincount(ex, minlength=count).cumsum(0)
+    return hi - torch.bincount(ex, minlength=count), hi
+
+
+def _segment_add(
+    acc: torch.Tensor, ex1: torch.Tensor, bounds2: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> None:
+    """acc[e1, e2] += Σ x[r, c] over rows r of example e1 and columns c of example e2 (columns sorted
+    by example, ranges ``bounds2``): a float64 prefix sum over the columns, then an index-add of rows."""
+    csp = torch.nn.functional.pad(x.to(torch.float64).cumsum(1), (1, 0))
+    lo, hi = bounds2
+    acc.index_add_(0, ex1, csp[:, hi] - csp[:, lo])

@@ -185,7 +185,10 @@ def measure_aic_sample(
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
-    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens)
+    # Formed per-example gradients (faster for small layers) may take a quarter of the memory limit.
+    budget = (s.max_memory if s.max_memory is not None else 8 * 2**30) // 4
+    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=budget,
+                           examples_resident=len(safety) * s.fisher_samples + len(ft) + s.batch_size)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
     first = next(iter(params.values()))
@@ -409,7 +412,9 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
         )
         per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
         return per_example, hc, {"method": "token shares of H g (half-precision weights: no finite differences)"}
-    u = torch.finfo(dtype).eps
+    # At least float32's roundoff even for float64 weights: Hugging Face models keep float32 islands
+    # (attention softmax, norms) whose rounding a smaller step would amplify.
+    u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
     theta = math.sqrt(sum(float(p.detach().to(torch.float64).pow(2).sum()) for p in params.values()))
     gn = float(gt.to(torch.float64).norm())
     # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)

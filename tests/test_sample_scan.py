@@ -1,0 +1,220 @@
+"""The sample-space scan against dense float64 computations on a micro Llama.
+
+Tolerances: factored per-example products (Gram, dot, weighted sum, squares) rel. 1e-10 (float64
+rounding only); the sampled Fisher's algebra (eigenvectors, coordinates, per-prompt blocks) 1e-8;
+quantities both scans compute exactly (g, H g, the quadratic forms, per-example u_n products) 1e-8;
+central-difference H_n g 1e-4 (step 1e-3); the sampled Fisher against the exact one within 4 standard
+errors of its trace.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from aligncollapse.data.encoding import EncodedSet
+from aligncollapse.geometry.curvature import GGNOperator
+from aligncollapse.geometry.ghost import GhostGradients
+from aligncollapse.losses import nll_from_logits
+from aligncollapse.models import BlockSelection, load_model
+from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
+from aligncollapse.scan.sample_space import SampledFisher
+from conftest import micro_examples
+from test_geometry_exact import exact_norms
+
+
+def _model(micro_model_dir, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = load_model(micro_model_dir, dtype="float64")
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=tied, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return exact_norms(model), tok
+
+
+def _dense_grads(model, params, data, splits=None):
+    """Per-example gradients by one backward each, with the same padded batches as the factored side
+    (Llama's float32 islands make padded and unpadded float64 results differ by ~1e-9)."""
+    rows = []
+    for idx in splits or [range(len(data))]:
+        b = data.batch(idx)
+        for j in range(len(idx)):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            val = nll_from_logits(logits, b["labels"])[j]
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(val, list(params.values()))]))
+    return torch.stack(rows)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _nll(logits, b):
+    return nll_from_logits(logits, b["labels"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tokens_hint", [None, 10.0])  # factored everywhere / small linears formed
+def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_hint):
+    model, tok = _model(micro_model_dir, tied)
+    data = EncodedSet(tok, micro_examples())
+    params = BlockSelection().select(model)  # everything: embedding (tied or not), norms, LM head
+    gh = GhostGradients(model, params, tokens_per_example=tokens_hint)
+    kinds = {s.kind for _, s in gh.sites}
+    assert "explicit" in kinds and "embedding" in kinds
+    assert ("linear_dense" in kinds) == (tokens_hint is not None)
+    splits = [range(0, 4), range(4, len(data))]
+    f = gh.collect([(data.batch(idx), _nll) for idx in splits])  # two batches, each padded
+    G = _dense_grads(model, params, data, splits)
+    assert _rel(gh.gram(f, f), G @ G.T) < 1e-10
+    v = OrderedDict((n, torch.randn_like(p)) for n, p in params.items())
+    assert _rel(gh.dot(f, v), G @ torch.cat([t.reshape(-1) for t in v.values()])) < 1e-10
+    w = torch.randn(len(data), dtype=torch.float64)
+    assert _rel(torch.cat([t.reshape(-1) for t in gh.weighted_sum(f, w, torch.float64).values()]), w @ G) < 1e-10
+    sq = torch.cat([t.reshape(-1) for t in gh.sum_of_squares(f, torch.float64).values()])
+    assert _rel(sq, (G**2).sum(0)) < 1e-10
+    blocks = gh.gram(f, f, per_param=True)
+    assert set(blocks) == set(params) and _rel(sum(blocks.values()), G @ G.T) < 1e-10
+
+
+def test_factored_products_with_lora(micro_model_dir):
+    from aligncollapse.models import LoraSettings, apply_lora
+
+    model, tok = _model(micro_model_dir, tied=False)
+    model = apply_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # B = 0 at init would make every A-gradient vanish
+    data = EncodedSet(tok, micro_examples())
+    params = BlockSelection(trainable_only=True).select(model)
+    assert params and all("lora" in n for n in params)
+    gh = GhostGradients(model, params)
+    f = gh.collect([(data.batch(range(len(data))), _nll)])
+    G = _dense_grads(model, params, data)
+    assert _rel(gh.gram(f, f), G @ G.T) < 1e-10
+
+
+def test_sampled_fisher_algebra(micro_model_dir):
+    """V = U W Λ^{-1/2}/√NS is orthonormal, spans F̂'s top eigenvectors, and coords/blocks agree with it."""
+    model, tok = _model(micro_model_dir, tied=True)
+    params = BlockSelection().select(model)
+    s = ScanSettings(batch_size=4)
+    ref = reference_data(model, tok, micro_examples()[:8], s)
+    gh = GhostGradients(model, params)
+    fisher = SampledFisher(gh, ref, samples=3, batch_size=4, seed=0)
+    U = torch.stack(
+        [torch.cat([t.reshape(-1) for t in gh.weighted_sum(fisher.factors, torch.eye(fisher.count)[j].double(),
+                                                           torch.float64).values()]) for j in range(fisher.count)],
+        1,
+    )  # fmt: skip  # [n, NS] dense scores, for the check only
+    Fhat = U @ U.T / fisher.count
+    d = 4
+    fisher.set_d(d)
+    V = U @ fisher._proj.T  # [n, d]
+    assert _rel(V.T @ V, torch.eye(d, dtype=torch.float64)) < 1e-8
+    evals = torch.linalg.eigvalsh(Fhat).flip(0)[:d]
+    assert _rel(fisher.mu[:d], evals) < 1e-8
+    assert _rel(V.T @ Fhat @ V, torch.diag(fisher.mu[:d])) < 1e-8
+    x = torch.randn(U.shape[0], dtype=torch.float64)
+    assert _rel(fisher.coords(U.T @ x), V.T @ x) < 1e-8
+    assert _rel(fisher.coords(fisher.scores_dot(x, params)), V.T @ x) < 1e-8
+    A = fisher.per_prompt_blocks()
+    assert A.shape == (len(ref), d, d) and _rel(A.mean(0), torch.diag(fisher.mu[:d])) < 1e-8
+    assert abs(fisher.trace - float(torch.trace(Fhat))) < 1e-8 * fisher.trace
+
+
+def test_sampled_fisher_is_unbiased_for_the_exact_fisher(micro_model_dir):
+    """tr F̂ within 4 standard errors of tr F (exact GGN, dense) with many draws; a wrong normalisation
+    (e.g. per token instead of per sequence) would miss by a factor of the response length."""
+    model, tok = _model(micro_model_dir, tied=True)
+    params = BlockSelection(patterns=[r"layers\.0\.mlp\."]).select(model)
+    s = ScanSettings(batch_size=4)
+    ref = reference_data(model, tok, micro_examples()[:4], s)
+    F_exact = GGNOperator(model, params, ref, 4, per="sequence").dense()
+    fisher = SampledFisher(GhostGradients(model, params), ref, samples=60, batch_size=4, seed=1)
+    tr = float(torch.trace(F_exact))
+    assert abs(fisher.trace - tr) < 4 * fisher.trace_se, (fisher.trace, tr, fisher.trace_se)
+    # Along F's top eigenvector v: mean_j (s_jᵀv)² is unbiased for λ₁; its standard error from the draws
+    # within each prompt (F is the mean over these prompts, so only the draws are random).
+    lam, vecs = torch.linalg.eigh(F_exact)
+    q = (fisher.scores_dot(vecs[:, -1], params) ** 2).view(-1)
+    prompt = torch.tensor(fisher.prompt_of)
+    var = sum(float(q[prompt == k].var()) for k in range(len(ref))) / fisher.S
+    se = var**0.5 / len(ref)
+    assert abs(float(q.mean()) - float(lam[-1])) < 4 * se, (float(q.mean()), float(lam[-1]), se)
+
+
+def test_sample_scan_agrees_with_exact_scan(micro_model_dir):
+    model, tok = _model(micro_model_dir, tied=True)
+    exs = micro_examples()[:8]
+    common = dict(max_d=4, d=3, n_boot=50, hutchinson=4, batch_size=4, blocks=BlockSelection())
+    ex = measure_aic(model, tok, exs, exs, ScanSettings(method="exact", **common))
+    sa = measure_aic(model, tok, exs, exs, ScanSettings(method="sample", fisher_samples=8, **common))
+    assert ex["scan_method"] == "exact" and sa["scan_method"] == "sample"
+    assert sa["memory_plan"]["method"] == "sample" and sa["basis"] is None
+    for k in ("g_norm", "Hg_norm"):
+        assert abs(sa[k] - ex[k]) < 1e-8 * abs(ex[k])
+    for k in ("gFg", "gFHg", "HgFHg", "qAq", "gAq"):  # exact GGN forms on both sides
+        assert abs(sa["quadratic_forms"][k] - ex["quadratic_forms"][k]) < 1e-8 * abs(ex["quadratic_forms"][k])
+    for k in ("u_Fg", "u_FHg"):
+        assert _rel(torch.tensor(sa["per_example"][k]), torch.tensor(ex["per_example"][k])) < 1e-8
+    for k in ("h_Fg", "h_FHg"):  # central differences (step 1e-3) vs exact single-example HVPs
+        assert _rel(torch.tensor(sa["per_example"][k]), torch.tensor(ex["per_example"][k])) < 1e-4
+    assert sa["per_example_hvp"]["sum_check"]["relative_error"] < 1e-4
+    # The held-out tail is the conservative side of the in-sample one.
+    assert sa["tail_fraction"] >= sa["tail_fraction_in_sample"]
+    assert set(sa["properties"]) == set(ex["properties"]) and sa["verdict"]
+    assert sa["forecast"]["steps"] == ex["forecast"]["steps"]
+
+
+def test_sample_plan_has_no_n_times_k_or_m_terms():
+    """Doubling n adds at most the weights and a handful of n-vectors to the sample plan's peak, while
+    the exact plan grows by (k + M)·n·8."""
+    from aligncollapse.geometry.memory import ModelShape, sample_scan_memory_plan, scan_memory_plan
+
+    def shape(n):
+        return ModelShape(n=n, n_total=n, hidden=2048, intermediate=8192, layers=2, heads=32, vocab=128256,
+                          dtype_bytes=4)  # fmt: skip
+
+    kw = dict(n_safety=60, n_finetune=128, seq_len=48, batch_size=8)
+    sp = [sample_scan_memory_plan(shape(n), samples=1, tokens_safety=2400, tokens_finetune=3800, floats_per_token=220_000,
+                                  explicit_numel=10_000, **kw)["peak_bytes"] for n in (10**8, 2 * 10**8)]  # fmt: skip
+    ep = [scan_memory_plan(shape(n), k=17, **kw)["peak_bytes"] for n in (10**8, 2 * 10**8)]
+    assert sp[1] - sp[0] <= (4 + 7 * 4) * 10**8  # W + 7 n-vectors at 4 bytes
+    assert ep[1] - ep[0] >= (17 + 128) * 8 * 10**8
+
+
+def test_scan_cli_sample_method(tmp_path, tiny_model_dir, small_suite):
+    out = tmp_path / "scan"
+    r = subprocess.run(
+        [sys.executable, "-m", "aligncollapse", "scan", "--model", str(tiny_model_dir), "--safety",
+         str(small_suite / "safety.jsonl"), "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"),
+         "--scan-method", "sample", "--fisher-samples", "2", "--n-boot", "20", "--max-d", "4", "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    body = res.get("results", res)
+    assert body["scan_method"] == "sample" and body["memory_plan"]["method"] == "sample"
+    assert body["subspace_path"] is None and "fisher" in body["subspace_note"]
+    assert (out / "report.html").is_file()
+    r = subprocess.run(
+        [sys.executable, "-m", "aligncollapse", "scan", "--model", str(tiny_model_dir), "--safety",
+         str(small_suite / "safety.jsonl"), "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"),
+         "--scan-method", "sample", "--max-memory", "1KB", "--out", str(tmp_path / "small")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--max-memory" in r.stderr
