@@ -218,3 +218,16 @@ def test_scan_cli_sample_method(tmp_path, tiny_model_dir, small_suite):
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--max-memory" in r.stderr
+
+
+def test_sample_scan_runs_in_bfloat16(tiny_model_dir, small_suite):
+    """Half precision: no finite differences (θ ± εg is not representable); the note says so."""
+    from aligncollapse.organism.suite import load_suite_set
+
+    model, tok = load_model(tiny_model_dir, dtype="bfloat16")
+    safety = load_suite_set(small_suite, "safety")[:4]
+    ft = load_suite_set(small_suite, "affirmative_steps")[:8]
+    res = measure_aic(model, tok, safety, ft, ScanSettings(method="sample", fisher_samples=2, max_d=3, n_boot=20,
+                                                           batch_size=4))  # fmt: skip
+    assert res["scan_method"] == "sample" and "half-precision" in res["per_example_hvp"]["method"]
+    assert all(torch.isfinite(torch.tensor(res["eigenvalues"]))) and res["verdict"]
