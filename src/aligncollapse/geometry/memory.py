@@ -173,11 +173,12 @@ def sample_scan_memory_plan(
 
     * generate   as the exact scan's
     * scores     W + Fac_S + act(B) + 2·B·T·V·8                    (the draw's probabilities on the host)
-    * finetune   W + Fac_S + Fac_M + act(B) + n·a + 3·4·chunk + P·(NS + M)·M·8
-                 (g; the Gram blocks' row-chunk workspace; per-parameter Gram tables, P parameter blocks)
+    * finetune   W + Fac_S + Fac_M + act(B) + n·a + 36·chunk + P·(NS + M)·M·8
+                 (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
+                 product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
     * hessian    W + Fac_S + 6·n·a + 3·act(B)                      (g, H g, H²g, v, the double backward)
     * fisher     W + Fac_S + 6·n·a + 3·act(B) + 3·B·T·V·4          (g, H g, F g, F Hg; jvp and vjp)
-    * differences W + Fac_S + Fac_M/⌈M/B⌉ + 7·n·a + act(B) + 3·4·chunk
+    * differences W + Fac_S + Fac_M/⌈M/B⌉ + 7·n·a + act(B) + 36·chunk
                  (g, H g, D F g, D F Hg, D, the weights' backup; one batch's factors at θ ± εg)
 
     Nothing of size N·n, M·n or k·n exists: n enters only through W and a handful of n-vectors.
@@ -190,7 +191,7 @@ def sample_scan_memory_plan(
     T = seq_len
     fac_s = 4 * (floats_per_token * tokens_safety * samples + explicit_numel * N * samples)
     fac_m = 4 * (floats_per_token * tokens_finetune + explicit_numel * M)
-    work = 3 * 4 * gram_chunk
+    work = 36 * gram_chunk  # a row chunk's two float32 inner-product blocks, their product, its float64 prefix sum
     act = activation_bytes(s, Bs, T)
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
