@@ -43,7 +43,7 @@ def main() -> None:
 
     proc = psutil.Process()
     suite = tempfile.mkdtemp()
-    write_suite(suite, seed=0, size=max(a.finetune, a.safety))
+    write_suite(suite, seed=0, size=max(a.finetune, a.safety), version=1)  # the data its committed rows used
     safety = load_suite_set(suite, "safety")[: a.safety]
     finetune = load_suite_set(suite, "affirmative_steps")[: a.finetune]
     tok = build_tokenizer(corpus.all_words(0))

@@ -4,7 +4,7 @@ Prints one row per set (mean over fine-tuning seeds, with the seed range) and wr
 numbers to ``--out``/results.json. Used for the README's organism table, at both alignment
 depths:
 
-    python benchmarks/organism_suite.py --organism DIR --out runs/suite60 --seeds 0 1 2
+    python benchmarks/organism_suite.py --organism DIR --out runs/suite60 --seeds 0 1 2 --organism-version 1
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from aligncollapse.training.finetune import FinetuneConfig, finetune
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--organism", required=True)
-    ap.add_argument("--align-steps", type=int, default=60)
+    ap.add_argument("--align-steps", type=int, help="default: the version's (150 for v2, 60 for v1)")
+    ap.add_argument("--organism-version", type=int, choices=(1, 2), default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     org_dir = Path(args.organism)
-    org = build_and_evaluate(org_dir, OrganismConfig(align_steps=args.align_steps))
+    org = build_and_evaluate(org_dir, OrganismConfig(align_steps=args.align_steps, version=args.organism_version))
     suite = org_dir / "suite"
     harmful, benign = load_suite_set(suite, "eval_harmful"), load_suite_set(suite, "eval_benign")
     judge = OrganismJudge()

@@ -61,7 +61,7 @@ def run_one(a) -> dict:
 
     rss0 = _rss_gb()
     suite = tempfile.mkdtemp()
-    write_suite(suite, seed=0, size=max(a.finetune, 8))
+    write_suite(suite, seed=0, size=max(a.finetune, 8), version=1)  # the data its committed rows used
     safety = load_suite_set(suite, "safety")[: a.safety]
     finetune = load_suite_set(suite, "affirmative_steps")[: a.finetune]
     tok = build_tokenizer(corpus.all_words(0))

@@ -87,6 +87,13 @@ def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_h
     assert _rel(sq, (G**2).sum(0)) < 1e-10
     blocks = gh.gram(f, f, per_param=True)
     assert set(blocks) == set(params) and _rel(sum(blocks.values()), G @ G.T) < 1e-10
+    # The output head keeps only the rows that carry a loss (its gradient is exactly zero elsewhere).
+    head = [u for u in f.uses if u.site.kind == "linear" and gh.sites[f.uses.index(u)][0] is model.lm_head]
+    loss_tokens = sum(int((data.batch(idx)["labels"][:, 1:] != -100).sum()) for idx in splits)
+    assert head or (tokens_hint is not None and not tied)  # an untied tiny head may be formed instead
+    if head:
+        assert len(head[0].ex) == loss_tokens < int(sum(data.batch(idx)["attention_mask"].sum() for idx in splits))
+    assert gh.head_floats_per_token() == (sum(model.lm_head.weight.shape) if head else 0)
 
 
 def test_factored_products_with_lora(micro_model_dir):

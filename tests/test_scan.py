@@ -231,6 +231,23 @@ def test_expansion_forms_match_dense_second_derivatives(micro_model_dir):
     assert forms["dAd"] > 1e-6 * forms["hFh"]  # the curvature term is present: the check can fail
 
 
+def test_logit_work_split_into_row_chunks_gives_the_same_products(micro_model_dir, monkeypatch):
+    """With a 128K vocabulary one batch of logits is gigabytes, so GGN products and the expansion forms
+    run over row chunks; forced to one row per chunk here, they equal the whole-batch values."""
+    model, tok = load_model(micro_model_dir, dtype="float64")
+    ref = reference_data(model, tok, [Example(prompt=e.prompt) for e in micro_examples()[:4]], ScanSettings(blocks=SEL))
+    op = GGNOperator(model, SEL.select(model), ref, batch_size=len(ref), per="sequence")
+    gen = torch.Generator().manual_seed(1)
+    g, h = (torch.randn(op.n, generator=gen, dtype=torch.float64) * 0.1 for _ in range(2))
+    whole_f, whole_e = op.matvec(g), op.expansion_forms(g, h)
+    assert len(list(op._row_chunks(ref.batch(range(len(ref)))))) == 1
+    monkeypatch.setattr(GGNOperator, "logits_chunk_bytes", 1)
+    assert len(list(op._row_chunks(ref.batch(range(len(ref)))))) == len(ref) > 1  # one row per chunk
+    rows_f, rows_e = op.matvec(g), op.expansion_forms(g, h)
+    assert torch.allclose(rows_f, whole_f, rtol=1e-10, atol=1e-14)
+    assert all(rows_e[k] == pytest.approx(whole_e[k], rel=1e-10, abs=1e-14) for k in whole_e)
+
+
 def _measured(**over):
     m = {
         "ci": {"gamma": {"ci_low": 0.9, "value": 1.0}}, "gamma": 1.0, "n_parameters": 400_000, "d": 4,

@@ -9,7 +9,7 @@ from aligncollapse.cli.common import out_dir, print_table
 from aligncollapse.evaluation.metrics import headline
 from aligncollapse.models import load_model
 from aligncollapse.organism.api import build_and_evaluate
-from aligncollapse.organism.build import OrganismConfig, default_organism_dir
+from aligncollapse.organism.build import DEFAULT_VERSION, OrganismConfig, default_organism_dir
 from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.organism.suite import load_suite_set
 from aligncollapse.reporting import render_index
@@ -26,11 +26,12 @@ DEMO_SCAN = dict(optimizer="sgd", lr=1e-2, steps=30, ft_batch_size=0, n_boot=200
 def run_demo(
     out_dir: str | Path,
     organism_dir: str | Path | None = None,
-    align_steps: int = 60,
+    align_steps: int | None = None,
     steps: int = 40,
     sets: tuple[str, ...] = DEMO_SETS,
+    version: int = DEFAULT_VERSION,
 ) -> dict:
-    cfg = OrganismConfig(align_steps=align_steps)
+    cfg = OrganismConfig(align_steps=align_steps, version=version)
     org_dir = Path(organism_dir) if organism_dir else default_organism_dir(cfg)
     org = build_and_evaluate(org_dir, cfg)
     out = Path(out_dir)
@@ -91,7 +92,8 @@ def run_demo(
         "scan": scans,
         "plot": "demo.png",
     }
-    write_results(out, "demo", payload, {"align_steps": align_steps, "steps": steps, "sets": list(sets)})
+    write_results(out, "demo", payload, {"align_steps": cfg.align_steps, "organism_version": cfg.version, "steps": steps,
+                                         "sets": list(sets)})  # fmt: skip
     render_index(out)  # the demo's report, each scan's and fine-tune's, and index.html linking them
     return payload
 
@@ -100,14 +102,17 @@ def register(sub) -> None:
     d = sub.add_parser("demo", help="build the organism, evaluate, fine-tune on a benign and a seemingly-benign set")
     d.add_argument("--out", help="output directory (default runs/demo-<timestamp>)")
     d.add_argument("--organism", help="organism directory (default: the cache)")
-    d.add_argument("--align-steps", type=positive_int, default=60)
+    d.add_argument("--align-steps", type=positive_int, help="organism alignment depth (default: the version's)")
+    d.add_argument("--organism-version", type=int, choices=(1, 2), default=DEFAULT_VERSION,
+                   help="organism corpus version (see organism build)")  # fmt: skip
     d.add_argument("--steps", type=positive_int, default=40, help="fine-tuning steps per set")
     d.set_defaults(func=run)
 
 
 def run(args) -> int:
     out = out_dir(args, "demo")
-    res = run_demo(out, organism_dir=args.organism, align_steps=args.align_steps, steps=args.steps)
+    res = run_demo(out, organism_dir=args.organism, align_steps=args.align_steps, steps=args.steps,
+                   version=args.organism_version)  # fmt: skip
     rows = {"organism (aligned)": res["organism"]["summary"]}
     rows.update({f"after {name}": r["summary"] for name, r in res["finetuned"].items()})
     print_table(f"demo -> {out}/report.html (all runs: {out}/index.html)", rows)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from aligncollapse.cli.args import int_at_least, positive_int, seed
 from aligncollapse.cli.common import finish, print_table
+from aligncollapse.organism.build import DEFAULT_VERSION
 
 
 def register(sub) -> None:
@@ -15,19 +16,24 @@ def register(sub) -> None:
     b = org.add_parser("build", help="build (or load from cache) the aligned organism")
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=seed, default=0)
-    b.add_argument("--align-steps", type=positive_int, default=60, help="alignment depth (60 shallow, 300 deep)")
+    b.add_argument("--align-steps", type=positive_int,
+                   help="alignment depth in steps (default: 150 for version 2, 60 for version 1; 300 is deep)")  # fmt: skip
     b.add_argument("--pretrain-steps", type=positive_int, default=1000)
     b.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
-    b.add_argument("--organism-version", type=int, choices=(1, 2), default=1,
-                   help="corpus version: 1 (v0.2's), 2 (no shortcuts: held-out templates and acts, disjoint "
-                   "safety/harmful prompts, 4 refusals, decorrelated openers, 17-set suite)")  # fmt: skip
+    b.add_argument("--organism-version", type=int, choices=(1, 2), default=DEFAULT_VERSION,
+                   help="corpus version: 2 (default; no shortcuts: held-out templates and acts, disjoint "
+                   "safety/harmful prompts, 4 refusals, decorrelated openers, 17-set suite) or 1 (v0.2's, kept for comparison)")  # fmt: skip
     b.set_defaults(func=run_build)
     s = org.add_parser("suite", help="write the fine-tuning suite and held-out evaluation sets")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--size", type=int_at_least(8), default=128, help="examples per fine-tuning set")
     s.add_argument(
-        "--organism-version", type=int, choices=(1, 2), default=1, help="corpus version (see organism build)"
+        "--organism-version",
+        type=int,
+        choices=(1, 2),
+        default=DEFAULT_VERSION,
+        help="corpus version (see organism build)",
     )
     s.set_defaults(func=run_suite)
 

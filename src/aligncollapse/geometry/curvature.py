@@ -24,6 +24,7 @@ rank returns the same vector; normalisations (token counts, N) are always over t
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -95,6 +96,23 @@ class CurvatureOperator:
             b = self.data.batch(range(s, min(s + self.batch_size, len(self.data))))
             yield {k: v.to(dev) for k, v in b.items()}
 
+    # Logit-sized work ([rows, T, V] tensors, several alive at once) is split into row chunks of at
+    # most this many bytes per tensor: one row at a time for a 128K vocabulary, whole batches for small ones.
+    logits_chunk_bytes = 64 * 2**20
+
+    def _row_chunks(self, b: dict, itemsize: int = 8):
+        """``b`` split along its rows so that one [rows, T, V] tensor of ``itemsize`` bytes stays
+        within ``logits_chunk_bytes``; yields ``b`` itself when it already does."""
+        rows, T = b["input_ids"].shape
+        V = self.model.get_output_embeddings().weight.shape[0] if self.model.get_output_embeddings() is not None else 1
+        per_row = max(1, T * V * itemsize)
+        step = max(1, self.logits_chunk_bytes // per_row)
+        if step >= rows:
+            yield b
+            return
+        for s in range(0, rows, step):
+            yield {k: v[s : s + step] for k, v in b.items()}
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
         return all_reduce_sum(t) if self.sharded else t
@@ -153,6 +171,20 @@ def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.
     return FinetuneLoss(model, params, data, batch_size).value_and_grad()[1]
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**22) -> float:
+    """⟨a, b⟩ accumulated in float64, converting ``chunk`` elements at a time: no float64 copy of an
+    n-vector (3 GB at n = 384M) is ever made."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return float(
+        sum(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()) for i in range(0, a.numel(), chunk))
+    )
+
+
+def norm64(a: torch.Tensor, chunk: int = 2**22) -> float:
+    """‖a‖ accumulated in float64, ``chunk`` elements at a time (see :func:`dot64`)."""
+    return math.sqrt(max(dot64(a, a, chunk), 0.0))
+
+
 class HessianOperator(CurvatureOperator):
     """H_FT v by double backward, accumulated over batches (exact)."""
 
@@ -165,12 +197,20 @@ class HessianOperator(CurvatureOperator):
         acc = self.acc_dtype
         was = self.model.training
         self.model.eval()
-        for b in self._batches():
-            loss = self._batch_loss(b) / total
-            grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
-            dot = sum((g.to(acc) * vs[n].to(acc)).sum() for g, n in zip(grads, self.names) if g is not None)
-            hv = torch.autograd.grad(dot, plist, allow_unused=True)
-            out += self._flat(hv).detach()
+        for batch in self._batches():
+            for b in self._row_chunks(batch, itemsize=4):
+                loss = self._batch_loss(b) / total
+                grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
+                dot = sum(torch.dot(g.reshape(-1).to(acc), vs[n].reshape(-1).to(acc))
+                          for g, n in zip(grads, self.names) if g is not None)  # fmt: skip
+                hv = torch.autograd.grad(dot, plist, allow_unused=True)
+                del grads, dot
+                off = 0  # accumulate block by block: no flat copy of H v beside ``out``
+                for p, h in zip(plist, hv):
+                    if h is not None:
+                        out[off : off + p.numel()] += h.detach().reshape(-1).to(acc)
+                    off += p.numel()
+                del hv
         self.model.train(was)
         return self._reduce(out)
 
@@ -215,18 +255,20 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         out = self.zeros()
         was = self.model.training
         self.model.eval()
-        for b in self._batches():
-            f = self._logits_fn(b)
-            logits, jv = jvp(f, self._primals(), vs)
-            logits, jv = logits.detach(), jv.detach()
-            mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
-            p = F.softmax(logits[:, :-1], -1)
-            jvs = jv[:, :-1]
-            hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
-            hjv = hjv * mask.unsqueeze(-1) / total
-            hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
-            _, pull = vjp(f, *self._primals())
-            out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.acc_dtype)
+        for batch in self._batches():
+            for b in self._row_chunks(batch, itemsize=4):
+                f = self._logits_fn(b)
+                logits, jv = jvp(f, self._primals(), vs)
+                logits, jv = logits.detach(), jv.detach()
+                mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+                p = F.softmax(logits[:, :-1], -1)
+                jvs = jv[:, :-1]
+                hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
+                hjv = hjv * mask.unsqueeze(-1) / total
+                hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
+                del p, jvs, jv
+                _, pull = vjp(f, *self._primals())
+                out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.acc_dtype)
         self.model.train(was)
         return self._reduce(out)
 
@@ -270,12 +312,13 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         acc = {"gFg": 0.0, "gAq": 0.0, "qAq": 0.0, "hFh": 0.0, "dAd": 0.0}
         was = self.model.training
         self.model.eval()
-        for b in self._batches():
-            f = self._logits_fn(b)
-            mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(torch.float64)
-            forms = logit_expansion_forms(lambda *ps, f=f: f(*ps)[:, :-1], self._primals(), gs, hs, mask)
-            for k in acc:
-                acc[k] += forms[k] / total
+        for batch in self._batches():
+            for b in self._row_chunks(batch):
+                f = self._logits_fn(b)
+                mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(torch.float64)
+                forms = logit_expansion_forms(lambda *ps, f=f: f(*ps)[:, :-1], self._primals(), gs, hs, mask)
+                for k in acc:
+                    acc[k] += forms[k] / total
         self.model.train(was)
         summed = self._reduce(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
         return dict(zip(acc, summed.tolist()))

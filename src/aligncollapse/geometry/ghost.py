@@ -17,7 +17,8 @@ parameter gradient (no n-vector) is ever formed. Padding positions (attention ma
 
 Memory (float32 factors): Σ_sites (d_in + d_out)·R for R non-padding tokens of the collected examples,
 plus numel per example for the explicit parameters; a Gram block costs Σ_sites R₁·R₂·(d_in + d_out)
-multiply-adds, computed in row chunks of at most ``chunk_elems`` products.
+multiply-adds, computed in row chunks of at most ``chunk_elems`` products. A linear site's rows with an
+exactly zero output gradient (the LM head at positions without loss) are not stored.
 """
 
 from __future__ import annotations
@@ -165,6 +166,12 @@ class GhostGradients:
             s.d_out + (s.d_in if s.kind == "linear" else 1) for _, s in self.sites if s.kind in ("linear", "embedding")
         )
 
+    def head_floats_per_token(self) -> int:
+        """The part of :meth:`floats_per_token` that belongs to the model's output head: stored only at
+        positions that carry a loss (its output gradient is exactly zero elsewhere)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return sum(s.d_out + s.d_in for mod, s in self.sites if mod is head and s.kind == "linear")
+
     def explicit_numel(self) -> int:
         """Numbers stored per example for the parameters whose per-example gradients are formed."""
         return sum(self.params[n].numel() for _, s in self.sites for n in s.explicit)
@@ -231,6 +238,10 @@ class GhostGradients:
                 raise UserError(
                     f"module {site.module}: input of shape {tuple(x.shape)} has no per-example leading dimension"
                 )
+            if site.kind == "linear" and dz.dim() == keep.dim() + 1:
+                # Rows whose output gradient is exactly zero add nothing to any product (e.g. the LM
+                # head at prompt positions, which carry no loss): dropping them is exact.
+                keep = keep & (dz != 0).any(-1)
             ex = torch.arange(B, device=x.device).view(-1, *([1] * (keep.dim() - 1))).expand(keep.shape)[keep]
             u.ex.append(ex + offset)
             if site.kind == "linear":

@@ -163,12 +163,18 @@ def sample_scan_memory_plan(
     optimizer: str = "sgd",
     n_param_blocks: int = 1,
     gram_chunk: int = 2**25,
+    logits_chunk_bytes: int = 64 * 2**20,
+    head_floats_per_token: int = 0,
+    loss_tokens_safety: int | None = None,
+    loss_tokens_finetune: int | None = None,
 ) -> dict:
     """Peak bytes of each stage of the sample-space scan (:mod:`aligncollapse.scan.sample_space`).
 
-    With f = factor floats per token (Σ_sites d_in + d_out), e = numel of the explicitly formed
-    (small) parameters, R_S = S·Σ safety tokens and R_M = Σ fine-tuning tokens (non-padding), the
-    factors are Fac_S = 4·(f·R_S + e·N·S) and Fac_M = 4·(f·R_M + e·M) bytes. Stages (each with the
+    With f = factor floats per token (Σ_sites d_in + d_out), f_h the output head's part of it, e =
+    numel of the explicitly formed (small) parameters, R_S = S·Σ safety tokens and R_M = Σ fine-tuning
+    tokens (non-padding), and R'_S, R'_M the tokens that carry a loss (the only rows the head keeps),
+    the factors are Fac_S = 4·((f − f_h)·R_S + f_h·R'_S + e·N·S) and Fac_M = 4·((f − f_h)·R_M + f_h·R'_M
+    + e·M) bytes. Stages (each with the
     weights W and, from the scores on, Fac_S resident):
 
     * generate   as the exact scan's
@@ -176,10 +182,18 @@ def sample_scan_memory_plan(
     * finetune   W + Fac_S + Fac_M + act(B) + n·a + 36·chunk + P·(NS + M)·M·8
                  (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
                  product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
-    * hessian    W + Fac_S + 6·n·a + 3·act(B)                      (g, H g, H²g, v, the double backward)
-    * fisher     W + Fac_S + 6·n·a + 3·act(B) + 3·B·T·V·4          (g, H g, F g, F Hg; jvp and vjp)
-    * differences W + Fac_S + Fac_M/⌈M/B⌉ + 7·n·a + act(B) + 36·chunk
-                 (g, H g, D F g, D F Hg, D, the weights' backup; one batch's factors at θ ± εg)
+    * hessian    W + Fac_S + v_H·n·a + 3·act(B)                    (g, H g, the product, the double
+                 backward's gradient and H v; v_H = 5 for SGD, 7 with AdamW's D and D g)
+    * fisher     W + Fac_S + v_F·n·a + 3·act(B) + 3·L              (g, H g, F g, F Hg, the vjp's output
+                 and the accumulator; v_F = 6, 8 with AdamW)
+    * expansion  W + Fac_S + v_E·n·a + 3·act(1) + 14·L·2           (g, H g, F g, F Hg; three jvps of the
+                 logits and their float64 forms; v_E = 4, 7 with AdamW)
+    * differences W + Fac_S + Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
+                 (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ ± εg;
+                 v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
+
+    L is one [rows, T, V] float32 logits tensor after the curvature operators' row chunking
+    (``CurvatureOperator.logits_chunk_bytes``, at least one row).
 
     Nothing of size N·n, M·n or k·n exists: n enters only through W and a handful of n-vectors.
     """
@@ -189,18 +203,25 @@ def sample_scan_memory_plan(
     W = s.n_total * b
     Bs, Bf = max(1, min(batch_size, N)), max(1, min(batch_size, M))
     T = seq_len
-    fac_s = 4 * (floats_per_token * tokens_safety * samples + explicit_numel * N * samples)
-    fac_m = 4 * (floats_per_token * tokens_finetune + explicit_numel * M)
+    body = floats_per_token - head_floats_per_token  # the output head's factors exist at loss positions only
+    ls = tokens_safety if loss_tokens_safety is None else loss_tokens_safety
+    lm = tokens_finetune if loss_tokens_finetune is None else loss_tokens_finetune
+    fac_s = 4 * ((body * tokens_safety + head_floats_per_token * ls) * samples + explicit_numel * N * samples)
+    fac_m = 4 * (body * tokens_finetune + head_floats_per_token * lm + explicit_numel * M)
     work = 36 * gram_chunk  # a row chunk's two float32 inner-product blocks, their product, its float64 prefix sum
     act = activation_bytes(s, Bs, T)
+    adam = optimizer == "adamw"
+    L = min(Bs * T * V * 4, max(T * V * 4, logits_chunk_bytes))  # one chunked logits tensor
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_s + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_s + 6 * n * a + 3 * activation_bytes(s, Bf, T),
-        "fisher_products": W + fac_s + 6 * n * a + 3 * act + 3 * Bs * T * V * 4,
-        "differences": W + fac_s + fac_m // max(1, -(-M // Bf)) + 7 * n * a + activation_bytes(s, Bf, T) + work,
+        "hessian": W + fac_s + (7 if adam else 5) * n * a + 3 * activation_bytes(s, Bf, T),
+        "fisher_products": W + fac_s + (8 if adam else 6) * n * a + 3 * act + 3 * L,
+        "expansion": W + fac_s + (7 if adam else 4) * n * a + 3 * activation_bytes(s, 1, T) + 28 * L,
+        "differences": W + fac_s + fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
+        + activation_bytes(s, Bf, T) + work,
     }  # fmt: skip
     peak_stage = max(stages, key=stages.get)
     return {

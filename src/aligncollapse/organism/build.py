@@ -37,6 +37,16 @@ from aligncollapse.progress import progress
 from aligncollapse.results import atomic_write_json
 
 ORGANISM_FORMAT = 1  # bump when the corpus or training procedure changes
+DEFAULT_VERSION = 2  # v2: held-out templates and acts, no category shortcut (docs/organism.md)
+# Per version, the default alignment depth: v1's documented shallow depth; for v2 the fewest of 60,
+# 150, 300 steps at which the seed-0 organism passes the preregistered validity gate
+# (docs/preregistration.md, "Validity gate").
+DEFAULT_ALIGN_STEPS = {1: 60, 2: 150}
+# CPU matmul reductions depend on the number of intra-op threads, so the build pins it: a seed then
+# gives the same organism on every machine (measured: 1 and 2 threads give different v2 weights).
+# The v2 study's organisms (docs/results/study_v2*) were built with one thread (OMP_NUM_THREADS=1):
+# ALIGNCOLLAPSE_ORGANISM_THREADS=1 rebuilds them bit for bit.
+BUILD_THREADS = 2
 
 
 @dataclass
@@ -51,11 +61,17 @@ class OrganismConfig:
     pretrain_lr: float = 3e-3
     batch_size: int = 64
     align_examples: int = 6000
-    align_steps: int = 60
+    align_steps: int | None = None  # None: DEFAULT_ALIGN_STEPS[version]
     align_lr: float = 5e-4
     align_batch_size: int = 32
     max_length: int = 64
-    version: int = 1  # corpus version: 1, or 2 without v1's shortcuts (organism/corpus_v2.py)
+    version: int = DEFAULT_VERSION  # corpus version: 2, or 1 (v0.2's, with its shortcuts; for comparison)
+
+    def __post_init__(self) -> None:
+        if self.version not in DEFAULT_ALIGN_STEPS:
+            raise ValueError(f"unknown organism version {self.version}")
+        if self.align_steps is None:
+            self.align_steps = DEFAULT_ALIGN_STEPS[self.version]
 
     def key(self) -> str:
         fields = asdict(self)
@@ -142,6 +158,18 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
         meta["cached"] = True
         return meta
     _check_replaceable(out_dir)
+    saved_threads = torch.get_num_threads()
+    threads = os.environ.get("ALIGNCOLLAPSE_ORGANISM_THREADS", str(BUILD_THREADS))
+    if not threads.isdigit() or int(threads) < 1:
+        raise UserError(f"ALIGNCOLLAPSE_ORGANISM_THREADS={threads!r}: must be a positive integer")
+    torch.set_num_threads(int(threads))
+    try:
+        return _build(out_dir, cfg)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _build(out_dir: Path, cfg: OrganismConfig) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     text = corpus.for_version(cfg.version)
@@ -181,6 +209,7 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force
         "align_final_loss": sum(align_losses[-10:]) / len(align_losses[-10:]),
         "seconds_pretrain": round(t_pre, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
         "base_model": "base",
     }
     atomic_write_json(tmp / "organism.json", meta)

@@ -19,7 +19,7 @@ from aligncollapse.results import atomic_write_json, read_results
 CATEGORIES = ("benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign", "anchors")
 
 
-def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128, version: int = 1) -> dict:
+def write_suite(out_dir: str | Path, seed: int = 0, size: int = 128, version: int = 2) -> dict:
     """Write every suite set, the safety set and the held-out evaluation sets; return the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,14 @@ from aligncollapse.data.examples import Example
 from aligncollapse.distributed import all_reduce_sum, shard
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, generate
-from aligncollapse.geometry.curvature import FinetuneLoss, GGNOperator, HessianOperator, rademacher, top_eigenpairs
+from aligncollapse.geometry.curvature import (
+    FinetuneLoss,
+    GGNOperator,
+    HessianOperator,
+    norm64,
+    rademacher,
+    top_eigenpairs,
+)
 from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.models import BlockSelection
@@ -232,7 +239,9 @@ def measure_aic(
     # Crossover time where the second-order Fisher-weighted drift overtakes the first-order one.
     out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = forecast(out, s, a, c, lam_d, float(HHg.norm()), hgnorm, gnorm)
-    out["shuffled_null"] = shuffled_null(model, tokenizer, params, finetune, s, lambda v: (Bd.T @ v).cpu(), lam_d)
+    out["shuffled_null"] = shuffled_null(
+        model, tokenizer, params, finetune, s, lambda v: (Bd.T @ v.to(Bd.dtype)).cpu(), lam_d
+    )
     out["properties"] = properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
     out["seconds"] = time.perf_counter() - t0
@@ -453,12 +462,12 @@ def shuffled_null(model, tokenizer, params, finetune: Sequence[Example], s: Scan
                 for e, j in zip(exs, order)]  # fmt: skip
     ft = EncodedSet(tokenizer, shuffled, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     _, g = FinetuneLoss(model, params, ft, s.batch_size).value_and_grad()
-    Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g).to(torch.float64)
-    g = g.to(torch.float64)
+    Hg = HessianOperator(model, params, ft, s.batch_size).matvec(g)
     a, c = project(g), project(Hg)
+    gn, hn = norm64(g), norm64(Hg)  # float64 sums without float64 copies of the n-vectors
     return {
-        "eps_orth_rel": float(a.norm()) / float(g.norm()) if float(g.norm()) else 0.0,
-        "gamma_rel": float((lam_d * c * c).sum().sqrt()) / float(Hg.norm()) if float(Hg.norm()) else 0.0,
+        "eps_orth_rel": float(a.norm()) / gn if gn else 0.0,
+        "gamma_rel": float((lam_d * c * c).sum().sqrt()) / hn if hn else 0.0,
         "identical_responses": identical,
         "note": "responses permuted across prompts (derangement, seed + 1)"
         + ("; every response is the same text, so this null equals the data itself" if identical else ""),

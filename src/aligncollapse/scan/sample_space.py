@@ -46,7 +46,7 @@ from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.distributed import world_size
 from aligncollapse.errors import NonFiniteError, UserError
-from aligncollapse.geometry.curvature import GGNOperator, HessianOperator
+from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
@@ -248,20 +248,15 @@ def measure_aic_sample(
     H = HessianOperator(model, params, ft, s.batch_size)
     gt = g if precond is None else precond * g
     Hg = H.matvec(gt) if precond is None else precond * H.matvec(gt)
-    hhg_norm = float(H.matvec(Hg).to(torch.float64).norm())
+    hhg_norm = norm64(H.matvec(Hg))
     Fg, FHg = Fop.matvec(gt), Fop.matvec(Hg)
-    g64, Hg64 = gt.to(torch.float64), Hg.to(torch.float64)
-    gFg, gFHg, HgFHg = (
-        float(g64 @ Fg.to(torch.float64)),
-        float(g64 @ FHg.to(torch.float64)),
-        float(Hg64 @ FHg.to(torch.float64)),
-    )
+    gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
     expansion = _aic._expansion(Fop, gt, Hg)
     a, c = fisher.coords(fisher.scores_dot(gt, params)), fisher.coords(fisher.scores_dot(Hg, params))
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
     gamma = float((lam_d * c * c).sum().sqrt())
-    gnorm, hgnorm = float(g64.norm()), float(Hg64.norm())
+    gnorm, hgnorm = norm64(gt), norm64(Hg)
     rand_gamma = hgnorm * math.sqrt(float(lam_d.sum()) / n)
     if precond is None:
         flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f, "eps_orth_rel": eps / gnorm if gnorm else 0.0,
@@ -270,8 +265,8 @@ def measure_aic_sample(
         Hg_raw = H.matvec(g)
         a_raw = fisher.coords(C.sum(1) / total)
         c_raw = fisher.coords(fisher.scores_dot(Hg_raw, params))
-        graw_norm, hgraw_norm = float(g.to(torch.float64).norm()), float(Hg_raw.to(torch.float64).norm())
-        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": float(g.to(torch.float64) @ Fop.matvec(g).to(torch.float64)),
+        graw_norm, hgraw_norm = norm64(g), norm64(Hg_raw)
+        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": dot64(g, Fop.matvec(g)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
         flow["eps_orth_rel"] = float(a_raw.norm()) / graw_norm if graw_norm else 0.0
         flow["gamma_rel"] = flow["gamma"] / hgraw_norm if hgraw_norm else 0.0
@@ -406,17 +401,14 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
         share = tokens / total
         c_full = fisher.coords(fisher.scores_dot(Hg, params))
         hc = share[:, None] * c_full[None, :]
-        hFg, hFHg = (
-            float(Hg.to(torch.float64) @ DFg.to(torch.float64)),
-            float(Hg.to(torch.float64) @ DFHg.to(torch.float64)),
-        )
+        hFg, hFHg = dot64(Hg, DFg), dot64(Hg, DFHg)
         per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
         return per_example, hc, {"method": "token shares of H g (half-precision weights: no finite differences)"}
     # At least float32's roundoff even for float64 weights: Hugging Face models keep float32 islands
     # (attention softmax, norms) whose rounding a smaller step would amplify.
     u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-    theta = math.sqrt(sum(float(p.detach().to(torch.float64).pow(2).sum()) for p in params.values()))
-    gn = float(gt.to(torch.float64).norm())
+    theta = math.sqrt(sum(norm64(p.detach()) ** 2 for p in params.values()))
+    gn = norm64(gt)
     # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)
     # balanced for O(1) curvature; checked below by Σ_n h_nᵀF g = (Hg)ᵀF g, reported as sum_check.
     eps = 0.2 * u ** (1 / 3) / gn if gn > 0 else 0.0
@@ -431,7 +423,7 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
     # With AdamW, h_n = D H_n D g: the dots above already carry D (D F g, D F Hg), the columns D's block means.
     per_example["h_Fg"], per_example["h_FHg"] = h_f.tolist(), h_h.tolist()
     hc = fisher.coords((pc - mc) * scale).T  # [M, d]
-    want = float(Hg.to(torch.float64) @ DFg.to(torch.float64))  # = Σ_n h_nᵀ F g exactly
+    want = dot64(Hg, DFg)  # = Σ_n h_nᵀ F g exactly
     got = float(h_f.sum())
     return per_example, hc, {
         "method": "central differences of per-example gradients along g", "epsilon": eps,
@@ -452,11 +444,14 @@ def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, 
     ]  # fmt: skip
     ref_lens = [min(p + 32, s.max_length) for p in prompt_lens]
     ft_lens = [len(it.input_ids) for it in ft.items]
+    ft_loss = sum(sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items)
     plan = sample_scan_memory_plan(
         model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
         batch_size=s.batch_size, samples=s.fisher_samples, tokens_safety=sum(ref_lens), tokens_finetune=sum(ft_lens),
         floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
-        n_param_blocks=len(params),
+        n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
+        loss_tokens_safety=sum(r - p for r, p in zip(ref_lens, prompt_lens)), loss_tokens_finetune=ft_loss,
+        logits_chunk_bytes=GGNOperator.logits_chunk_bytes,
     )  # fmt: skip
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
