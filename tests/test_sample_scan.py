@@ -83,6 +83,10 @@ def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_h
     assert _rel(gh.dot(f, v), G @ torch.cat([t.reshape(-1) for t in v.values()])) < 1e-10
     w = torch.randn(len(data), dtype=torch.float64)
     assert _rel(torch.cat([t.reshape(-1) for t in gh.weighted_sum(f, w, torch.float64).values()]), w @ G) < 1e-10
+    small = GhostGradients(model, params, tokens_per_example=tokens_hint, chunk_elems=16)  # a few rows per chunk
+    fs = small.collect([(data.batch(idx), _nll) for idx in splits])
+    assert _rel(torch.cat([t.reshape(-1) for t in small.weighted_sum(fs, w, torch.float64).values()]), w @ G) < 1e-10
+    assert _rel(small.gram(fs, fs), G @ G.T) < 1e-10
     sq = torch.cat([t.reshape(-1) for t in gh.sum_of_squares(f, torch.float64).values()])
     assert _rel(sq, (G**2).sum(0)) < 1e-10
     blocks = gh.gram(f, f, per_param=True)

@@ -386,14 +386,16 @@ class GhostGradients:
                 continue
             if u.ex is None:
                 continue
-            wd = u.d * w.to(u.d)[u.ex].unsqueeze(-1)
-            if s.kind == "linear":
-                if s.weight is not None:
-                    out[s.weight] += (wd.T @ u.a).to(dtype)
-                if s.bias is not None:
-                    out[s.bias] += wd.sum(0).to(dtype)
-            else:
-                out[s.weight].index_add_(0, u.a, wd.to(dtype))
+            rows = max(1, self.chunk_elems // max(1, u.d.shape[1]))  # no copy of a whole [R, V] head factor
+            for r in range(0, u.d.shape[0], rows):
+                wd = u.d[r : r + rows] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
+                if s.kind == "linear":
+                    if s.weight is not None:
+                        out[s.weight] += (wd.T @ u.a[r : r + rows]).to(dtype)
+                    if s.bias is not None:
+                        out[s.bias] += wd.sum(0).to(dtype)
+                else:
+                    out[s.weight].index_add_(0, u.a[r : r + rows], wd.to(dtype))
         return out
 
     def sum_of_squares(self, f: Factors, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
