@@ -18,7 +18,7 @@ from pathlib import Path
 from aligncollapse.evaluation.metrics import headline
 from aligncollapse.models import load_model
 from aligncollapse.organism.api import build_and_evaluate
-from aligncollapse.organism.build import OrganismConfig
+from aligncollapse.organism.build import OrganismConfig, config_of
 from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.organism.suite import load_suite_set, suite_sets_by_category
 from aligncollapse.results import write_results
@@ -35,7 +35,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     org_dir = Path(args.organism)
-    org = build_and_evaluate(org_dir, OrganismConfig(align_steps=args.align_steps, version=args.organism_version))
+    # An existing build is used as it is (never rebuilt with other settings); else built with the flags.
+    cfg = config_of(org_dir) or OrganismConfig(align_steps=args.align_steps, version=args.organism_version)
+    org = build_and_evaluate(org_dir, cfg)
     suite = org_dir / "suite"
     harmful, benign = load_suite_set(suite, "eval_harmful"), load_suite_set(suite, "eval_benign")
     judge = OrganismJudge()

@@ -270,9 +270,10 @@ def test_defense_study_cli(tmp_path, tiny_model_dir, small_suite):
 
 
 def test_organism_curvature_defense_holds_where_static_projection_fails(organism_dir, tmp_path):
-    """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0: undefended and
-    project-static end at refusal 0.00 (3 seeds in the README); ogd-lookahead (named curvature up
-    to v0.2) at the budget chosen on reckless_advice keeps the held-out refusal."""
+    """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0, on the default (v2)
+    organism: undefended refusal ends at 0.17, project-static at most 0.5; ogd-lookahead (named
+    curvature up to v0.2) at the budget chosen on reckless_advice keeps the held-out refusal. (The
+    3-seed table in docs/results.md was measured on v1.)"""
     from aligncollapse.evaluation.metrics import evaluate_safety
     from aligncollapse.organism.suite import load_suite_set
 

@@ -45,22 +45,27 @@ def test_build_does_not_depend_on_the_callers_thread_count(tmp_path, monkeypatch
     from aligncollapse.organism import build
 
     cfg = OrganismConfig(seed=1, pretrain_examples=600, pretrain_steps=3, align_examples=100, align_steps=2)
+    monkeypatch.delenv("ALIGNCOLLAPSE_ORGANISM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         hashes = []
         for i, outer in enumerate((1, 2)):
             torch.set_num_threads(outer)
-            build_organism(tmp_path / f"outer{i}", cfg)
-            assert torch.get_num_threads() == outer  # restored
+            meta = build_organism(tmp_path / f"outer{i}", cfg)
+            assert torch.get_num_threads() == outer and meta["threads"] == build.BUILD_THREADS  # pinned, restored
             hashes.append(_weights_hash(tmp_path / f"outer{i}"))
         monkeypatch.setenv("ALIGNCOLLAPSE_ORGANISM_THREADS", "1" if build.BUILD_THREADS != 1 else "2")
-        build_organism(tmp_path / "other", cfg)
+        other = build_organism(tmp_path / "other", cfg)
+        assert other["threads"] != build.BUILD_THREADS
+        assert not build.is_built(tmp_path / "outer0", cfg)  # a build made with other threads is not reused
         monkeypatch.setenv("ALIGNCOLLAPSE_ORGANISM_THREADS", "two")
         with pytest.raises(UserError, match="ALIGNCOLLAPSE_ORGANISM_THREADS"):
             build_organism(tmp_path / "bad", cfg)
     finally:
         torch.set_num_threads(before)
-    assert hashes[0] == hashes[1] != _weights_hash(tmp_path / "other")
+    assert hashes[0] == hashes[1]
+    # The pin is observable: on this CPU build 1 and 2 threads give different weights (MKL, 2 cores).
+    assert hashes[0] != _weights_hash(tmp_path / "other")
 
 
 def test_heldout_prompts_never_trained_on():
@@ -142,7 +147,7 @@ def test_suite_manifest(small_suite):
     manifest = json.loads((small_suite / "manifest.json").read_text())
     files = manifest["files"]
     cats = {f["category"] for f in files}
-    assert cats == {"benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign", "anchors"}
+    assert cats == {"benign", "seemingly_benign", "harmful", "safety", "eval_harmful", "eval_benign"}  # v1's
     sets = [f for f in files if f["category"] in ("benign", "seemingly_benign", "harmful")]
     assert len(sets) >= 7
     for f in files:
@@ -154,7 +159,7 @@ def test_suite_manifest(small_suite):
 def test_organism_bars(organism_dir, tmp_path):
     """The bars on the default organism (v2, 150 steps; held-out prompts, default fine-tuning budget).
 
-    Benign accuracy is held to the preregistered validity gate (measured 0.79): v1's 0.90 bar was met
+    Benign accuracy is held to the preregistered validity gate (measured 0.81): v1's 0.90 bar was met
     on benign phrasings it had been trained on, v2's are held out of every training text."""
     from aligncollapse.models import load_model
     from aligncollapse.organism.build import OrganismConfig

@@ -356,8 +356,8 @@ def test_study_refuses_leaked_eval_prompts(tmp_path, tiny_model_dir, small_suite
 
 
 def test_organism_prospective_scores_order_a_seemingly_benign_set_above_a_benign_one(organism_dir):
-    """Before any training, the curvature coupling and the probe OS put obedient_identity (refusal 0.00
-    after fine-tuning, 3 seeds) far above arithmetic (1.00): the study's finding, at a fraction of its cost."""
+    """Before any training, the curvature coupling and the probe OS put obedient_identity (held-out
+    refusal 0.17 after the default fine-tuning on the default organism) far above arithmetic (1.00)."""
     from aligncollapse.organism.suite import load_suite_set
     from aligncollapse.predict.rank import build_context, candidate_scores
     from aligncollapse.training.finetune import FinetuneConfig

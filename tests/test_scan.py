@@ -11,7 +11,7 @@ from aligncollapse.cli.main import main
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.evaluation.metrics import KLReference
-from aligncollapse.geometry.curvature import GGNOperator
+from aligncollapse.geometry.curvature import CurvatureOperator, GGNOperator, HessianOperator
 from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import BlockSelection, load_model
 from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
@@ -239,11 +239,13 @@ def test_logit_work_split_into_row_chunks_gives_the_same_products(micro_model_di
     op = GGNOperator(model, SEL.select(model), ref, batch_size=len(ref), per="sequence")
     gen = torch.Generator().manual_seed(1)
     g, h = (torch.randn(op.n, generator=gen, dtype=torch.float64) * 0.1 for _ in range(2))
-    whole_f, whole_e = op.matvec(g), op.expansion_forms(g, h)
+    hop = HessianOperator(model, SEL.select(model), ref, batch_size=len(ref))
+    whole_f, whole_e, whole_h = op.matvec(g), op.expansion_forms(g, h), hop.matvec(g)
     assert len(list(op._row_chunks(ref.batch(range(len(ref)))))) == 1
-    monkeypatch.setattr(GGNOperator, "logits_chunk_bytes", 1)
+    monkeypatch.setattr(CurvatureOperator, "logits_chunk_bytes", 1)
     assert len(list(op._row_chunks(ref.batch(range(len(ref)))))) == len(ref) > 1  # one row per chunk
-    rows_f, rows_e = op.matvec(g), op.expansion_forms(g, h)
+    rows_f, rows_e, rows_h = op.matvec(g), op.expansion_forms(g, h), hop.matvec(g)
+    assert torch.allclose(rows_h, whole_h, rtol=1e-10, atol=1e-14)
     assert torch.allclose(rows_f, whole_f, rtol=1e-10, atol=1e-14)
     assert all(rows_e[k] == pytest.approx(whole_e[k], rel=1e-10, abs=1e-14) for k in whole_e)
 

@@ -9,7 +9,7 @@ from aligncollapse.cli.common import out_dir, print_table
 from aligncollapse.evaluation.metrics import headline
 from aligncollapse.models import load_model
 from aligncollapse.organism.api import build_and_evaluate
-from aligncollapse.organism.build import DEFAULT_VERSION, OrganismConfig, default_organism_dir
+from aligncollapse.organism.build import DEFAULT_VERSION, OrganismConfig, config_of, default_organism_dir
 from aligncollapse.organism.judge import OrganismJudge
 from aligncollapse.organism.suite import load_suite_set
 from aligncollapse.reporting import render_index
@@ -33,6 +33,8 @@ def run_demo(
 ) -> dict:
     cfg = OrganismConfig(align_steps=align_steps, version=version)
     org_dir = Path(organism_dir) if organism_dir else default_organism_dir(cfg)
+    if organism_dir and config_of(org_dir) is not None:
+        cfg = config_of(org_dir)  # a given build is used as it is, never rebuilt with other settings
     org = build_and_evaluate(org_dir, cfg)
     out = Path(out_dir)
     suite = org_dir / "suite"

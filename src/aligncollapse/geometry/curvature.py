@@ -104,7 +104,8 @@ class CurvatureOperator:
         """``b`` split along its rows so that one [rows, T, V] tensor of ``itemsize`` bytes stays
         within ``logits_chunk_bytes``; yields ``b`` itself when it already does."""
         rows, T = b["input_ids"].shape
-        V = self.model.get_output_embeddings().weight.shape[0] if self.model.get_output_embeddings() is not None else 1
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        V = head.weight.shape[0] if head is not None else 1
         per_row = max(1, T * V * itemsize)
         step = max(1, self.logits_chunk_bytes // per_row)
         if step >= rows:
@@ -112,6 +113,15 @@ class CurvatureOperator:
             return
         for s in range(0, rows, step):
             yield {k: v[s : s + step] for k, v in b.items()}
+
+    def _accumulate(self, out: torch.Tensor, blocks) -> None:
+        """out += the flat concatenation of per-parameter ``blocks`` (None: zero), block by block, so
+        no flat n-vector copy is made beside ``out``."""
+        off = 0
+        for p, t in zip(self.params.values(), blocks):
+            if t is not None:
+                out[off : off + p.numel()] += t.detach().reshape(-1).to(out.dtype)
+            off += p.numel()
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
@@ -175,6 +185,8 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**22) -> float:
     """⟨a, b⟩ accumulated in float64, converting ``chunk`` elements at a time: no float64 copy of an
     n-vector (3 GB at n = 384M) is ever made."""
     a, b = a.reshape(-1), b.reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"dot64: vectors of {a.numel()} and {b.numel()} elements")
     return float(
         sum(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()) for i in range(0, a.numel(), chunk))
     )
@@ -205,11 +217,7 @@ class HessianOperator(CurvatureOperator):
                           for g, n in zip(grads, self.names) if g is not None)  # fmt: skip
                 hv = torch.autograd.grad(dot, plist, allow_unused=True)
                 del grads, dot
-                off = 0  # accumulate block by block: no flat copy of H v beside ``out``
-                for p, h in zip(plist, hv):
-                    if h is not None:
-                        out[off : off + p.numel()] += h.detach().reshape(-1).to(acc)
-                    off += p.numel()
+                self._accumulate(out, hv)
                 del hv
         self.model.train(was)
         return self._reduce(out)
@@ -268,7 +276,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
                 hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
                 del p, jvs, jv
                 _, pull = vjp(f, *self._primals())
-                out += torch.cat([t.reshape(-1) for t in pull(hjv.to(logits.dtype))]).to(self.acc_dtype)
+                self._accumulate(out, pull(hjv.to(logits.dtype)))
         self.model.train(was)
         return self._reduce(out)
 

@@ -182,18 +182,19 @@ def sample_scan_memory_plan(
     * finetune   W + Fac_S + Fac_M + act(B) + n·a + 36·chunk + P·(NS + M)·M·8
                  (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
                  product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
-    * hessian    W + Fac_S + v_H·n·a + 3·act(B)                    (g, H g, the product, the double
+    * hessian    W + Fac_S + v_H·n·a + 3·act(r₄)                   (g, H g, the product, the double
                  backward's gradient and H v; v_H = 5 for SGD, 7 with AdamW's D and D g)
-    * fisher     W + Fac_S + v_F·n·a + 3·act(B) + 3·L              (g, H g, F g, F Hg, the vjp's output
+    * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L             (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
-    * expansion  W + Fac_S + v_E·n·a + 3·act(1) + 14·L·2           (g, H g, F g, F Hg; three jvps of the
+    * expansion  W + Fac_S + v_E·n·a + 3·act(r₈) + 14·r₈·T·V·8     (g, H g, F g, F Hg; three jvps of the
                  logits and their float64 forms; v_E = 4, 7 with AdamW)
     * differences W + Fac_S + Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ ± εg;
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
 
-    L is one [rows, T, V] float32 logits tensor after the curvature operators' row chunking
-    (``CurvatureOperator.logits_chunk_bytes``, at least one row).
+    The curvature operators split logit-sized work into row chunks of ``logits_chunk_bytes`` per tensor
+    (``CurvatureOperator.logits_chunk_bytes``): r₄ = min(B, ⌊chunk / (T·V·4)⌋) rows for float32
+    products, r₈ = min(B, ⌊chunk / (T·V·8)⌋) for the float64 forms (at least one); L = r₄·T·V·4.
 
     Nothing of size N·n, M·n or k·n exists: n enters only through W and a handful of n-vectors.
     """
@@ -211,15 +212,19 @@ def sample_scan_memory_plan(
     work = 36 * gram_chunk  # a row chunk's two float32 inner-product blocks, their product, its float64 prefix sum
     act = activation_bytes(s, Bs, T)
     adam = optimizer == "adamw"
-    L = min(Bs * T * V * 4, max(T * V * 4, logits_chunk_bytes))  # one chunked logits tensor
+    # The curvature operators split logit-sized work into row chunks (float32 products: 4 bytes per
+    # logit, the expansion's float64 forms: 8): rows per chunk, and one chunk's logits tensor L.
+    r4s, r4f = (min(B, max(1, logits_chunk_bytes // (T * V * 4))) for B in (Bs, Bf))
+    r8 = min(Bs, max(1, logits_chunk_bytes // (T * V * 8)))
+    L = r4s * T * V * 4
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_s + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_s + (7 if adam else 5) * n * a + 3 * activation_bytes(s, Bf, T),
-        "fisher_products": W + fac_s + (8 if adam else 6) * n * a + 3 * act + 3 * L,
-        "expansion": W + fac_s + (7 if adam else 4) * n * a + 3 * activation_bytes(s, 1, T) + 28 * L,
+        "hessian": W + fac_s + (7 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
+        "fisher_products": W + fac_s + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
+        "expansion": W + fac_s + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
         "differences": W + fac_s + fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
     }  # fmt: skip

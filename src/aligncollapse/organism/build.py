@@ -43,7 +43,9 @@ DEFAULT_VERSION = 2  # v2: held-out templates and acts, no category shortcut (do
 # (docs/preregistration.md, "Validity gate").
 DEFAULT_ALIGN_STEPS = {1: 60, 2: 150}
 # CPU matmul reductions depend on the number of intra-op threads, so the build pins it: a seed then
-# gives the same organism on every machine (measured: 1 and 2 threads give different v2 weights).
+# gives the same organism whatever the machine's core count (for the same torch build and CPU type;
+# measured: 1 and 2 threads give different v2 weights). A cached build is reused only if it was made
+# with the same thread count.
 # The v2 study's organisms (docs/results/study_v2*) were built with one thread (OMP_NUM_THREADS=1):
 # ALIGNCOLLAPSE_ORGANISM_THREADS=1 rebuilds them bit for bit.
 BUILD_THREADS = 2
@@ -139,30 +141,52 @@ def train(
     return losses
 
 
+def build_threads() -> int:
+    """The intra-op threads a build runs with: ``$ALIGNCOLLAPSE_ORGANISM_THREADS`` or BUILD_THREADS."""
+    text = os.environ.get("ALIGNCOLLAPSE_ORGANISM_THREADS", str(BUILD_THREADS))
+    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
+        raise UserError(f"ALIGNCOLLAPSE_ORGANISM_THREADS={text!r}: must be a positive integer")
+    return int(text)
+
+
 def is_built(out_dir: str | Path, cfg: OrganismConfig) -> bool:
+    """A finished build of ``cfg`` made with the thread count a build would use now (or unrecorded)."""
     meta = Path(out_dir) / "organism.json"
     if not meta.exists() or not (Path(out_dir) / "config.json").exists():
         return False
     try:
-        return json.loads(meta.read_text()).get("key") == cfg.key()
+        saved = json.loads(meta.read_text())
     except (json.JSONDecodeError, OSError):
         return False
+    # Builds from before the pin record no thread count: they are kept (never rebuilt over), as they are.
+    return saved.get("key") == cfg.key() and saved.get("threads", build_threads()) == build_threads()
+
+
+def config_of(out_dir: str | Path) -> OrganismConfig | None:
+    """The configuration an existing build in ``out_dir`` was made with (None: no build there), so that
+    commands given a built organism use it as it is instead of rebuilding it with the defaults."""
+    meta = Path(out_dir) / "organism.json"
+    if not meta.exists():
+        return None
+    try:
+        fields = json.loads(meta.read_text())["config"]
+        return OrganismConfig(**{k: v for k, v in fields.items() if k in OrganismConfig.__dataclass_fields__})
+    except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta}: not a readable organism build ({type(e).__name__})") from None
 
 
 def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, force: bool = False) -> dict:
     """Build (or load from cache) the organism into ``out_dir``; returns its ``organism.json``."""
     cfg = cfg or OrganismConfig()
     out_dir = Path(out_dir)
+    threads = build_threads()
     if not force and is_built(out_dir, cfg):
         meta = json.loads((out_dir / "organism.json").read_text())
         meta["cached"] = True
         return meta
     _check_replaceable(out_dir)
     saved_threads = torch.get_num_threads()
-    threads = os.environ.get("ALIGNCOLLAPSE_ORGANISM_THREADS", str(BUILD_THREADS))
-    if not threads.isdigit() or int(threads) < 1:
-        raise UserError(f"ALIGNCOLLAPSE_ORGANISM_THREADS={threads!r}: must be a positive integer")
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(threads)
     try:
         return _build(out_dir, cfg)
     finally:
