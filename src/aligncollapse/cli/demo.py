@@ -33,8 +33,8 @@ def run_demo(
 ) -> dict:
     cfg = OrganismConfig(align_steps=align_steps, version=version)
     org_dir = Path(organism_dir) if organism_dir else default_organism_dir(cfg)
-    if organism_dir and config_of(org_dir) is not None:
-        cfg = config_of(org_dir)  # a given build is used as it is, never rebuilt with other settings
+    if organism_dir:
+        cfg = config_of(org_dir) or cfg  # a given build is used as it is, never rebuilt with other settings
     org = build_and_evaluate(org_dir, cfg)
     out = Path(out_dir)
     suite = org_dir / "suite"
