@@ -91,6 +91,19 @@ def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_h
     assert _rel(sq, (G**2).sum(0)) < 1e-10
     blocks = gh.gram(f, f, per_param=True)
     assert set(blocks) == set(params) and _rel(sum(blocks.values()), G @ G.T) < 1e-10
+    # The difference of two collections (here at θ and at a moved θ') has the gradients' difference.
+    backup = [p.detach().clone() for p in params.values()]
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p), alpha=0.01)
+    f2 = gh.collect([(data.batch(idx), _nll) for idx in splits])
+    D = G - _dense_grads(model, params, data, splits)
+    with torch.no_grad():
+        for p, b in zip(params.values(), backup):
+            p.copy_(b)
+    diff = gh.difference(f, f2)
+    assert _rel(gh.gram(f, diff), G @ D.T) < 1e-10 and _rel(gh.gram(diff, diff), D @ D.T) < 1e-10
+    assert _rel(gh.dot(diff, v), D @ torch.cat([t.reshape(-1) for t in v.values()])) < 1e-10
     # The output head keeps only the rows that carry a loss (its gradient is exactly zero elsewhere).
     head = [u for u in f.uses if u.site.kind == "linear" and gh.sites[f.uses.index(u)][0] is model.lm_head]
     loss_tokens = sum(int((data.batch(idx)["labels"][:, 1:] != -100).sum()) for idx in splits)
@@ -145,6 +158,45 @@ def test_sampled_fisher_algebra(micro_model_dir):
     A = fisher.per_prompt_blocks()
     assert A.shape == (len(ref), d, d) and _rel(A.mean(0), torch.diag(fisher.mu[:d])) < 1e-8
     assert abs(fisher.trace - float(torch.trace(Fhat))) < 1e-8 * fisher.trace
+
+
+def test_coordinates_of_examples_with_formed_sites(micro_model_dir):
+    """coords_of (factored sites through the Gram, formed ones through V's own blocks) equals Vᵀ of the
+    block-weighted dense gradients."""
+    model, tok = _model(micro_model_dir, tied=False)
+    params = BlockSelection().select(model)
+    s = ScanSettings(batch_size=4)
+    ref = reference_data(model, tok, micro_examples()[:8], s)
+    gh = GhostGradients(model, params, tokens_per_example=3.0)  # small linears formed, the head factored
+    assert {"linear_dense", "linear"} <= {st.kind for _, st in gh.sites}
+    fisher = SampledFisher(gh, ref, samples=2, batch_size=4, seed=0)
+    fisher.set_d(3)
+    U = torch.stack(
+        [torch.cat([t.reshape(-1) for t in gh.weighted_sum(fisher.factors, torch.eye(fisher.count)[j].double(),
+                                                           torch.float64).values()]) for j in range(fisher.count)],
+        1,
+    )  # fmt: skip
+    V = U @ fisher._proj.T
+    data = EncodedSet(tok, micro_examples())
+    f = gh.collect([(data.batch(range(len(data))), _nll)])
+    G = _dense_grads(model, params, data)
+    torch.manual_seed(1)
+    w = {n: float(torch.rand(())) + 0.5 for n in params}
+    scale = torch.cat([torch.full((p.numel(),), w[n], dtype=torch.float64) for n, p in params.items()])
+    assert _rel(fisher.coords_of(f, w), V.T @ (G * scale).T) < 1e-8
+    assert _rel(fisher.coords_of(f), V.T @ G.T) < 1e-8
+
+
+def test_float32_gram_blocks_are_accumulated_in_float64():
+    """Formed float32 Gram blocks: float32 products over column chunks, float64 sums (rel. 1e-5)."""
+    from aligncollapse.geometry.ghost import _matmul_t64
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 300_000), torch.randn(5, 300_000) + 0.1
+    ref = x.double() @ y.double().T
+    got = _matmul_t64(x, y)
+    assert got.dtype == torch.float64 and _rel(got, ref) < 1e-5
+    assert torch.equal(_matmul_t64(x.double(), y.double()), ref)
 
 
 def test_sampled_fisher_is_unbiased_for_the_exact_fisher(micro_model_dir):

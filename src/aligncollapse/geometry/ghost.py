@@ -286,15 +286,18 @@ class GhostGradients:
         return g.to(torch.float32 if g.dtype != torch.float64 else g.dtype)
 
     # ------------------------------------------------------------------------------------------
-    def gram(self, f1: Factors, f2: Factors, per_param: bool = False):
+    def gram(self, f1: Factors, f2: Factors, per_param: bool = False, formed: bool = True):
         """[count₁, count₂] inner products ⟨∇ℓ_i, ∇ℓ_j⟩ over the selection (float64); with
-        ``per_param``, a dict parameter name -> its block's contribution."""
+        ``per_param``, a dict parameter name -> its block's contribution; with ``formed=False``, over
+        the factored sites only (see :meth:`formed_dot` for the rest)."""
         out: dict[str, torch.Tensor] = {}
 
         def add(name, val):
             out[name] = out[name] + val if name in out else val
 
         for u in f1.uses:
+            if not formed and u.site.kind in _FORMED:
+                continue
             for w in f2.uses:
                 for name, val in self._pair(u, w, f1.count, f2.count).items():
                     add(name, val)
@@ -313,7 +316,7 @@ class GhostGradients:
                 off = 0
                 for n in su.explicit:  # one block per parameter
                     k = self.params[n].numel()
-                    res[n] = (u.g[:, off : off + k].to(torch.float64) @ w.g[:, off : off + k].to(torch.float64).T).cpu()
+                    res[n] = _matmul_t64(u.g[:, off : off + k], w.g[:, off : off + k]).cpu()
                     off += k
             return res
         if u.ex is None or w.ex is None:
@@ -348,6 +351,57 @@ class GhostGradients:
         if shared_b:
             res[su.bias] = acc_b.cpu()
         return res
+
+    def difference(self, fa: Factors, fb: Factors) -> Factors:
+        """Factors of ∇ℓ_i(a) − ∇ℓ_i(b) for two collections of the same examples (e.g. at θ ± εv):
+        formed gradients are subtracted, factored rows concatenated with b's output gradients negated.
+        Every product is linear in the gradient, so one product with the difference replaces two, and
+        its rounding is relative to the (small) difference rather than to either gradient."""
+        if fa.count != fb.count or len(fa.uses) != len(fb.uses):
+            raise ValueError("difference needs two collections of the same examples")
+        uses = []
+        for ua, ub in zip(fa.uses, fb.uses):
+            u = _Use(ua.site)
+            if ua.site.kind in _FORMED:
+                u.g = ua.g - ub.g
+            elif ua.ex is not None:
+                u.ex, u.a, u.d = torch.cat([ua.ex, ub.ex]), torch.cat([ua.a, ub.a]), torch.cat([ua.d, -ub.d])
+                order = torch.sort(u.ex, stable=True).indices
+                u.ex, u.a, u.d = u.ex[order], u.a[order], u.d[order]
+            uses.append(u)
+        return Factors(uses, fa.count, fa.sizes)
+
+    def formed_combination(self, f: Factors, coef: torch.Tensor) -> list[torch.Tensor | None]:
+        """For each formed site of ``f``: coef @ its per-example gradients ([k, numel], k = coef's rows),
+        so that products with these k combined vectors replace a Gram with all ``f.count`` examples
+        (:meth:`formed_dot`); ``None`` for factored sites. Memory: k·numel per formed site."""
+        out: list[torch.Tensor | None] = []
+        for u in f.uses:
+            if u.site.kind not in _FORMED:
+                out.append(None)
+                continue
+            c = coef.to(device=u.g.device, dtype=u.g.dtype)
+            out.append(torch.cat([c @ u.g[:, s : s + 2**16] for s in range(0, u.g.shape[1], 2**16)], 1))
+        return out
+
+    def formed_dot(
+        self, basis: list[torch.Tensor | None], f: Factors, weights: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """[k, count] products of :meth:`formed_combination` vectors with ``f``'s formed per-example
+        gradients (``f`` collected by this object, so its sites align), each parameter's block scaled
+        by ``weights[name]`` (default 1): with ``gram(..., formed=False)`` this completes a Gram."""
+        k = next((b.shape[0] for b in basis if b is not None), 0)
+        out = torch.zeros(k, f.count, dtype=torch.float64)
+        for b, u in zip(basis, f.uses):
+            if b is None:
+                continue
+            off = 0
+            for n in u.site.explicit:
+                m = self.params[n].numel()
+                wt = 1.0 if weights is None else weights[n]
+                out += wt * _matmul_t64(b[:, off : off + m], u.g[:, off : off + m]).cpu()
+                off += m
+        return out
 
     def dot(self, f: Factors, v: dict[str, torch.Tensor]) -> torch.Tensor:
         """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64."""
@@ -433,6 +487,19 @@ class GhostGradients:
             for n, t in per.items():
                 out[n] += t * t
         return out
+
+
+def _matmul_t64(x: torch.Tensor, y: torch.Tensor, chunk: int = 2**16) -> torch.Tensor:
+    """x @ yᵀ as float64: float64 inputs directly; lower precisions multiplied in their own (float32)
+    precision over column chunks of ``chunk``, the chunks' sums added in float64 — no float64 copy of
+    a [count, numel] block (which cost more than the product itself)."""
+    if x.dtype == torch.float64 and y.dtype == torch.float64:
+        return x @ y.T
+    acc = torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64, device=x.device)
+    dt = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    for s in range(0, x.shape[1], chunk):
+        acc += (x[:, s : s + chunk].to(dt) @ y[:, s : s + chunk].to(dt).T).to(torch.float64)
+    return acc
 
 
 def _bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,6 +167,7 @@ def sample_scan_memory_plan(
     head_floats_per_token: int = 0,
     loss_tokens_safety: int | None = None,
     loss_tokens_finetune: int | None = None,
+    basis_rows: int = 0,
 ) -> dict:
     """Peak bytes of each stage of the sample-space scan (:mod:`aligncollapse.scan.sample_space`).
 
@@ -174,8 +175,8 @@ def sample_scan_memory_plan(
     numel of the explicitly formed (small) parameters, R_S = S·Σ safety tokens and R_M = Σ fine-tuning
     tokens (non-padding), and R'_S, R'_M the tokens that carry a loss (the only rows the head keeps),
     the factors are Fac_S = 4·((f − f_h)·R_S + f_h·R'_S + e·N·S) and Fac_M = 4·((f − f_h)·R_M + f_h·R'_M
-    + e·M) bytes. Stages (each with the
-    weights W and, from the scores on, Fac_S resident):
+    + e·M) bytes. Stages (each with the weights W and, from the scores on, Fac_S resident; after the
+    scores also V's blocks at the formed sites, 4·d·e bytes with d ≤ ``basis_rows``):
 
     * generate   as the exact scan's
     * scores     W + Fac_S + act(B) + 2·B·T·V·8                    (the draw's probabilities on the host)
@@ -188,8 +189,9 @@ def sample_scan_memory_plan(
                  and the accumulator; v_F = 6, 8 with AdamW)
     * expansion  W + Fac_S + v_E·n·a + 3·act(r₈) + 14·r₈·T·V·8     (g, H g, F g, F Hg; three jvps of the
                  logits and their float64 forms; v_E = 4, 7 with AdamW)
-    * differences W + Fac_S + Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
-                 (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ ± εg;
+    * differences W + Fac_S + 4·Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
+                 (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
+                 and their difference (both sets' rows);
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
 
     The curvature operators split logit-sized work into row chunks of ``logits_chunk_bytes`` per tensor
@@ -209,6 +211,7 @@ def sample_scan_memory_plan(
     lm = tokens_finetune if loss_tokens_finetune is None else loss_tokens_finetune
     fac_s = 4 * ((body * tokens_safety + head_floats_per_token * ls) * samples + explicit_numel * N * samples)
     fac_m = 4 * (body * tokens_finetune + head_floats_per_token * lm + explicit_numel * M)
+    fac_v = fac_s + 4 * basis_rows * explicit_numel  # Fac_S and V's formed blocks
     work = 36 * gram_chunk  # a row chunk's two float32 inner-product blocks, their product, its float64 prefix sum
     act = activation_bytes(s, Bs, T)
     adam = optimizer == "adamw"
@@ -220,12 +223,12 @@ def sample_scan_memory_plan(
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
-        "finetune_factors": W + fac_s + fac_m + activation_bytes(s, Bf, T) + n * a + work
+        "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_s + (7 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
-        "fisher_products": W + fac_s + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
-        "expansion": W + fac_s + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
-        "differences": W + fac_s + fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
+        "hessian": W + fac_v + (7 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
+        "fisher_products": W + fac_v + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
+        "expansion": W + fac_v + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
+        "differences": W + fac_v + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
     }  # fmt: skip
     peak_stage = max(stages, key=stages.get)

@@ -114,10 +114,24 @@ class SampledFisher:
         self.d = d
         lam = self.mu[:d]
         self._proj = (self.W[:, :d] / lam.clamp_min(1e-300).sqrt()).T / math.sqrt(self.count)  # [d, NS]
+        # V's blocks at formed sites (d × numel each, at most d/NS of their factors' memory).
+        self._formed_basis = self.ghost.formed_combination(self.factors, self._proj)
 
     def coords(self, Ux: torch.Tensor) -> torch.Tensor:
         """Vᵀx from the score inner products Uᵀx ([NS] or [NS, m] -> [d] or [d, m])."""
         return self._proj @ Ux.to(torch.float64)
+
+    def coords_of(self, f: Factors, weights: dict[str, float] | None = None) -> torch.Tensor:
+        """[d, count] coordinates Vᵀ∇ℓ_i of every example of ``f`` (each parameter block scaled by
+        ``weights[name]``): factored sites through their Gram with the scores, formed sites through V's
+        own blocks (d products per example instead of NS)."""
+        z = torch.zeros(self.count, f.count, dtype=torch.float64)
+        blocks = self.ghost.gram(self.factors, f, per_param=True, formed=False)
+        Ux = sum(((1.0 if weights is None else weights[nm]) * blk for nm, blk in blocks.items()), z)
+        out = self.coords(Ux)
+        if any(b is not None for b in self._formed_basis):
+            out = out + self.ghost.formed_dot(self._formed_basis, f, weights)
+        return out
 
     def scores_dot(self, v: torch.Tensor, params) -> torch.Tensor:
         """Uᵀv for a flat n-vector v ([NS], float64)."""
@@ -369,60 +383,74 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
     M = len(ft)
     vFg, vFHg = _unflat(params, DFg), _unflat(params, DFHg)
 
-    def pass_at(sign: float, eps: float):
-        """Per-example ⟨∇ℓ_n, D F g⟩, ⟨∇ℓ_n, D F Hg⟩ and D-weighted Uᵀ∇ℓ_n at θ + sign·eps·gt, one batch at a time."""
-        backup = None
-        if sign != 0.0:
-            backup = [p.detach().clone() for p in params.values()]
+    def passes(eps: float):
+        """Per batch: ⟨∇ℓ_n, D F g⟩ and ⟨∇ℓ_n, D F Hg⟩ at θ; with eps > 0 also the same dots and the
+        D-weighted coordinates Vᵀ of ∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg), taken from the difference of the two
+        factor sets (one product instead of two, its rounding relative to the difference)."""
+        backup = [p.detach().clone() for p in params.values()] if eps > 0 else None
+        steps = list(_unflat(params, gt).values()) if eps > 0 else None
+
+        def move(sign: float) -> None:
             with torch.no_grad():
-                for p, step in zip(params.values(), _unflat(params, gt).values()):
-                    p.add_(step.to(p.dtype), alpha=sign * eps)
+                for p, b, st in zip(params.values(), backup, steps):
+                    p.copy_(b)
+                    if sign:
+                        p.add_(st.to(p.dtype), alpha=sign * eps)
+
+        u_f, u_h, d_f, d_h, cols = [], [], [], [], []
         try:
-            dots_f, dots_h, cols = [], [], []
             for batch in _nll_batches(ft, s.batch_size, dev):
+                if backup is not None:
+                    move(0.0)
                 f = ghost.collect([batch])
-                dots_f.append(ghost.dot(f, vFg))
-                dots_h.append(ghost.dot(f, vFHg))
-                if sign != 0.0:
-                    blocks = ghost.gram(fisher.factors, f, per_param=True)
-                    z = torch.zeros(fisher.count, f.count, dtype=torch.float64)
-                    cols.append(sum((block_d[nm] * blk for nm, blk in blocks.items()), z))
-            return torch.cat(dots_f), torch.cat(dots_h), (torch.cat(cols, 1) if cols else None)
+                u_f.append(ghost.dot(f, vFg))
+                u_h.append(ghost.dot(f, vFHg))
+                if backup is None:
+                    continue
+                del f
+                move(+1.0)
+                fp = ghost.collect([batch])
+                move(-1.0)
+                diff = ghost.difference(fp, ghost.collect([batch]))
+                del fp
+                d_f.append(ghost.dot(diff, vFg))
+                d_h.append(ghost.dot(diff, vFHg))
+                cols.append(fisher.coords_of(diff, block_d))
         finally:
             if backup is not None:
-                with torch.no_grad():
-                    for p, b in zip(params.values(), backup):
-                        p.copy_(b)
+                move(0.0)
+        if backup is None:
+            return torch.cat(u_f), torch.cat(u_h), None, None, None
+        return torch.cat(u_f), torch.cat(u_h), torch.cat(d_f), torch.cat(d_h), torch.cat(cols, 1)
 
-    u_Fg, u_FHg, _ = pass_at(0.0, 0.0)
-    per_example = {"u_Fg": (u_Fg / total).tolist(), "u_FHg": (u_FHg / total).tolist()}
     dtype = next(iter(params.values())).dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    half = dtype in (torch.float16, torch.bfloat16)
+    # At least float32's roundoff even for float64 weights: Hugging Face models keep float32 islands
+    # (attention softmax, norms) whose rounding a smaller step would amplify.
+    u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    gn = norm64(gt)
+    # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)
+    # balanced for O(1) curvature; checked below by Σ_n h_nᵀF g = (Hg)ᵀF g, reported as sum_check.
+    eps = 0.2 * u ** (1 / 3) / gn if gn > 0 and not half else 0.0
+    u_Fg, u_FHg, df, dh, dc = passes(eps)
+    per_example = {"u_Fg": (u_Fg / total).tolist(), "u_FHg": (u_FHg / total).tolist()}
+    if half:
         share = tokens / total
         c_full = fisher.coords(fisher.scores_dot(Hg, params))
         hc = share[:, None] * c_full[None, :]
         hFg, hFHg = dot64(Hg, DFg), dot64(Hg, DFHg)
         per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
         return per_example, hc, {"method": "token shares of H g (half-precision weights: no finite differences)"}
-    # At least float32's roundoff even for float64 weights: Hugging Face models keep float32 islands
-    # (attention softmax, norms) whose rounding a smaller step would amplify.
-    u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
     theta = math.sqrt(sum(norm64(p.detach()) ** 2 for p in params.values()))
-    gn = norm64(gt)
-    # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)
-    # balanced for O(1) curvature; checked below by Σ_n h_nᵀF g = (Hg)ᵀF g, reported as sum_check.
-    eps = 0.2 * u ** (1 / 3) / gn if gn > 0 else 0.0
     if eps == 0.0:
         z = torch.zeros(M, dtype=torch.float64)
         per_example["h_Fg"], per_example["h_FHg"] = z.tolist(), z.tolist()
         return per_example, torch.zeros(M, fisher.d, dtype=torch.float64), {"method": "g = 0"}
-    pf, ph, pc = pass_at(+1.0, eps)
-    mf, mh, mc = pass_at(-1.0, eps)
     scale = 1.0 / (2 * eps * total)
-    h_f, h_h = (pf - mf) * scale, (ph - mh) * scale
+    h_f, h_h = df * scale, dh * scale
     # With AdamW, h_n = D H_n D g: the dots above already carry D (D F g, D F Hg), the columns D's block means.
     per_example["h_Fg"], per_example["h_FHg"] = h_f.tolist(), h_h.tolist()
-    hc = fisher.coords((pc - mc) * scale).T  # [M, d]
+    hc = (dc * scale).T  # [M, d]
     want = dot64(Hg, DFg)  # = Σ_n h_nᵀ F g exactly
     got = float(h_f.sum())
     return per_example, hc, {
@@ -451,7 +479,7 @@ def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, 
         floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
         n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
         loss_tokens_safety=sum(r - p for r, p in zip(ref_lens, prompt_lens)), loss_tokens_finetune=ft_loss,
-        logits_chunk_bytes=GGNOperator.logits_chunk_bytes,
+        logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d,
     )  # fmt: skip
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
