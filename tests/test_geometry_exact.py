@@ -150,6 +150,9 @@ def test_gradient_and_hvp_vs_autograd_hessian(micro):
     assert torch.allclose(g, g_ref, rtol=1e-6, atol=1e-10)
     op = HessianOperator(model, params, data, batch_size=len(data))
     assert torch.allclose(op @ g, H @ g, rtol=1e-6, atol=1e-10)
+    v = torch.randn_like(g)
+    many = op.matvecs_many([g, v])  # one shared first-order pass, one double backward each
+    assert all(torch.allclose(m, H @ x, rtol=1e-6, atol=1e-10) for m, x in zip(many, (g, v)))
     top_val, top_vec = top_eigenpairs(op, k=1)
     assert float(top_val[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
 
@@ -182,6 +185,10 @@ def test_ggn_vs_dense_jacobian(micro):
     v = torch.randn(op.n, dtype=torch.float64)
     ref = ggn @ v
     assert float((op @ v - ref).norm()) <= 1e-6 * float(ref.norm())
+    w = torch.randn(op.n, dtype=torch.float64)
+    many = op.matvecs_many([v, w])  # one shared vjp, pulled back once per vector
+    for m, x in zip(many, (v, w)):
+        assert float((m - ggn @ x).norm()) <= 1e-6 * float((ggn @ x).norm())
 
 
 def test_null_spectrum_is_flat(micro):

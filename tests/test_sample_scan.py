@@ -71,10 +71,11 @@ def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_h
     model, tok = _model(micro_model_dir, tied)
     data = EncodedSet(tok, micro_examples())
     params = BlockSelection().select(model)  # everything: embedding (tied or not), norms, LM head
-    gh = GhostGradients(model, params, tokens_per_example=tokens_hint)
+    gh = GhostGradients(model, params, tokens_per_example=tokens_hint, formed_budget=2**30)
     kinds = {s.kind for _, s in gh.sites}
-    assert "explicit" in kinds and "embedding" in kinds
+    assert "explicit" in kinds and kinds & {"embedding", "embedding_dense"}
     assert ("linear_dense" in kinds) == (tokens_hint is not None)
+    assert ("embedding_dense" in kinds) == (tokens_hint is not None and not tied)  # a tied one stays factored
     splits = [range(0, 4), range(4, len(data))]
     f = gh.collect([(data.batch(idx), _nll) for idx in splits])  # two batches, each padded
     G = _dense_grads(model, params, data, splits)
@@ -91,6 +92,25 @@ def test_factored_products_match_dense_gradients(micro_model_dir, tied, tokens_h
     assert _rel(sq, (G**2).sum(0)) < 1e-10
     blocks = gh.gram(f, f, per_param=True)
     assert set(blocks) == set(params) and _rel(sum(blocks.values()), G @ G.T) < 1e-10
+
+    # Formed gradients written into a preallocated block (a known count) are the same numbers.
+    pre = gh.collect([(data.batch(idx), _nll) for idx in splits], count=len(data))
+    assert torch.equal(gh.gram(pre, f), gh.gram(f, f))
+    with pytest.raises(ValueError, match="announced"):
+        gh.collect([(data.batch(splits[0]), _nll)], count=len(data))
+
+    # Two losses per example from one forward ([S, B]) are stored as S blocks of B examples per batch.
+    def pair(lg, b):  # the NLL and a per-example reweighting of it (weights 1, 2, …, B)
+        return torch.stack([_nll(lg, b), _nll(lg, b) * torch.arange(1, lg.shape[0] + 1, dtype=lg.dtype)])
+
+    two = gh.collect([(data.batch(idx), pair) for idx in splits])
+    K2, at = gh.gram(two, f), 0
+    assert two.count == 2 * len(data)
+    for idx in splits:  # per batch: the NLL's block (bit-equal backward), then the reweighted one, whose
+        B = len(idx)  # backward rounds differently in Llama's float32 islands (~1e-9)
+        assert _rel(K2[at : at + B], G[list(idx)] @ G.T) < 1e-10
+        assert _rel(K2[at + B : at + 2 * B], torch.arange(1, B + 1)[:, None] * (G[list(idx)] @ G.T)) < 1e-7
+        at += 2 * B
     # The difference of two collections (here at θ and at a moved θ') has the gradients' difference.
     backup = [p.detach().clone() for p in params.values()]
     with torch.no_grad():

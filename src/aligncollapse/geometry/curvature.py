@@ -201,10 +201,15 @@ class HessianOperator(CurvatureOperator):
     """H_FT v by double backward, accumulated over batches (exact)."""
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvecs += 1
+        return self.matvecs_many([v])[0]
+
+    def matvecs_many(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[H v for v in vectors] from one forward and first backward per batch (the double backward
+        once per vector): k vectors cost one shared pass plus k second-order ones. Memory: k outputs."""
+        self.matvecs += len(vectors)
         total = self._total_tokens()
-        vs = self._unflat(v)
-        out = self.zeros()
+        vss = [self._unflat(v) for v in vectors]
+        outs = [self.zeros() for _ in vectors]
         plist = list(self.params.values())
         acc = self.acc_dtype
         was = self.model.training
@@ -213,14 +218,16 @@ class HessianOperator(CurvatureOperator):
             for b in self._row_chunks(batch, itemsize=4):
                 loss = self._batch_loss(b) / total
                 grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
-                dot = sum(torch.dot(g.reshape(-1).to(acc), vs[n].reshape(-1).to(acc))
-                          for g, n in zip(grads, self.names) if g is not None)  # fmt: skip
-                hv = torch.autograd.grad(dot, plist, allow_unused=True)
-                del grads, dot
-                self._accumulate(out, hv)
-                del hv
+                for k, (vs, out) in enumerate(zip(vss, outs)):
+                    dot = sum(torch.dot(g.reshape(-1).to(acc), vs[n].reshape(-1).to(acc))
+                              for g, n in zip(grads, self.names) if g is not None)  # fmt: skip
+                    hv = torch.autograd.grad(dot, plist, allow_unused=True, retain_graph=k < len(vss) - 1)
+                    del dot
+                    self._accumulate(out, hv)
+                    del hv
+                del grads
         self.model.train(was)
-        return self._reduce(out)
+        return [self._reduce(out) for out in outs]
 
 
 class _FunctionalMixin:
@@ -255,30 +262,37 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         super().__init__(model, params, data, batch_size)
         self.per = per
 
-    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.matvecs += 1
+        return self.matvecs_many([v])[0]
+
+    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
+    def matvecs_many(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[G v for v in vectors]: one jvp per vector and one shared vjp (forward once, pulled back
+        once per vector) per batch. Memory: k outputs."""
+        self.matvecs += len(vectors)
         total = self._total_tokens() if self.per == "token" else len(self.data)
-        vs = tuple(self._unflat(v).values())
-        out = self.zeros()
+        vss = [tuple(self._unflat(v).values()) for v in vectors]
+        outs = [self.zeros() for _ in vectors]
         was = self.model.training
         self.model.eval()
         for batch in self._batches():
             for b in self._row_chunks(batch, itemsize=4):
                 f = self._logits_fn(b)
-                logits, jv = jvp(f, self._primals(), vs)
-                logits, jv = logits.detach(), jv.detach()
-                mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
-                p = F.softmax(logits[:, :-1], -1)
-                jvs = jv[:, :-1]
-                hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
-                hjv = hjv * mask.unsqueeze(-1) / total
-                hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
-                del p, jvs, jv
                 _, pull = vjp(f, *self._primals())
-                self._accumulate(out, pull(hjv.to(logits.dtype)))
+                for vs, out in zip(vss, outs):
+                    logits, jv = jvp(f, self._primals(), vs)
+                    logits, jv = logits.detach(), jv.detach()
+                    mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+                    p = F.softmax(logits[:, :-1], -1)
+                    jvs = jv[:, :-1]
+                    hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
+                    hjv = hjv * mask.unsqueeze(-1) / total
+                    hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
+                    del p, jvs, jv
+                    self._accumulate(out, pull(hjv.to(logits.dtype)))
+                del pull
         self.model.train(was)
-        return self._reduce(out)
+        return [self._reduce(out) for out in outs]
 
     def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
         """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
@@ -362,9 +376,9 @@ def logit_expansion_forms(f, primals: tuple, g: tuple, h: tuple, mask: torch.Ten
     A = diag p − p pᵀ (p = softmax z) per position weighted by ``mask`` [...], the sums
     (Jg)ᵀA(Jg), (Jg)ᵀA q, qᵀA q, (Jh)ᵀA(Jh) and dᵀA d (d = ∇²z[g, g]), in float64."""
     with composite_activations():
-        z, jg = jvp(f, primals, g)
+        # z, J g and ∇²z[g, g] from one forward-over-forward pass (the outer primal is (z, J g)).
+        (z, jg), (_, d2) = jvp(lambda *ps: jvp(f, ps, g), primals, g)
         _, jh = jvp(f, primals, h)
-        _, d2 = jvp(lambda *ps: jvp(f, ps, g)[1], primals, g)
     p = F.softmax(z.detach().to(torch.float64), -1)
     jg, jh, d2 = (x.detach().to(torch.float64) for x in (jg, jh, d2))
     q = jh + d2

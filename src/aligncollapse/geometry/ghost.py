@@ -32,7 +32,7 @@ from torch.func import functional_call, vjp, vmap
 
 from aligncollapse.errors import UserError
 
-_FORMED = ("explicit", "linear_dense")  # sites whose per-example gradients are stored formed
+_FORMED = ("explicit", "linear_dense", "embedding_dense")  # sites whose per-example gradients are stored formed
 
 
 @dataclass
@@ -40,7 +40,7 @@ class _Site:
     """One module whose direct parameters are (partly) selected."""
 
     module: str
-    kind: str  # "linear" | "embedding" | "explicit" | "linear_dense" (formed, see GhostGradients)
+    kind: str  # "linear" | "embedding" | "explicit" | "linear_dense" | "embedding_dense" (formed, see GhostGradients)
     weight: str | None = None  # selected parameter names (None: not selected)
     bias: str | None = None
     explicit: list[str] = field(default_factory=list)  # selected names of an "explicit" module, in order
@@ -57,11 +57,14 @@ class _Use:
     d: list[torch.Tensor] = field(default_factory=list)  # [R, d_out] gradients at the output
     ex: list[torch.Tensor] = field(default_factory=list)  # [R] example index of each row
     g: list[torch.Tensor] = field(default_factory=list)  # explicit: [B, numel] per-example gradients
+    pre: torch.Tensor | None = None  # formed sites with a known count: [count, numel], filled in place
 
     def done(self) -> None:
         for name in ("a", "d", "ex", "g"):
             parts = getattr(self, name)
-            setattr(self, name, torch.cat(parts) if parts else None)
+            setattr(self, name, torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None)
+        if self.pre is not None:
+            self.g, self.pre = self.pre, None
         if self.ex is not None and len(self.ex) > 1 and bool((self.ex[1:] < self.ex[:-1]).any()):
             order = torch.sort(self.ex, stable=True).indices  # a module called twice per forward
             self.ex, self.a, self.d = self.ex[order], self.a[order], self.d[order]
@@ -127,13 +130,16 @@ class GhostGradients:
             cheaper = []
             for _, site in self.sites:
                 alone = all(uses_of.get(nm, 0) <= 1 for nm in (site.weight, site.bias) if nm is not None)
-                if site.kind != "linear" or not alone:
+                if site.kind not in ("linear", "embedding") or not alone:
                     continue
                 numel = site.d_in * site.d_out
-                if numel <= 2 * T * (site.d_in + site.d_out):
+                # Factor floats per token, and multiply-adds per pair of tokens in a factored Gram.
+                per_token = site.d_in + site.d_out if site.kind == "linear" else site.d_out + 1
+                pair = site.d_in + site.d_out if site.kind == "linear" else site.d_out
+                if numel <= 2 * T * per_token:
                     self._form(site)
-                elif numel < T * T * (site.d_in + site.d_out):
-                    cheaper.append((T * T * (site.d_in + site.d_out) / numel, site))
+                elif numel < T * T * pair:
+                    cheaper.append((T * T * pair / numel, site))
             for _, site in sorted(cheaper, key=lambda x: -x[0]):
                 need = 4 * site.d_in * site.d_out * max(examples_resident, 1)
                 if need <= budget:
@@ -156,7 +162,7 @@ class GhostGradients:
 
     @staticmethod
     def _form(site: _Site) -> None:
-        site.kind = "linear_dense"
+        site.kind = "linear_dense" if site.kind == "linear" else "embedding_dense"
         site.explicit = [nm for nm in (site.weight, site.bias) if nm is not None]
 
     # ------------------------------------------------------------------------------------------
@@ -176,11 +182,22 @@ class GhostGradients:
         """Numbers stored per example for the parameters whose per-example gradients are formed."""
         return sum(self.params[n].numel() for _, s in self.sites for n in s.explicit)
 
-    def collect(self, batches: Iterable[tuple[dict, Callable]]) -> Factors:
+    def collect(self, batches: Iterable[tuple[dict, Callable]], count: int | None = None) -> Factors:
         """Factors of every per-example loss. ``batches`` yields (batch, loss_fn) with the batch's
-        tensors on the model's device and ``loss_fn(logits, batch) -> [B]`` one loss per example."""
+        tensors on the model's device and ``loss_fn(logits, batch) -> [B]`` one loss per example, or
+        ``[S, B]``: S losses per example from one forward (S backward passes), stored as S consecutive
+        blocks of B examples. With ``count`` (the number of examples the batches hold), formed
+        gradients are written into one preallocated [count, numel] block per site: no concatenation,
+        which would briefly hold them twice."""
         uses = [_Use(site) for _, site in self.sites]
-        count = 0
+        if count is not None:
+            for u in uses:
+                if u.site.kind in _FORMED:
+                    p = self.params[u.site.explicit[0]]
+                    dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    numel = sum(self.params[n].numel() for n in u.site.explicit)
+                    u.pre = torch.empty(count, numel, dtype=dt, device=p.device)
+        seen = 0
         was = self.model.training
         self.model.eval()
         req = {n: p.requires_grad for n, p in self.params.items()}
@@ -188,14 +205,16 @@ class GhostGradients:
             p.requires_grad_(True)
         try:
             for batch, loss_fn in batches:
-                count += self._collect_batch(batch, loss_fn, uses, count)
+                seen += self._collect_batch(batch, loss_fn, uses, seen)
         finally:
             for n, p in self.params.items():
                 p.requires_grad_(req[n])
             self.model.train(was)
+        if count is not None and seen != count:
+            raise ValueError(f"collect: the batches held {seen} examples, not the {count} announced")
         for u in uses:
             u.done()
-        return Factors(uses, count, self.sizes)
+        return Factors(uses, seen, self.sizes)
 
     def _collect_batch(self, batch: dict, loss_fn: Callable, uses: list[_Use], offset: int) -> int:
         calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (site index, input, output)
@@ -211,23 +230,33 @@ class GhostGradients:
             with torch.enable_grad():
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 losses = loss_fn(out.logits, batch)
-            B = losses.shape[0]
+            sets = losses if losses.dim() == 2 else losses.unsqueeze(0)  # [S, B]: S losses per example
+            B = sets.shape[1]
             outs = [o for _, _, o in calls]
-            grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+            mask = batch["attention_mask"].bool()
+            for k in range(sets.shape[0]):
+                grads = torch.autograd.grad(sets[k].sum(), outs, allow_unused=True, retain_graph=k < sets.shape[0] - 1)
+                self._store(calls, grads, uses, offset + k * B, mask, B)
         finally:
             for h in handles:
                 h.remove()
-        mask = batch["attention_mask"].bool()
+        return B * sets.shape[0]
+
+    def _store(self, calls, grads, uses: list[_Use], offset: int, mask: torch.Tensor, B: int) -> None:
+        """Append one backward's factors (examples ``offset`` … ``offset + B - 1``) to ``uses``."""
         for (i, x, o), dz in zip(calls, grads):
             mod, site = self.sites[i]
             u = uses[i]
             if dz is None:
                 dz = torch.zeros_like(o)
             if site.kind == "explicit":
-                u.g.append(self._explicit_grads(mod, site, x.detach(), dz.detach()))
+                _put(u, offset, self._explicit_grads(mod, site, x.detach(), dz.detach()))
                 continue
             if site.kind == "linear_dense":
-                u.g.append(self._linear_grads(site, x.detach(), dz.detach(), mask))
+                _put(u, offset, self._linear_grads(site, x.detach(), dz.detach(), mask))
+                continue
+            if site.kind == "embedding_dense":
+                _put(u, offset, self._embedding_grads(site, x.detach(), dz.detach(), mask))
                 continue
             if tuple(x.shape[:2]) == tuple(mask.shape):
                 keep = mask
@@ -249,7 +278,6 @@ class GhostGradients:
             else:
                 u.a.append(x.detach()[keep])
             u.d.append(dz.detach()[keep].to(torch.float32 if dz.dtype != torch.float64 else dz.dtype))
-        return B
 
     def _linear_grads(self, site: _Site, x: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, numel] per-example gradients Σ_t δ_t a_tᵀ (and Σ_t δ_t) of a small linear layer."""
@@ -266,6 +294,16 @@ class GhostGradients:
         if site.bias is not None:
             parts.append(dz.sum(1))
         return torch.cat(parts, 1)
+
+    def _embedding_grads(self, site: _Site, ids: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, V·h] per-example gradients Σ_t e_{id_t} ε_tᵀ of a small embedding (padding dropped)."""
+        dt = torch.float32 if dz.dtype != torch.float64 else dz.dtype
+        B = ids.shape[0]
+        keep = mask if tuple(ids.shape[:2]) == tuple(mask.shape) else torch.ones_like(ids, dtype=torch.bool)
+        rows = (torch.arange(B, device=ids.device).view(-1, *([1] * (ids.dim() - 1))) * site.d_in + ids)[keep]
+        out = torch.zeros(B * site.d_in, site.d_out, dtype=dt, device=dz.device)
+        out.index_add_(0, rows, dz[keep].to(dt))
+        return out.reshape(B, -1)
 
     def _explicit_grads(self, mod, site: _Site, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
         """[B, numel] per-example gradients of the selected direct parameters of a small module."""
@@ -487,6 +525,14 @@ class GhostGradients:
             for n, t in per.items():
                 out[n] += t * t
         return out
+
+
+def _put(u: _Use, offset: int, g: torch.Tensor) -> None:
+    """Store a batch's formed per-example gradients (into the preallocated block when there is one)."""
+    if u.pre is not None:
+        u.pre[offset : offset + g.shape[0]] = g
+    else:
+        u.g.append(g)
 
 
 def _matmul_t64(x: torch.Tensor, y: torch.Tensor, chunk: int = 2**16) -> torch.Tensor:

@@ -184,7 +184,8 @@ def sample_scan_memory_plan(
                  (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
                  product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
     * hessian    W + Fac_S + v_H·n·a + 3·act(r₄)                   (g, H g, the product, the double
-                 backward's gradient and H v; v_H = 5 for SGD, 7 with AdamW's D and D g)
+                 backward's gradient and H v; v_H = 5 for SGD, 8 with AdamW's D, D g and
+                 the second product H g, which shares D g's pass)
     * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L             (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
     * expansion  W + Fac_S + v_E·n·a + 3·act(r₈) + 14·r₈·T·V·8     (g, H g, F g, F Hg; three jvps of the
@@ -225,7 +226,7 @@ def sample_scan_memory_plan(
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_v + (7 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
+        "hessian": W + fac_v + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
         "fisher_products": W + fac_v + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
         "expansion": W + fac_v + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
         "differences": W + fac_v + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a

@@ -76,22 +76,25 @@ class SampledFisher:
         dev = next(ghost.model.parameters()).device
         self.prompt_of: list[int] = []
 
-        def draw(logits, b):
+        def draws(logits, b):
+            """[S, B] log-likelihoods of S label draws per prompt, from one forward."""
             logp = F.log_softmax(upcast(logits[:, :-1]), -1)
             mask = b["labels"][:, 1:] != IGNORE_INDEX
             probs = logp.detach().exp().reshape(-1, logp.shape[-1]).to("cpu", torch.float64)
-            y = torch.multinomial(probs, 1, generator=gen).view(mask.shape).to(logp.device)
-            return (logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+            out = []
+            for _ in range(samples):
+                y = torch.multinomial(probs, 1, generator=gen).view(mask.shape).to(logp.device)
+                out.append((logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask).sum(-1))
+            return torch.stack(out)
 
         def batches():
             for start in range(0, self.N, batch_size):
                 idx = range(start, min(start + batch_size, self.N))
-                b = {k: v.to(dev) for k, v in ref.batch(idx).items()}
                 for _ in range(samples):
                     self.prompt_of.extend(idx)
-                    yield b, draw
+                yield {k: v.to(dev) for k, v in ref.batch(idx).items()}, draws
 
-        self.factors: Factors = ghost.collect(batches())
+        self.factors: Factors = ghost.collect(batches(), count=self.N * samples)
         K_raw = ghost.gram(self.factors, self.factors)  # UᵀU
         self.K_raw = K_raw
         mu, W = torch.linalg.eigh(K_raw / (self.N * samples))
@@ -199,8 +202,8 @@ def measure_aic_sample(
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
-    # Formed per-example gradients (faster for small layers) may take a quarter of the memory limit.
-    budget = (s.max_memory if s.max_memory is not None else 8 * 2**30) // 4
+    # Formed per-example gradients (faster for small layers) may take half of the memory limit.
+    budget = (s.max_memory if s.max_memory is not None else 8 * 2**30) // 2
     ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=budget,
                            examples_resident=len(safety) * s.fisher_samples + len(ft) + s.batch_size)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
@@ -229,7 +232,7 @@ def measure_aic_sample(
 
     # Fine-tuning side: factors at θ*, then everything the exact scan takes from G.
     log(f"[sample-space scan] fine-tuning factors: {len(ft)} examples")
-    FF = ghost.collect(_nll_batches(ft, s.batch_size, dev))
+    FF = ghost.collect(_nll_batches(ft, s.batch_size, dev), count=len(ft))
     tokens = torch.tensor([sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items], dtype=torch.float64)
     total = float(tokens.sum())
     M = len(ft)
@@ -261,9 +264,15 @@ def measure_aic_sample(
 
     H = HessianOperator(model, params, ft, s.batch_size)
     gt = g if precond is None else precond * g
-    Hg = H.matvec(gt) if precond is None else precond * H.matvec(gt)
+    if precond is None:
+        Hg = H.matvec(gt)
+    else:  # H (D g) and H g (the flow geometry's raw direction) share one pass
+        HDg, Hg_raw = H.matvecs_many([gt, g])
+        Hg = precond * HDg
+        c_raw, hgraw_norm = fisher.coords(fisher.scores_dot(Hg_raw, params)), norm64(Hg_raw)
+        del HDg, Hg_raw
     hhg_norm = norm64(H.matvec(Hg))
-    Fg, FHg = Fop.matvec(gt), Fop.matvec(Hg)
+    Fg, FHg = Fop.matvecs_many([gt, Hg])
     gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
     expansion = _aic._expansion(Fop, gt, Hg)
     a, c = fisher.coords(fisher.scores_dot(gt, params)), fisher.coords(fisher.scores_dot(Hg, params))
@@ -276,15 +285,12 @@ def measure_aic_sample(
         flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f, "eps_orth_rel": eps / gnorm if gnorm else 0.0,
                 "gamma_rel": gamma / hgnorm if hgnorm else 0.0}  # fmt: skip
     else:
-        Hg_raw = H.matvec(g)
         a_raw = fisher.coords(C.sum(1) / total)
-        c_raw = fisher.coords(fisher.scores_dot(Hg_raw, params))
-        graw_norm, hgraw_norm = norm64(g), norm64(Hg_raw)
+        graw_norm = norm64(g)
         flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": dot64(g, Fop.matvec(g)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
         flow["eps_orth_rel"] = float(a_raw.norm()) / graw_norm if graw_norm else 0.0
         flow["gamma_rel"] = flow["gamma"] / hgraw_norm if hgraw_norm else 0.0
-        del Hg_raw
 
     # Mini-batch noise: tr(F̂ Σ) over all M examples, x_n = D g_n / T̄.
     Ux = C_D / float(tokens.mean())
