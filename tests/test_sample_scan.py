@@ -261,6 +261,13 @@ def test_sample_scan_agrees_with_exact_scan(micro_model_dir):
     assert sa["tail_fraction"] >= sa["tail_fraction_in_sample"]
     assert set(sa["properties"]) == set(ex["properties"]) and sa["verdict"]
     assert sa["forecast"]["steps"] == ex["forecast"]["steps"]
+    # With a memory limit that allows it, the fine-tuning factors are kept and give the u_n at θ
+    # without another pass: the same numbers; with none given they are not kept.
+    assert not sa["memory_plan"]["keeps_finetune_factors"]
+    kept = measure_aic(model, tok, exs, exs, ScanSettings(method="sample", fisher_samples=8, max_memory=2**34, **common))
+    assert kept["memory_plan"]["keeps_finetune_factors"]
+    for k in ("u_Fg", "u_FHg", "h_Fg", "h_FHg"):
+        assert _rel(torch.tensor(kept["per_example"][k]), torch.tensor(sa["per_example"][k])) < 1e-12
 
 
 def test_sample_plan_has_no_n_times_k_or_m_terms():

@@ -168,6 +168,7 @@ def sample_scan_memory_plan(
     loss_tokens_safety: int | None = None,
     loss_tokens_finetune: int | None = None,
     basis_rows: int = 0,
+    keep_finetune_factors: bool = False,
 ) -> dict:
     """Peak bytes of each stage of the sample-space scan (:mod:`aligncollapse.scan.sample_space`).
 
@@ -195,6 +196,9 @@ def sample_scan_memory_plan(
                  and their difference (both sets' rows);
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
 
+    With ``keep_finetune_factors`` (chosen when it fits), Fac_M stays resident from the fine-tuning
+    factors to the end, so the differences stage takes the products at θ from it instead of a pass.
+
     The curvature operators split logit-sized work into row chunks of ``logits_chunk_bytes`` per tensor
     (``CurvatureOperator.logits_chunk_bytes``): r₄ = min(B, ⌊chunk / (T·V·4)⌋) rows for float32
     products, r₈ = min(B, ⌊chunk / (T·V·8)⌋) for the float64 forms (at least one); L = r₄·T·V·4.
@@ -221,20 +225,22 @@ def sample_scan_memory_plan(
     r4s, r4f = (min(B, max(1, logits_chunk_bytes // (T * V * 4))) for B in (Bs, Bf))
     r8 = min(Bs, max(1, logits_chunk_bytes // (T * V * 8)))
     L = r4s * T * V * 4
+    kept = fac_m if keep_finetune_factors else 0
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_v + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
-        "fisher_products": W + fac_v + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
-        "expansion": W + fac_v + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
-        "differences": W + fac_v + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
+        "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
+        "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
+        "expansion": W + fac_v + kept + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
+        "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
     }  # fmt: skip
     peak_stage = max(stages, key=stages.get)
     return {
         "method": "sample",
+        "keeps_finetune_factors": keep_finetune_factors,
         "stages": stages,
         "peak_bytes": stages[peak_stage],
         "peak_stage": peak_stage,

@@ -260,7 +260,10 @@ def measure_aic_sample(
     C_D = sum((block_d[nm] * C_blocks[nm] for nm in C_blocks), zero_s)
     K_D = sum((block_d[nm] ** 2 * K_blocks[nm] for nm in K_blocks), torch.zeros(M, M, dtype=torch.float64))
     C = sum(C_blocks.values(), zero_s)
-    del FF, K_blocks
+    del K_blocks
+    if not plan["keeps_finetune_factors"]:
+        del FF
+        FF = None
 
     H = HessianOperator(model, params, ft, s.batch_size)
     gt = g if precond is None else precond * g
@@ -301,8 +304,9 @@ def measure_aic_sample(
     # Per-example products and H_n g by central differences along D g.
     DFg = Fg if precond is None else precond * Fg
     DFHg = FHg if precond is None else precond * FHg
-    per_example, hc, fd = _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFHg, C_D, tokens,
-                                       block_d, Hg)  # fmt: skip
+    per_example, hc, fd = _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens, block_d, Hg,
+                                       FF)  # fmt: skip
+    del FF
     del DFg, DFHg, Fg, FHg
     e = fisher.coords(C_D).T  # [M, d] per-example (summed-loss) coordinates
     A = fisher.per_prompt_blocks()
@@ -382,9 +386,10 @@ def measure_aic_sample(
     return out
 
 
-def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFHg, C_D, tokens, block_d, Hg):
+def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens, block_d, Hg, FF=None):
     """u_n and h_n products (see ``aic._bootstrap``) and the [M, d] H_n g coordinates; h_n by central
-    differences of the factored per-example gradients along ``gt`` (module docstring)."""
+    differences of the factored per-example gradients along ``gt`` (module docstring). With the
+    fine-tuning factors at θ (``FF``), the u_n come from them instead of another pass."""
     total = float(tokens.sum())
     M = len(ft)
     vFg, vFHg = _unflat(params, DFg), _unflat(params, DFHg)
@@ -406,14 +411,15 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
         u_f, u_h, d_f, d_h, cols = [], [], [], [], []
         try:
             for batch in _nll_batches(ft, s.batch_size, dev):
-                if backup is not None:
-                    move(0.0)
-                f = ghost.collect([batch])
-                u_f.append(ghost.dot(f, vFg))
-                u_h.append(ghost.dot(f, vFHg))
+                if FF is None:
+                    if backup is not None:
+                        move(0.0)
+                    f = ghost.collect([batch])
+                    u_f.append(ghost.dot(f, vFg))
+                    u_h.append(ghost.dot(f, vFHg))
+                    del f
                 if backup is None:
                     continue
-                del f
                 move(+1.0)
                 fp = ghost.collect([batch])
                 move(-1.0)
@@ -425,6 +431,8 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, precond, DFg, DFH
         finally:
             if backup is not None:
                 move(0.0)
+        if FF is not None:
+            u_f, u_h = [ghost.dot(FF, vFg)], [ghost.dot(FF, vFHg)]
         if backup is None:
             return torch.cat(u_f), torch.cat(u_h), None, None, None
         return torch.cat(u_f), torch.cat(u_h), torch.cat(d_f), torch.cat(d_h), torch.cat(cols, 1)
@@ -479,14 +487,21 @@ def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, 
     ref_lens = [min(p + 32, s.max_length) for p in prompt_lens]
     ft_lens = [len(it.input_ids) for it in ft.items]
     ft_loss = sum(sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items)
-    plan = sample_scan_memory_plan(
-        model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
-        batch_size=s.batch_size, samples=s.fisher_samples, tokens_safety=sum(ref_lens), tokens_finetune=sum(ft_lens),
-        floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
-        n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
-        loss_tokens_safety=sum(r - p for r, p in zip(ref_lens, prompt_lens)), loss_tokens_finetune=ft_loss,
-        logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d,
-    )  # fmt: skip
+
+    def planned(keep: bool) -> dict:
+        return sample_scan_memory_plan(
+            model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
+            batch_size=s.batch_size, samples=s.fisher_samples, tokens_safety=sum(ref_lens), tokens_finetune=sum(ft_lens),
+            floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
+            n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
+            loss_tokens_safety=sum(r - p for r, p in zip(ref_lens, prompt_lens)), loss_tokens_finetune=ft_loss,
+            logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
+        )  # fmt: skip
+
+    # Keep the fine-tuning factors to the end (one pass fewer) when that plan fits the limit.
+    plan = planned(True)
+    if s.max_memory is None or plan["peak_bytes"] > s.max_memory:
+        plan = planned(False)
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
