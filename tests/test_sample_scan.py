@@ -264,7 +264,9 @@ def test_sample_scan_agrees_with_exact_scan(micro_model_dir):
     # With a memory limit that allows it, the fine-tuning factors are kept and give the u_n at θ
     # without another pass: the same numbers; with none given they are not kept.
     assert not sa["memory_plan"]["keeps_finetune_factors"]
-    kept = measure_aic(model, tok, exs, exs, ScanSettings(method="sample", fisher_samples=8, max_memory=2**34, **common))
+    kept = measure_aic(
+        model, tok, exs, exs, ScanSettings(method="sample", fisher_samples=8, max_memory=2**34, **common)
+    )
     assert kept["memory_plan"]["keeps_finetune_factors"]
     for k in ("u_Fg", "u_FHg", "h_Fg", "h_FHg"):
         assert _rel(torch.tensor(kept["per_example"][k]), torch.tensor(sa["per_example"][k])) < 1e-12

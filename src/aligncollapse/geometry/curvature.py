@@ -229,6 +229,40 @@ class HessianOperator(CurvatureOperator):
         self.model.train(was)
         return [self._reduce(out) for out in outs]
 
+    def matvec_by_differences(self, v: torch.Tensor) -> torch.Tensor:
+        """H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε from two gradient passes: about two gradients' cost
+        against the double backward's three. Error O(‖εv‖²) (truncation) + O(u/‖εv‖) (rounding, u
+        at least float32's): with ‖εv‖ = u^{1/3}/5 about 1e-4 relative for O(1) curvature — for
+        quantities that need no more (norms, the shuffled null). Half-precision weights get the exact
+        product. Memory: the weights' backup and two gradients (3 n-vectors). The weights are
+        restored exactly."""
+        plist = list(self.params.values())
+        dtype = plist[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):  # a step would round away: the exact product
+            return self.matvec(v)
+        u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+        vn = norm64(v)
+        if vn == 0.0:
+            return self.zeros()
+        eps = 0.2 * u ** (1 / 3) / vn
+        self.matvecs += 1
+        backup = [p.detach().clone() for p in plist]
+        steps = list(self._unflat(v).values())
+        grad_op = FinetuneLoss(self.model, self.params, self.data, self.batch_size, sharded=self.sharded)
+        try:
+            grads = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, b, st in zip(plist, backup, steps):
+                        p.copy_(b).add_(st.to(p.dtype), alpha=sign * eps)
+                grads.append(grad_op.value_and_grad()[1])
+        finally:
+            with torch.no_grad():
+                for p, b in zip(plist, backup):
+                    p.copy_(b)
+        out = grads[0].sub_(grads[1]).div_(2 * eps)
+        return out
+
 
 class _FunctionalMixin:
     def _logits_fn(self, b):

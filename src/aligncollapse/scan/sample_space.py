@@ -274,7 +274,7 @@ def measure_aic_sample(
         Hg = precond * HDg
         c_raw, hgraw_norm = fisher.coords(fisher.scores_dot(Hg_raw, params)), norm64(Hg_raw)
         del HDg, Hg_raw
-    hhg_norm = norm64(H.matvec(Hg))
+    hhg_norm = norm64(H.matvec_by_differences(Hg))  # the forecast's cubic-term size: ~1e-4 is plenty
     Fg, FHg = Fop.matvecs_many([gt, Hg])
     gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
     expansion = _aic._expansion(Fop, gt, Hg)
@@ -376,7 +376,14 @@ def measure_aic_sample(
     out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = _aic.forecast(out, s, a, c, lam_d, hhg_norm, hgnorm, gnorm)
     out["shuffled_null"] = _aic.shuffled_null(
-        model, tokenizer, params, finetune, s, lambda v: fisher.coords(fisher.scores_dot(v, params)), lam_d
+        model,
+        tokenizer,
+        params,
+        finetune,
+        s,
+        lambda v: fisher.coords(fisher.scores_dot(v, params)),
+        lam_d,
+        differences=True,
     )
     out["properties"] = _aic.properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
