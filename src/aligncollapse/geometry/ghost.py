@@ -253,7 +253,10 @@ class GhostGradients:
                 _put(u, offset, self._explicit_grads(mod, site, x.detach(), dz.detach()))
                 continue
             if site.kind == "linear_dense":
-                _put(u, offset, self._linear_grads(site, x.detach(), dz.detach(), mask))
+                pre = u.pre[offset : offset + B] if u.pre is not None else None
+                g = self._linear_grads(site, x.detach(), dz.detach(), mask, out=pre)
+                if pre is None:
+                    u.g.append(g)
                 continue
             if site.kind == "embedding_dense":
                 _put(u, offset, self._embedding_grads(site, x.detach(), dz.detach(), mask))
@@ -279,21 +282,30 @@ class GhostGradients:
                 u.a.append(x.detach()[keep])
             u.d.append(dz.detach()[keep].to(torch.float32 if dz.dtype != torch.float64 else dz.dtype))
 
-    def _linear_grads(self, site: _Site, x: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, numel] per-example gradients Σ_t δ_t a_tᵀ (and Σ_t δ_t) of a small linear layer."""
+    def _linear_grads(
+        self, site: _Site, x: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, numel] per-example gradients Σ_t δ_t a_tᵀ (and Σ_t δ_t) of a small linear layer, written
+        straight into ``out`` (a contiguous [B, numel] block) when given."""
         dt = torch.float32 if x.dtype != torch.float64 else x.dtype
         x, dz = x.to(dt), dz.to(dt)
         if tuple(x.shape[:2]) == tuple(mask.shape):
-            m = mask.to(dt).unsqueeze(-1)
-            x, dz = x * m, dz * m
+            dz = dz * mask.to(dt).unsqueeze(-1)  # padding rows drop out of every product δ aᵀ
         B = x.shape[0]
         x, dz = x.reshape(B, -1, x.shape[-1]), dz.reshape(B, -1, dz.shape[-1])
+        if site.bias is None and out is not None:
+            torch.bmm(dz.transpose(1, 2), x, out=out.view(B, site.d_out, site.d_in))
+            return out
         parts = []
         if site.weight is not None:
-            parts.append(torch.einsum("bto,bti->boi", dz, x).reshape(B, -1))
+            parts.append(torch.bmm(dz.transpose(1, 2), x).reshape(B, -1))
         if site.bias is not None:
             parts.append(dz.sum(1))
-        return torch.cat(parts, 1)
+        g = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        if out is not None:
+            out.copy_(g)
+            return out
+        return g
 
     def _embedding_grads(self, site: _Site, ids: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, V·h] per-example gradients Σ_t e_{id_t} ε_tᵀ of a small embedding (padding dropped)."""
