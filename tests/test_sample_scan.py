@@ -175,6 +175,7 @@ def test_sampled_fisher_algebra(micro_model_dir):
     x = torch.randn(U.shape[0], dtype=torch.float64)
     assert _rel(fisher.coords(U.T @ x), V.T @ x) < 1e-8
     assert _rel(fisher.coords(fisher.scores_dot(x, params)), V.T @ x) < 1e-8
+    assert _rel(fisher.project(x, params), V.T @ x) < 1e-8
     A = fisher.per_prompt_blocks()
     assert A.shape == (len(ref), d, d) and _rel(A.mean(0), torch.diag(fisher.mu[:d])) < 1e-8
     assert abs(fisher.trace - float(torch.trace(Fhat))) < 1e-8 * fisher.trace
@@ -205,6 +206,8 @@ def test_coordinates_of_examples_with_formed_sites(micro_model_dir):
     scale = torch.cat([torch.full((p.numel(),), w[n], dtype=torch.float64) for n, p in params.items()])
     assert _rel(fisher.coords_of(f, w), V.T @ (G * scale).T) < 1e-8
     assert _rel(fisher.coords_of(f), V.T @ G.T) < 1e-8
+    x = torch.randn(U.shape[0], dtype=torch.float64)
+    assert _rel(fisher.project(x, params), V.T @ x) < 1e-8
 
 
 def test_float32_gram_blocks_are_accumulated_in_float64():

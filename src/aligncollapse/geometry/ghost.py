@@ -453,11 +453,24 @@ class GhostGradients:
                 off += m
         return out
 
-    def dot(self, f: Factors, v: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64."""
+    def formed_basis_dot(self, basis: list[torch.Tensor | None], v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[k] products of :meth:`formed_combination` vectors with v over the formed sites (float64)."""
+        k = next((b.shape[0] for b in basis if b is not None), 0)
+        out = torch.zeros(k, dtype=torch.float64)
+        for b, (_, site) in zip(basis, self.sites):
+            if b is not None:
+                vec = torch.cat([v[n].reshape(-1) for n in site.explicit]).to(b)
+                out += (b @ vec).to(torch.float64).cpu()
+        return out
+
+    def dot(self, f: Factors, v: dict[str, torch.Tensor], formed: bool = True) -> torch.Tensor:
+        """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64;
+        with ``formed=False``, over the factored sites only."""
         out = torch.zeros(f.count, dtype=torch.float64)
         for u in f.uses:
             s = u.site
+            if s.kind in _FORMED and not formed:
+                continue
             if s.kind in _FORMED:
                 vec = torch.cat([v[n].reshape(-1) for n in s.explicit]).to(u.g)
                 out += (u.g @ vec).to(torch.float64).cpu()

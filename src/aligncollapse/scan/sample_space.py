@@ -136,6 +136,15 @@ class SampledFisher:
             out = out + self.ghost.formed_dot(self._formed_basis, f, weights)
         return out
 
+    def project(self, v: torch.Tensor, params) -> torch.Tensor:
+        """Vᵀv ([d], float64) for a flat n-vector: factored sites through the scores, formed sites
+        through V's own blocks (d rows read instead of NS)."""
+        vs = _unflat(params, v)
+        out = self.coords(self.ghost.dot(self.factors, vs, formed=False))
+        if any(b is not None for b in self._formed_basis):
+            out = out + self.ghost.formed_basis_dot(self._formed_basis, vs)
+        return out
+
     def scores_dot(self, v: torch.Tensor, params) -> torch.Tensor:
         """Uᵀv for a flat n-vector v ([NS], float64)."""
         return self.ghost.dot(self.factors, _unflat(params, v))
@@ -272,13 +281,13 @@ def measure_aic_sample(
     else:  # H (D g) and H g (the flow geometry's raw direction) share one pass
         HDg, Hg_raw = H.matvecs_many([gt, g])
         Hg = precond * HDg
-        c_raw, hgraw_norm = fisher.coords(fisher.scores_dot(Hg_raw, params)), norm64(Hg_raw)
+        c_raw, hgraw_norm = fisher.project(Hg_raw, params), norm64(Hg_raw)
         del HDg, Hg_raw
     hhg_norm = norm64(H.matvec_by_differences(Hg))  # the forecast's cubic-term size: ~1e-4 is plenty
     Fg, FHg = Fop.matvecs_many([gt, Hg])
     gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
     expansion = _aic._expansion(Fop, gt, Hg)
-    a, c = fisher.coords(fisher.scores_dot(gt, params)), fisher.coords(fisher.scores_dot(Hg, params))
+    a, c = fisher.project(gt, params), fisher.project(Hg, params)
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
     gamma = float((lam_d * c * c).sum().sqrt())
@@ -381,7 +390,7 @@ def measure_aic_sample(
         params,
         finetune,
         s,
-        lambda v: fisher.coords(fisher.scores_dot(v, params)),
+        lambda v: fisher.project(v, params),
         lam_d,
         differences=True,
     )
@@ -457,7 +466,7 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     per_example = {"u_Fg": (u_Fg / total).tolist(), "u_FHg": (u_FHg / total).tolist()}
     if half:
         share = tokens / total
-        c_full = fisher.coords(fisher.scores_dot(Hg, params))
+        c_full = fisher.project(Hg, params)
         hc = share[:, None] * c_full[None, :]
         hFg, hFHg = dot64(Hg, DFg), dot64(Hg, DFHg)
         per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
