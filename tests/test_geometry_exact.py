@@ -198,6 +198,11 @@ def test_ggn_vs_dense_jacobian(micro):
     many = op.matvecs_many([v, w])  # one shared vjp, pulled back once per vector
     for m, x in zip(many, (v, w)):
         assert float((m - ggn @ x).norm()) <= 1e-6 * float((ggn @ x).norm())
+    Gv, Gw, forms = op.products_and_forms(v, w)  # the same products and forms from shared jvps
+    for m, x in zip((Gv, Gw), (v, w)):
+        assert float((m - ggn @ x).norm()) <= 1e-6 * float((ggn @ x).norm())
+    ref_forms = op.expansion_forms(v, w)
+    assert all(abs(forms[k] - ref_forms[k]) <= 1e-9 * abs(ref_forms[k]) for k in ref_forms)
 
 
 def test_null_spectrum_is_flat(micro):

@@ -328,6 +328,45 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         self.model.train(was)
         return [self._reduce(out) for out in outs]
 
+    @torch.no_grad()
+    def products_and_forms(self, g: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(G g, G h, :meth:`expansion_forms`) from one pass: per batch one forward-over-forward jvp
+        along g (logits, J g, ∇²z[g, g]), one jvp along h and one shared vjp pulled back twice --
+        the jvps that :meth:`matvecs_many` and :meth:`expansion_forms` would each compute, once.
+        Raises as :meth:`expansion_forms` does when a layer has no forward-over-forward derivative."""
+        self.matvecs += 2
+        total = self._total_tokens() if self.per == "token" else len(self.data)
+        gs, hs = tuple(self._unflat(g).values()), tuple(self._unflat(h).values())
+        outs = [self.zeros(), self.zeros()]
+        acc = {"gFg": 0.0, "gAq": 0.0, "qAq": 0.0, "hFh": 0.0, "dAd": 0.0}
+        was = self.model.training
+        self.model.eval()
+        try:
+            for batch in self._batches():
+                for b in self._row_chunks(batch):
+                    f = self._logits_fn(b)
+                    with composite_activations():
+                        (z, jg), (_, d2) = jvp(lambda *ps, f=f: jvp(f, ps, gs), self._primals(), gs)
+                        _, jh = jvp(f, self._primals(), hs)
+                    z, jg, jh, d2 = z.detach(), jg.detach(), jh.detach(), d2.detach()
+                    mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(z.dtype)
+                    forms = _forms(z[:, :-1], jg[:, :-1], jh[:, :-1], d2[:, :-1], mask.to(torch.float64))
+                    for k in acc:
+                        acc[k] += forms[k] / total
+                    del d2
+                    p = F.softmax(z[:, :-1], -1)
+                    _, pull = vjp(f, *self._primals())
+                    for jv, out in ((jg, outs[0]), (jh, outs[1])):
+                        jvs = jv[:, :-1]
+                        hjv = (p * jvs - p * (p * jvs).sum(-1, keepdim=True)) * mask.unsqueeze(-1) / total
+                        hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
+                        self._accumulate(out, pull(hjv.to(z.dtype)))
+                    del pull, p, jg, jh, z
+        finally:
+            self.model.train(was)
+        summed = self._reduce(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
+        return self._reduce(outs[0]), self._reduce(outs[1]), dict(zip(acc, summed.tolist()))
+
     def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
         """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
         basis (columns of ``basis``), so that Bᵀ F B = mean_k A_k (``per="sequence"``)."""
@@ -413,6 +452,11 @@ def logit_expansion_forms(f, primals: tuple, g: tuple, h: tuple, mask: torch.Ten
         # z, J g and ∇²z[g, g] from one forward-over-forward pass (the outer primal is (z, J g)).
         (z, jg), (_, d2) = jvp(lambda *ps: jvp(f, ps, g), primals, g)
         _, jh = jvp(f, primals, h)
+    return _forms(z, jg, jh, d2, mask)
+
+
+def _forms(z, jg, jh, d2, mask) -> dict[str, float]:
+    """:func:`logit_expansion_forms` from the logits and their derivatives (any float dtype)."""
     p = F.softmax(z.detach().to(torch.float64), -1)
     jg, jh, d2 = (x.detach().to(torch.float64) for x in (jg, jh, d2))
     q = jh + d2

@@ -190,8 +190,9 @@ def sample_scan_memory_plan(
                  AdamW's D, D g and the second product H g, which shares D g's pass)
     * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L             (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
-    * expansion  W + Fac_S + v_E·n·a + 3·act(r₈) + 14·r₈·T·V·8     (g, H g, F g, F Hg; three jvps of the
-                 logits and their float64 forms; v_E = 4, 7 with AdamW)
+    * expansion  W + Fac_S + v_E·n·a + 4·act(r₈) + 14·r₈·T·V·8     (F g, F Hg and the forms in one pass:
+                 g, H g, both accumulators, the vjp's output; jvps of the logits, the shared vjp's
+                 activations and the float64 forms; v_E = 6, 8 with AdamW)
     * differences W + Fac_S + 4·Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
                  and their difference (both sets' rows);
@@ -237,7 +238,7 @@ def sample_scan_memory_plan(
         + n_param_blocks * (N * samples + M) * M * 8,
         "hessian": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4f, T),
         "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
-        "expansion": W + fac_v + kept + (7 if adam else 4) * n * a + 3 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
+        "expansion": W + fac_v + kept + (8 if adam else 6) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
         "null": W + fac_v + (8 if adam else 7) * n * a + activation_bytes(s, Bf, T),
