@@ -123,6 +123,14 @@ class CurvatureOperator:
                 out[off : off + p.numel()] += t.detach().reshape(-1).to(out.dtype)
             off += p.numel()
 
+    def _accumulate_scaled(self, out: torch.Tensor, blocks, alpha: float) -> None:
+        """out += alpha · (the blocks' flat concatenation), block by block (see :meth:`_accumulate`)."""
+        off = 0
+        for p, t in zip(self.params.values(), blocks):
+            if t is not None:
+                out[off : off + p.numel()].add_(t.detach().reshape(-1).to(out.dtype), alpha=alpha)
+            off += p.numel()
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
         return all_reduce_sum(t) if self.sharded else t
@@ -160,16 +168,17 @@ class CurvatureOperator:
 class FinetuneLoss(CurvatureOperator):
     """Not an operator: the fine-tuning loss and its gradient g (shares the batching code)."""
 
-    def value_and_grad(self) -> tuple[float, torch.Tensor]:
+    def value_and_grad(self, into: torch.Tensor | None = None, alpha: float = 1.0) -> tuple[float, torch.Tensor]:
+        """(L, g); with ``into``, g·alpha is added to that n-vector (returned) instead of a new one."""
         total = self._total_tokens()
-        g = self.zeros()
+        g = self.zeros() if into is None else into
         val = torch.zeros((), dtype=torch.float64, device=self.device)
         was = self.model.training
         self.model.eval()
         for b in self._batches():
             loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
-            g += self._flat(grads).detach()
+            self._accumulate_scaled(g, grads, alpha)  # block by block: no flat copy of the gradient
             val += loss.detach().to(torch.float64)
         self.model.train(was)
         self._reduce(g)
@@ -234,8 +243,8 @@ class HessianOperator(CurvatureOperator):
         against the double backward's three. Error O(‖εv‖²) (truncation) + O(u/‖εv‖) (rounding, u
         at least float32's): with ‖εv‖ = u^{1/3}/5 about 1e-4 relative for O(1) curvature — for
         quantities that need no more (norms, the shuffled null). Half-precision weights get the exact
-        product. Memory: the weights' backup and two gradients (3 n-vectors). The weights are
-        restored exactly."""
+        product. Memory: the weights' backup, the output (both gradients accumulate into it) and a
+        batch's gradients: 3 n-vectors. The weights are restored exactly."""
         plist = list(self.params.values())
         dtype = plist[0].dtype
         if dtype in (torch.float16, torch.bfloat16):  # a step would round away: the exact product
@@ -249,19 +258,19 @@ class HessianOperator(CurvatureOperator):
         backup = [p.detach().clone() for p in plist]
         steps = list(self._unflat(v).values())
         grad_op = FinetuneLoss(self.model, self.params, self.data, self.batch_size, sharded=self.sharded)
+        out = None
         try:
-            grads = []
             for sign in (1.0, -1.0):
                 with torch.no_grad():
                     for p, b, st in zip(plist, backup, steps):
                         p.copy_(b).add_(st.to(p.dtype), alpha=sign * eps)
-                grads.append(grad_op.value_and_grad()[1])
+                # ∇L(θ + εv), then ∇L(θ − εv) subtracted in place: one n-vector for both.
+                out = grad_op.value_and_grad(into=out, alpha=sign)[1]
         finally:
             with torch.no_grad():
                 for p, b in zip(plist, backup):
                     p.copy_(b)
-        out = grads[0].sub_(grads[1]).div_(2 * eps)
-        return out
+        return out.div_(2 * eps)
 
 
 class _FunctionalMixin:

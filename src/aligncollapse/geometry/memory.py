@@ -185,21 +185,21 @@ def sample_scan_memory_plan(
                  (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
                  product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
     * hessian    W + Fac_S + v_H·n·a + 3·act(r₄)                   (g, H g, the product, the double
-                 backward's gradient and H v; then H(Hg) by differences: the weights' backup,
-                 one gradient, the other's accumulator and a batch's; v_H = 6 for SGD, 8 with
-                 AdamW's D, D g and the second product H g, which shares D g's pass)
+                 backward's gradient and H v; then H(Hg) by differences: g, H g, the weights'
+                 backup, the difference's accumulator and a batch's gradients; v_H = 5 for SGD, 8
+                 with AdamW's D, D g and the second product H g, which shares D g's pass)
     * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L             (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
     * expansion  W + Fac_S + v_E·n·a + 4·act(r₈) + 14·r₈·T·V·8     (F g, F Hg and the forms in one pass:
                  g, H g, both accumulators, the vjp's output; jvps of the logits, the shared vjp's
-                 activations and the float64 forms; v_E = 6, 8 with AdamW)
+                 activations and the float64 forms; v_E = 5, 7 with AdamW)
     * differences W + Fac_S + 4·Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
                  and their difference (both sets' rows);
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
     * null       W + Fac_S + v_N·n·a + act(B)                     (g, H g kept for the result; the shuffled
-                 set's g', the weights' backup, one gradient, an accumulator and a batch's; v_N = 7,
-                 8 with AdamW's D)
+                 set's g', the weights' backup, the difference's accumulator and a batch's
+                 gradients; v_N = 6, 8 with AdamW's D and raw g)
 
     With ``keep_finetune_factors`` (chosen when it fits), Fac_M stays resident from the fine-tuning
     factors to the end, so the differences stage takes the products at θ from it instead of a pass.
@@ -236,12 +236,12 @@ def sample_scan_memory_plan(
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4f, T),
+        "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
         "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
-        "expansion": W + fac_v + kept + (8 if adam else 6) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
+        "expansion": W + fac_v + kept + (7 if adam else 5) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
-        "null": W + fac_v + (8 if adam else 7) * n * a + activation_bytes(s, Bf, T),
+        "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T),
     }  # fmt: skip
     peak_stage = max(stages, key=stages.get)
     return {

@@ -211,10 +211,14 @@ def measure_aic_sample(
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
-    # Formed per-example gradients (faster for small layers) may take half of the memory limit.
-    budget = (s.max_memory if s.max_memory is not None else 8 * 2**30) // 2
-    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=budget,
-                           examples_resident=len(safety) * s.fisher_samples + len(ft) + s.batch_size)  # fmt: skip
+    # Formed per-example gradients (cheaper Grams for small layers) only within the headroom that the
+    # plan with every layer factored leaves under the limit (8 GiB when none is given): forming a
+    # site adds at most its numel × 4 bytes per resident example to any stage.
+    limit = s.max_memory if s.max_memory is not None else 8 * 2**30
+    bare = plan_memory_sample(model, tokenizer, params, GhostGradients(model, params), safety, ft, s, quiet=True)
+    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens,
+                           formed_budget=max(0, limit - bare["peak_bytes"]),
+                           examples_resident=len(safety) * s.fisher_samples + len(ft) + s.batch_size + s.max_d)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
     first = next(iter(params.values()))
@@ -494,9 +498,12 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     }  # fmt: skip
 
 
-def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, ft: EncodedSet, s) -> dict:
+def plan_memory_sample(
+    model, tokenizer, params, ghost: GhostGradients, safety, ft: EncodedSet, s, quiet: bool = False
+) -> dict:
     """The sample-space scan's memory plan (:func:`aligncollapse.geometry.memory.sample_scan_memory_plan`),
-    logged and checked against ``s.max_memory`` before any heavy work."""
+    logged and checked against ``s.max_memory`` before any heavy work; ``quiet``: the smallest plan
+    (no fine-tuning factors kept), neither logged nor checked."""
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.memory import check_fits, format_size, model_shape, sample_scan_memory_plan
 
@@ -518,6 +525,8 @@ def plan_memory_sample(model, tokenizer, params, ghost: GhostGradients, safety, 
             logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
         )  # fmt: skip
 
+    if quiet:
+        return planned(False)
     # Keep the fine-tuning factors to the end (one pass fewer) when that plan fits the limit.
     plan = planned(True)
     if s.max_memory is None or plan["peak_bytes"] > s.max_memory:
