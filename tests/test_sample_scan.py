@@ -326,3 +326,37 @@ def test_sample_scan_runs_in_bfloat16(tiny_model_dir, small_suite):
                                                            batch_size=4))  # fmt: skip
     assert res["scan_method"] == "sample" and "half-precision" in res["per_example_hvp"]["method"]
     assert all(torch.isfinite(torch.tensor(res["eigenvalues"]))) and res["verdict"]
+
+
+def test_broadcast_embedding_input_is_refused_formed_or_factored():
+    """A position embedding fed [1, T] ids (GPT-2's wpe) has no per-example gradient rows: both the
+    formed and the factored path refuse it with a one-line error instead of mixing examples."""
+    from types import SimpleNamespace
+
+    from aligncollapse.errors import UserError
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(7, 4), torch.nn.Embedding(6, 4)
+            self.head = torch.nn.Linear(4, 7)
+
+        def forward(self, input_ids, attention_mask):
+            pos = torch.arange(input_ids.shape[1]).unsqueeze(0)  # [1, T], broadcast over the batch
+            return SimpleNamespace(logits=self.head(self.tok(input_ids) + self.pos(pos)))
+
+    model = Toy().double()
+    params = OrderedDict(model.named_parameters())
+    ids = torch.tensor([[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def loss(logits, b):
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), b["input_ids"][:, 1:], reduction="none"
+        ).sum(1)
+
+    for hint in (None, 10.0):  # factored everywhere / small sites (the position embedding) formed
+        gh = GhostGradients(model, params, tokens_per_example=hint, formed_budget=2**30)
+        assert (hint is not None) == any(s.kind == "embedding_dense" and s.module == "pos" for _, s in gh.sites)
+        with pytest.raises(UserError, match="pos: input of shape .* no per-example leading dimension"):
+            gh.collect([(batch, loss)], count=3)

@@ -168,8 +168,11 @@ class CurvatureOperator:
 class FinetuneLoss(CurvatureOperator):
     """Not an operator: the fine-tuning loss and its gradient g (shares the batching code)."""
 
-    def value_and_grad(self, into: torch.Tensor | None = None, alpha: float = 1.0) -> tuple[float, torch.Tensor]:
-        """(L, g); with ``into``, g·alpha is added to that n-vector (returned) instead of a new one."""
+    def value_and_grad(
+        self, into: torch.Tensor | None = None, alpha: float = 1.0, reduce: bool = True
+    ) -> tuple[float, torch.Tensor]:
+        """(L, g); with ``into``, g·alpha is added to that n-vector (returned) instead of a new one;
+        ``reduce=False`` leaves this rank's partial sums unreduced (the caller reduces once)."""
         total = self._total_tokens()
         g = self.zeros() if into is None else into
         val = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -181,6 +184,8 @@ class FinetuneLoss(CurvatureOperator):
             self._accumulate_scaled(g, grads, alpha)  # block by block: no flat copy of the gradient
             val += loss.detach().to(torch.float64)
         self.model.train(was)
+        if not reduce:
+            return float(val), g
         self._reduce(g)
         return float(self._reduce(val)), g
 
@@ -265,12 +270,12 @@ class HessianOperator(CurvatureOperator):
                     for p, b, st in zip(plist, backup, steps):
                         p.copy_(b).add_(st.to(p.dtype), alpha=sign * eps)
                 # ∇L(θ + εv), then ∇L(θ − εv) subtracted in place: one n-vector for both.
-                out = grad_op.value_and_grad(into=out, alpha=sign)[1]
+                out = grad_op.value_and_grad(into=out, alpha=sign, reduce=False)[1]
         finally:
             with torch.no_grad():
                 for p, b in zip(plist, backup):
                     p.copy_(b)
-        return out.div_(2 * eps)
+        return self._reduce(out).div_(2 * eps)  # one all-reduce of both sides' partial sums
 
 
 class _FunctionalMixin:

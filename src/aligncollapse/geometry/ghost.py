@@ -196,7 +196,7 @@ class GhostGradients:
                     p = self.params[u.site.explicit[0]]
                     dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                     numel = sum(self.params[n].numel() for n in u.site.explicit)
-                    u.pre = torch.empty(count, numel, dtype=dt, device=p.device)
+                    u.pre = torch.zeros(count, numel, dtype=dt, device=p.device)  # a site never called adds 0
         seen = 0
         was = self.model.training
         self.model.eval()
@@ -249,6 +249,10 @@ class GhostGradients:
             u = uses[i]
             if dz is None:
                 dz = torch.zeros_like(o)
+            if site.kind in _FORMED and (x.shape[0] != B or dz.shape[0] != B):
+                raise UserError(
+                    f"module {site.module}: input of shape {tuple(x.shape)} has no per-example leading dimension"
+                )
             if site.kind == "explicit":
                 _put(u, offset, self._explicit_grads(mod, site, x.detach(), dz.detach()))
                 continue
@@ -555,6 +559,8 @@ class GhostGradients:
 def _put(u: _Use, offset: int, g: torch.Tensor) -> None:
     """Store a batch's formed per-example gradients (into the preallocated block when there is one)."""
     if u.pre is not None:
+        if offset + g.shape[0] > u.pre.shape[0]:
+            raise ValueError(f"collect: more examples than the {u.pre.shape[0]} announced")
         u.pre[offset : offset + g.shape[0]] = g
     else:
         u.g.append(g)

@@ -116,7 +116,10 @@ class SampledFisher:
     def set_d(self, d: int) -> None:
         self.d = d
         lam = self.mu[:d]
-        self._proj = (self.W[:, :d] / lam.clamp_min(1e-300).sqrt()).T / math.sqrt(self.count)  # [d, NS]
+        # Directions with no Fisher mass (λ below the rank cut) get zero coordinates, not 1/√1e-300.
+        tiny = 1e-12 * max(float(self.mu[0]) if len(self.mu) else 0.0, 1e-300)
+        inv = torch.where(lam > tiny, 1.0 / lam.clamp_min(1e-300).sqrt(), torch.zeros_like(lam))
+        self._proj = (self.W[:, :d] * inv).T / math.sqrt(self.count)  # [d, NS]
         # V's blocks at formed sites (d × numel each, at most d/NS of their factors' memory).
         self._formed_basis = self.ghost.formed_combination(self.factors, self._proj)
 
@@ -218,7 +221,7 @@ def measure_aic_sample(
     bare = plan_memory_sample(model, tokenizer, params, GhostGradients(model, params), safety, ft, s, quiet=True)
     ghost = GhostGradients(model, params, tokens_per_example=mean_tokens,
                            formed_budget=max(0, limit - bare["peak_bytes"]),
-                           examples_resident=len(safety) * s.fisher_samples + len(ft) + s.batch_size + s.max_d)  # fmt: skip
+                           examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
     first = next(iter(params.values()))
@@ -291,7 +294,9 @@ def measure_aic_sample(
     try:  # F g, F Hg and the expansion's forms share their jvps
         Fg, FHg, forms = Fop.products_and_forms(gt, Hg)
         expansion = {k: forms[k] for k in ("qAq", "gAq", "dAd")}
-    except (NotImplementedError, RuntimeError):  # no forward-over-forward derivative: as the exact scan
+    except (NotImplementedError, RuntimeError) as e:  # no forward-over-forward derivative: as the exact scan
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
         Fg, FHg = Fop.matvecs_many([gt, Hg])
         expansion = _aic._expansion(Fop, gt, Hg)
     gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
