@@ -246,8 +246,9 @@ class HessianOperator(CurvatureOperator):
     def matvec_by_differences(self, v: torch.Tensor) -> torch.Tensor:
         """H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / 2ε from two gradient passes: about two gradients' cost
         against the double backward's three. Error O(‖εv‖²) (truncation) + O(u/‖εv‖) (rounding, u
-        at least float32's): with ‖εv‖ = u^{1/3}/5 about 1e-4 relative for O(1) curvature — for
-        quantities that need no more (norms, the shuffled null). Half-precision weights get the exact
+        at least float32's, and the rounding of θ ± εv itself, ∝ u‖θ‖): with ‖εv‖ = u^{1/3}/5,
+        measured 7e-5 and 3e-4 relative on a float32 4.3M Llama (‖θ‖ = 65) — for quantities that
+        need no more (norms, the shuffled null). Half-precision weights get the exact
         product. Memory: the weights' backup, the output (both gradients accumulate into it) and a
         batch's gradients: 3 n-vectors. The weights are restored exactly."""
         plist = list(self.params.values())
