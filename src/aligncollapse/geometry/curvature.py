@@ -114,17 +114,9 @@ class CurvatureOperator:
         for s in range(0, rows, step):
             yield {k: v[s : s + step] for k, v in b.items()}
 
-    def _accumulate(self, out: torch.Tensor, blocks) -> None:
-        """out += the flat concatenation of per-parameter ``blocks`` (None: zero), block by block, so
-        no flat n-vector copy is made beside ``out``."""
-        off = 0
-        for p, t in zip(self.params.values(), blocks):
-            if t is not None:
-                out[off : off + p.numel()] += t.detach().reshape(-1).to(out.dtype)
-            off += p.numel()
-
-    def _accumulate_scaled(self, out: torch.Tensor, blocks, alpha: float) -> None:
-        """out += alpha · (the blocks' flat concatenation), block by block (see :meth:`_accumulate`)."""
+    def _accumulate(self, out: torch.Tensor, blocks, alpha: float = 1.0) -> None:
+        """out += alpha · the flat concatenation of per-parameter ``blocks`` (None: zero), block by
+        block, so no flat n-vector copy is made beside ``out``."""
         off = 0
         for p, t in zip(self.params.values(), blocks):
             if t is not None:
@@ -181,7 +173,7 @@ class FinetuneLoss(CurvatureOperator):
         for b in self._batches():
             loss = self._batch_loss(b) / total
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
-            self._accumulate_scaled(g, grads, alpha)  # block by block: no flat copy of the gradient
+            self._accumulate(g, grads, alpha)  # block by block: no flat copy of the gradient
             val += loss.detach().to(torch.float64)
         self.model.train(was)
         if not reduce:
@@ -209,6 +201,26 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**22) -> float:
 def norm64(a: torch.Tensor, chunk: int = 2**22) -> float:
     """‖a‖ accumulated in float64, ``chunk`` elements at a time (see :func:`dot64`)."""
     return math.sqrt(max(dot64(a, a, chunk), 0.0))
+
+
+@contextlib.contextmanager
+def displaced(params: list[torch.Tensor], steps: list[torch.Tensor]):
+    """Yields ``move(alpha)``, which sets every weight to its value on entry + alpha · its step
+    (always from a backup, so any sequence of moves is exact); restores the entry values bit for
+    bit on exit. Memory: one copy of the weights."""
+    backup = [p.detach().clone() for p in params]
+
+    def move(alpha: float) -> None:
+        with torch.no_grad():
+            for p, b, st in zip(params, backup, steps):
+                p.copy_(b)
+                if alpha:
+                    p.add_(st.to(p.dtype), alpha=alpha)
+
+    try:
+        yield move
+    finally:
+        move(0.0)
 
 
 class HessianOperator(CurvatureOperator):
@@ -261,21 +273,13 @@ class HessianOperator(CurvatureOperator):
             return self.zeros()
         eps = 0.2 * u ** (1 / 3) / vn
         self.matvecs += 1
-        backup = [p.detach().clone() for p in plist]
-        steps = list(self._unflat(v).values())
         grad_op = FinetuneLoss(self.model, self.params, self.data, self.batch_size, sharded=self.sharded)
         out = None
-        try:
+        with displaced(plist, list(self._unflat(v).values())) as move:
             for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for p, b, st in zip(plist, backup, steps):
-                        p.copy_(b).add_(st.to(p.dtype), alpha=sign * eps)
+                move(sign * eps)
                 # ∇L(θ + εv), then ∇L(θ − εv) subtracted in place: one n-vector for both.
                 out = grad_op.value_and_grad(into=out, alpha=sign, reduce=False)[1]
-        finally:
-            with torch.no_grad():
-                for p, b in zip(plist, backup):
-                    p.copy_(b)
         return self._reduce(out).div_(2 * eps)  # one all-reduce of both sides' partial sums
 
 
@@ -333,12 +337,8 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
                     logits, jv = logits.detach(), jv.detach()
                     mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
                     p = F.softmax(logits[:, :-1], -1)
-                    jvs = jv[:, :-1]
-                    hjv = p * jvs - p * (p * jvs).sum(-1, keepdim=True)
-                    hjv = hjv * mask.unsqueeze(-1) / total
-                    hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
-                    del p, jvs, jv
-                    self._accumulate(out, pull(hjv.to(logits.dtype)))
+                    self._accumulate(out, pull(_output_hessian_times(p, jv, mask, total).to(logits.dtype)))
+                    del p, jv
                 del pull
         self.model.train(was)
         return [self._reduce(out) for out in outs]
@@ -372,10 +372,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
                     p = F.softmax(z[:, :-1], -1)
                     _, pull = vjp(f, *self._primals())
                     for jv, out in ((jg, outs[0]), (jh, outs[1])):
-                        jvs = jv[:, :-1]
-                        hjv = (p * jvs - p * (p * jvs).sum(-1, keepdim=True)) * mask.unsqueeze(-1) / total
-                        hjv = torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
-                        self._accumulate(out, pull(hjv.to(z.dtype)))
+                        self._accumulate(out, pull(_output_hessian_times(p, jv, mask, total).to(z.dtype)))
                     del pull, p, jg, jh, z
         finally:
             self.model.train(was)
@@ -432,6 +429,15 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         self.model.train(was)
         summed = self._reduce(torch.tensor(list(acc.values()), dtype=torch.float64, device=self.device))
         return dict(zip(acc, summed.tolist()))
+
+
+def _output_hessian_times(p: torch.Tensor, jv: torch.Tensor, mask: torch.Tensor, total: float) -> torch.Tensor:
+    """H_out (J v) for softmax cross-entropy, (diag p − p pᵀ) J v at each response position
+    (``p``: [B, T−1, V] softmax of the logits before the last position, ``jv``: [B, T, V]), masked,
+    divided by ``total`` and zero at the last position: the cotangent the GGN pulls back."""
+    jvs = jv[:, :-1]
+    hjv = (p * jvs - p * (p * jvs).sum(-1, keepdim=True)) * mask.unsqueeze(-1) / total
+    return torch.cat([hjv, torch.zeros_like(jv[:, -1:])], dim=1)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ model, its gradient and six n-vectors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -46,7 +47,7 @@ from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.distributed import world_size
 from aligncollapse.errors import NonFiniteError, UserError
-from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, dot64, norm64
+from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
@@ -427,42 +428,31 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
         """Per batch: ⟨∇ℓ_n, D F g⟩ and ⟨∇ℓ_n, D F Hg⟩ at θ; with eps > 0 also the same dots and the
         D-weighted coordinates Vᵀ of ∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg), taken from the difference of the two
         factor sets (one product instead of two, its rounding relative to the difference)."""
-        backup = [p.detach().clone() for p in params.values()] if eps > 0 else None
-        steps = list(_unflat(params, gt).values()) if eps > 0 else None
-
-        def move(sign: float) -> None:
-            with torch.no_grad():
-                for p, b, st in zip(params.values(), backup, steps):
-                    p.copy_(b)
-                    if sign:
-                        p.add_(st.to(p.dtype), alpha=sign * eps)
-
+        diffs = eps > 0
+        steps = list(_unflat(params, gt).values()) if diffs else []
         u_f, u_h, d_f, d_h, cols = [], [], [], [], []
-        try:
+        with displaced(list(params.values()), steps) if diffs else contextlib.nullcontext() as move:
             for batch in _nll_batches(ft, s.batch_size, dev):
                 if FF is None:
-                    if backup is not None:
+                    if diffs:
                         move(0.0)
                     f = ghost.collect([batch])
                     u_f.append(ghost.dot(f, vFg))
                     u_h.append(ghost.dot(f, vFHg))
                     del f
-                if backup is None:
+                if not diffs:
                     continue
-                move(+1.0)
+                move(eps)
                 fp = ghost.collect([batch])
-                move(-1.0)
+                move(-eps)
                 diff = ghost.difference(fp, ghost.collect([batch]))
                 del fp
                 d_f.append(ghost.dot(diff, vFg))
                 d_h.append(ghost.dot(diff, vFHg))
                 cols.append(fisher.coords_of(diff, block_d))
-        finally:
-            if backup is not None:
-                move(0.0)
         if FF is not None:
             u_f, u_h = [ghost.dot(FF, vFg)], [ghost.dot(FF, vFHg)]
-        if backup is None:
+        if not diffs:
             return torch.cat(u_f), torch.cat(u_h), None, None, None
         return torch.cat(u_f), torch.cat(u_h), torch.cat(d_f), torch.cat(d_h), torch.cat(cols, 1)
 
