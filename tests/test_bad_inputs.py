@@ -412,6 +412,12 @@ def test_finished_run_rerun_keeps_its_results(tmp_path, tiny_model_dir, small_su
     assert main([*argv, "--lr", "1e-3"]) == 2  # another configuration: refused
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The newline-terminated, non-empty lines of a file another process may be appending to (its
+    last line can be half written when read, or when that process is killed)."""
+    return [x for x in path.read_text().split("\n")[:-1] if x.strip()]
+
+
 def _run_and_kill(args: list[str], out: Path, after_step: int) -> None:
     env = {**os.environ, "ALIGNCOLLAPSE_QUIET": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "aligncollapse", *args], env=env,
@@ -419,9 +425,7 @@ def _run_and_kill(args: list[str], out: Path, after_step: int) -> None:
     deadline = time.time() + 300
     traj = out / "trajectory.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if traj.exists() and any(
-            json.loads(x)["step"] >= after_step for x in traj.read_text().splitlines() if x.strip()
-        ):
+        if traj.exists() and any(json.loads(x)["step"] >= after_step for x in _complete_lines(traj)):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -438,7 +442,7 @@ def test_kill_9_with_default_checkpoints_resumes_bitwise(tmp_path, tiny_model_di
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert main([*common, "--out", str(ref)]) == 0
     _run_and_kill([*common, "--out", str(killed)], killed, after_step=30)
-    assert json.loads((killed / "trajectory.jsonl").read_text().splitlines()[-1])["step"] >= 30
+    assert json.loads(_complete_lines(killed / "trajectory.jsonl")[-1])["step"] >= 30
     assert main([*common, "--out", str(killed)]) == 0
     a = load_file(ref / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
