@@ -125,6 +125,11 @@ def run_one(a) -> dict:
         HessianOperator(model, params, ft, 8).matvec(g)
         row["floor_seconds"] = time.perf_counter() - t0
         del g
+    if a.cli:
+        row |= run_cli(a, model, tok, suite)
+        if "floor_seconds" in row and "error" not in row:
+            row["ratio_scan_to_floor"] = row["scan_seconds"] / row["floor_seconds"]
+        return row
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -150,6 +155,44 @@ def run_one(a) -> dict:
     return row
 
 
+def run_cli(a, model, tok, suite: str) -> dict:
+    """The same scan through ``aligncollapse scan`` in a child process: the model and tokenizer saved by
+    ``save_pretrained``, the suite's JSONL files as ``--safety`` and ``--finetune``. Peak RSS is the
+    child's (``RUSAGE_CHILDREN``), so it includes loading the model and the CLI's own work."""
+    from pathlib import Path
+
+    work = Path(tempfile.mkdtemp())
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    lines = lambda name: Path(suite, f"{name}.jsonl").read_text().splitlines()  # noqa: E731
+    (work / "safety.jsonl").write_text("\n".join(lines("safety")[: a.safety]) + "\n")
+    (work / "finetune.jsonl").write_text("\n".join(lines("affirmative_steps")[: a.finetune]) + "\n")
+    cmd = [sys.executable, "-m", "aligncollapse", "scan", "--model", str(work / "model"), "--dtype", a.dtype,
+           "--device", a.device, "--safety", str(work / "safety.jsonl"), "--finetune", str(work / "finetune.jsonl"),
+           "--scan-method", a.method, "--fisher-samples", str(a.fisher_samples), "--max-d", str(a.max_d),
+           "--max-memory", a.max_memory, "--out", str(work / "out")]  # fmt: skip
+    log = work / "scan.log"
+    print(f"aligncollapse scan: its output goes to {log}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    row = {"command": "aligncollapse " + " ".join(cmd[3:]), "scan_seconds": time.perf_counter() - t0}
+    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    if rc != 0:
+        row["error"] = (log.read_text().strip().splitlines() or ["failed"])[-1]
+        return row
+    m = json.loads((work / "out" / "results.json").read_text())
+    m = m.get("results", m)
+    row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
+    row["plan_method"] = m["memory_plan"].get("method")
+    row["memory_plan_stages_gb"] = {k: v / 2**30 for k, v in m["memory_plan"]["stages"].items()}
+    row["max_memory"] = m["memory_plan"].get("limit_bytes")
+    row["lambda"], row["gamma"], row["d"] = m["lambda"], m["gamma"], m["d"]
+    row["per_example_hvp"] = m.get("per_example_hvp")
+    row["tail_fraction"], row["verdict"] = m["tail_fraction"], m["verdict"]
+    return row
+
+
 def _rss_gb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -171,6 +214,8 @@ def main() -> None:
     ap.add_argument("--method", default="auto", choices=["auto", "exact", "sample"], help="the scan method")
     ap.add_argument("--fisher-samples", type=int, default=4, help="sample method: label draws per safety prompt")
     ap.add_argument("--skip-floor", action="store_true", help="do not time the floor (saves its time on big models)")
+    ap.add_argument("--cli", action="store_true", help="run `aligncollapse scan` on the saved model (a child process)")
+    ap.add_argument("--max-memory", default="auto", help="--cli: the scan's --max-memory")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -186,6 +231,7 @@ def main() -> None:
                "--finetune", str(a.finetune), "--n-boot", str(a.n_boot), "--max-d", str(a.max_d),
                "--method", a.method, "--fisher-samples", str(a.fisher_samples)]  # fmt: skip
         cmd += ["--skip-floor"] if a.skip_floor else []
+        cmd += ["--cli", "--max-memory", a.max_memory] if a.cli else []
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ALIGNCOLLAPSE_QUIET": "1"})
         if out.returncode != 0:
             rows.append({"size": val, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"})

@@ -360,3 +360,15 @@ def test_broadcast_embedding_input_is_refused_formed_or_factored():
         assert (hint is not None) == any(s.kind == "embedding_dense" and s.module == "pos" for _, s in gh.sites)
         with pytest.raises(UserError, match="pos: input of shape .* no per-example leading dimension"):
             gh.collect([(batch, loss)], count=3)
+
+
+def test_fit_batch_size_halves_until_the_plan_fits():
+    from aligncollapse.scan.aic import fit_batch_size
+
+    def peak(b):  # a plan that grows with the batch
+        return 1000 + 100 * b
+
+    assert fit_batch_size(ScanSettings(batch_size=32, max_memory=1900), peak).batch_size == 8
+    assert fit_batch_size(ScanSettings(batch_size=32, max_memory=10**9), peak).batch_size == 32
+    assert fit_batch_size(ScanSettings(batch_size=32), peak).batch_size == 32  # no limit: unchanged
+    assert fit_batch_size(ScanSettings(batch_size=32, max_memory=500), peak).batch_size == 1  # none fits

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -92,6 +92,22 @@ class ScanSettings:
     fisher_samples: int = 4  # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S)
 
 
+def fit_batch_size(s: ScanSettings, peak_at) -> ScanSettings:
+    """``s`` with the compute batch size halved from ``s.batch_size`` until ``peak_at(batch_size)``
+    (planned peak bytes) fits ``s.max_memory``; 1 when none fits (the plan check then reports the
+    smallest plan). Batching changes no quantity, only rounding and memory; the choice is logged."""
+    from aligncollapse.progress import log
+
+    if s.max_memory is None:
+        return s
+    b = max(1, int(s.batch_size))
+    while b > 1 and peak_at(b) > s.max_memory:
+        b //= 2
+    if b != s.batch_size:
+        log(f"[memory plan] compute batch size {s.batch_size} -> {b} to fit the limit")
+    return replace(s, batch_size=b)
+
+
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:
     """Safety prompts with the aligned model's own greedy responses (the KL form's y*)."""
     resp = generate(model, tokenizer, safety, s.template, GenerationConfig(max_new_tokens=32), s.use_chat_template)
@@ -128,6 +144,12 @@ def measure_aic(
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     k = min(s.max_d + 1, n - 1)  # one more than the largest d, for the eigengap λ_d − λ_{d+1}
+    s = fit_batch_size(
+        s,
+        lambda b: plan_memory(model, tokenizer, params, safety, ft, replace(s, batch_size=b), k, quiet=True)[
+            "peak_bytes"
+        ],
+    )
     plan = plan_memory(model, tokenizer, params, safety, ft, s, k)
     ref = reference_data(model, tokenizer, safety, s)
     Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
@@ -280,10 +302,13 @@ def resolve_method(model, tokenizer, safety: Sequence[Example], finetune: Sequen
     return "exact" if plan["peak_bytes"] <= s.max_memory else "sample"
 
 
-def plan_memory(model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: ScanSettings, k: int) -> dict:
+def plan_memory(
+    model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: ScanSettings, k: int, quiet: bool = False
+) -> dict:
     """The scan's memory plan (:mod:`aligncollapse.geometry.memory`), logged one line per stage, and
     a one-line :class:`UserError` when its peak exceeds ``s.max_memory`` -- before any heavy work.
-    T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens."""
+    T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens. ``quiet``:
+    the plan only, neither logged nor checked."""
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.memory import check_fits, format_size, model_shape, scan_memory_plan
     from aligncollapse.progress import log
@@ -297,6 +322,9 @@ def plan_memory(model, tokenizer, params, safety: Sequence[Example], ft: Encoded
         model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=seq,
         batch_size=s.batch_size, k=k, optimizer=s.optimizer,
     )  # fmt: skip
+    plan["batch_size"] = s.batch_size
+    if quiet:
+        return plan
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"

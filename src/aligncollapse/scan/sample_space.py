@@ -39,6 +39,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,11 @@ def measure_aic_sample(
     # plan with every layer factored leaves under the limit (8 GiB when none is given): forming a
     # site adds at most its numel × 4 bytes per resident example to any stage.
     limit = s.max_memory if s.max_memory is not None else 8 * 2**30
-    bare = plan_memory_sample(model, tokenizer, params, GhostGradients(model, params), safety, ft, s, quiet=True)
+    factored = GhostGradients(model, params)
+    s = _aic.fit_batch_size(
+        s, lambda b: plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s, batch_size=b), quiet=True)["peak_bytes"]
+    )  # fmt: skip
+    bare = plan_memory_sample(model, tokenizer, params, factored, safety, ft, s, quiet=True)
     ghost = GhostGradients(model, params, tokens_per_example=mean_tokens,
                            formed_budget=max(0, limit - bare["peak_bytes"]),
                            examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
@@ -531,5 +536,5 @@ def plan_memory_sample(
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
         + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
     check_fits(plan, s.max_memory, given=s.max_memory_flag)
-    plan["limit_bytes"] = s.max_memory
+    plan["limit_bytes"], plan["batch_size"] = s.max_memory, s.batch_size
     return plan
