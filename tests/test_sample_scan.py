@@ -372,3 +372,29 @@ def test_fit_batch_size_halves_until_the_plan_fits():
     assert fit_batch_size(ScanSettings(batch_size=32, max_memory=10**9), peak).batch_size == 32
     assert fit_batch_size(ScanSettings(batch_size=32), peak).batch_size == 32  # no limit: unchanged
     assert fit_batch_size(ScanSettings(batch_size=32, max_memory=500), peak).batch_size == 1  # none fits
+
+
+def test_sample_scan_does_not_depend_on_the_compute_batch(micro_model_dir):
+    """A memory limit that lowers the compute batch changes rounding only: the label draws are seeded
+    per prompt, so the sampled Fisher and every AIC number are the same as with the full batch."""
+    from dataclasses import replace
+
+    from aligncollapse.scan.sample_space import plan_memory_sample
+
+    model, tok = _model(micro_model_dir, tied=True)
+    exs = micro_examples()[:8]
+    s = ScanSettings(method="sample", fisher_samples=3, max_d=4, d=3, n_boot=50, hutchinson=4, batch_size=8,
+                     blocks=BlockSelection())  # fmt: skip
+    params = s.blocks.select(model)
+    ft = EncodedSet(tok, exs, s.template)
+    bare = GhostGradients(model, params)
+    peaks = {b: plan_memory_sample(model, tok, params, bare, exs, ft, replace(s, batch_size=b), quiet=True)["peak_bytes"]
+             for b in (2, 4, 8)}  # fmt: skip
+    assert peaks[2] < peaks[4] < peaks[8]
+    full = measure_aic(model, tok, exs, exs, s)
+    small = measure_aic(model, tok, exs, exs, replace(s, max_memory=(peaks[2] + peaks[4]) // 2))
+    assert full["memory_plan"]["batch_size"] == 8 and small["memory_plan"]["batch_size"] == 2
+    for k in ("lambda", "g_norm", "Hg_norm", "tail_fraction", "gamma"):
+        assert abs(small[k] - full[k]) <= 1e-6 * abs(full[k]), (k, small[k], full[k])
+    for k in ("u_Fg", "u_FHg", "h_Fg"):
+        assert _rel(torch.tensor(small["per_example"][k]), torch.tensor(full["per_example"][k])) < 1e-5

@@ -74,27 +74,31 @@ class SampledFisher:
 
     def __init__(self, ghost: GhostGradients, ref: EncodedSet, samples: int, batch_size: int, seed: int):
         self.ghost, self.N, self.S = ghost, len(ref), samples
-        gen = torch.Generator().manual_seed(seed)
         dev = next(ghost.model.parameters()).device
         self.prompt_of: list[int] = []
 
-        def draws(logits, b):
-            """[S, B] log-likelihoods of S label draws per prompt, from one forward."""
+        def draws(logits, b, idx):
+            """[S, B] log-likelihoods of S label draws per prompt, from one forward. Prompt i's draws
+            come from a generator seeded with (seed, i): they do not depend on the batch size."""
             logp = F.log_softmax(upcast(logits[:, :-1]), -1)
             mask = b["labels"][:, 1:] != IGNORE_INDEX
-            probs = logp.detach().exp().reshape(-1, logp.shape[-1]).to("cpu", torch.float64)
-            out = []
-            for _ in range(samples):
-                y = torch.multinomial(probs, 1, generator=gen).view(mask.shape).to(logp.device)
-                out.append((logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask).sum(-1))
-            return torch.stack(out)
+            y = torch.zeros((samples, *mask.shape), dtype=torch.long)
+            for j, i in enumerate(idx):
+                rows = logp[j][mask[j]].detach().exp().to("cpu", torch.float64)
+                if len(rows):
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                    y[:, j, mask[j].cpu()] = torch.multinomial(rows, samples, replacement=True, generator=gen).T
+            y = y.to(logp.device)
+            return torch.stack(
+                [(logp.gather(-1, y[k].unsqueeze(-1)).squeeze(-1) * mask).sum(-1) for k in range(samples)]
+            )
 
         def batches():
             for start in range(0, self.N, batch_size):
                 idx = range(start, min(start + batch_size, self.N))
                 for _ in range(samples):
                     self.prompt_of.extend(idx)
-                yield {k: v.to(dev) for k, v in ref.batch(idx).items()}, draws
+                yield {k: v.to(dev) for k, v in ref.batch(idx).items()}, lambda lg, b, idx=idx: draws(lg, b, idx)
 
         self.factors: Factors = ghost.collect(batches(), count=self.N * samples)
         K_raw = ghost.gram(self.factors, self.factors)  # UᵀU
