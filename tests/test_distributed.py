@@ -105,3 +105,30 @@ def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_su
         assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-4), key
     assert a["d"] == b["d"] == 2 and b["verdict"] == a["verdict"]
     assert two.stdout.count("verdict:") == 1  # rank 0 alone prints
+
+
+def test_distributed_sample_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse scan --scan-method sample``: each rank collects the factors of half
+    the prompts and examples (gathered), the products all-reduce; λ, the tail, ε_orth, γ, the
+    per-example central differences and the CIs match one process."""
+    args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "4",
+            "--subspace-d", "3", "--n-boot", "20", "--threshold", "0.5", "--scan-method", "sample",
+            "--fisher-samples", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    assert a["scan_method"] == b["scan_method"] == "sample"
+    assert a["rank_share"] == {"safety_prompts": 6, "finetune_examples": a["n_finetune"]}
+    assert b["rank_share"] == {"safety_prompts": 3, "finetune_examples": a["n_finetune"] // 2}  # the work was split
+    for key in ("lambda", "lambda_in_sample", "trace", "tail_fraction", "eps_orth", "gamma", "g_norm", "Hg_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    for key in ("h_Fg", "h_FHg", "u_Fg", "u_FHg"):
+        assert b["per_example"][key] == pytest.approx(a["per_example"][key], rel=1e-6, abs=1e-12), key
+    for key in ("gamma", "eps_orth"):
+        assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-6), key
+    assert b["shuffled_null"]["gamma_rel"] == pytest.approx(a["shuffled_null"]["gamma_rel"], rel=1e-5)
+    assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]

@@ -76,6 +76,29 @@ def shard(indices: Sequence[T]) -> list[T]:
     return items[rank() :: world_size()]
 
 
+def contiguous_shard(count: int) -> range:
+    """This rank's contiguous block of ``range(count)`` (ranks in order cover it; all of it when not
+    distributed). Gathering per-rank results in rank order then restores the original order."""
+    r, w = rank(), world_size()
+    return range(count * r // w, count * (r + 1) // w)
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (row counts may differ; the
+    trailing shape and dtype must agree). Memory: world_size × the largest block, transiently."""
+    if not is_distributed():
+        return tensor
+    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    rows = [int(x) for x in sizes]
+    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:k] for p, k in zip(parts, rows)])
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place, and return it (the identity when not distributed).
 

@@ -406,6 +406,29 @@ class GhostGradients:
             res[su.bias] = acc_b.cpu()
         return res
 
+    def gather(self, f: Factors) -> Factors:
+        """Under torchrun, the factors of every rank's examples, in rank order (each rank collected a
+        contiguous block, :func:`aligncollapse.distributed.contiguous_shard`): example indices are
+        offset by the counts of the ranks before. The identity in one process. Memory: the whole
+        set's factors on every rank, plus the largest block once per rank while gathering."""
+        from aligncollapse import distributed
+
+        if not distributed.is_distributed():
+            return f
+        counts = distributed.all_gather_rows(torch.tensor([f.count], dtype=torch.long))
+        offset = int(counts[: distributed.rank()].sum())
+        uses = []
+        for u in f.uses:
+            present = torch.tensor([[t is not None for t in (u.a, u.d, u.ex, u.g)]], dtype=torch.long)
+            flags = distributed.all_gather_rows(present)
+            if bool((flags != flags[0]).any()):
+                raise RuntimeError(f"module {u.site.module}: the ranks collected different kinds of factors")
+            w = _Use(u.site)
+            w.a, w.d, w.g = (distributed.all_gather_rows(t) if t is not None else None for t in (u.a, u.d, u.g))
+            w.ex = distributed.all_gather_rows(u.ex + offset) if u.ex is not None else None
+            uses.append(w)
+        return Factors(uses, int(counts.sum()), f.sizes)
+
     def difference(self, fa: Factors, fb: Factors) -> Factors:
         """Factors of ∇ℓ_i(a) − ∇ℓ_i(b) for two collections of the same examples (e.g. at θ ± εv):
         formed gradients are subtracted, factored rows concatenated with b's output gradients negated.

@@ -277,16 +277,12 @@ AUTO_EXACT_MAX_N = 1_000_000  # auto: the exact scan up to this many selected pa
 
 def resolve_method(model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: ScanSettings) -> str:
     """``exact`` or ``sample`` for ``s.method``. ``auto`` takes the exact scan (the reference) when at
-    most ``AUTO_EXACT_MAX_N`` parameters are selected and its memory plan fits ``s.max_memory``, or
-    when running under torchrun (the sample-space scan runs in one process); else the sample space."""
-    from aligncollapse.distributed import world_size
-
+    most ``AUTO_EXACT_MAX_N`` parameters are selected and its memory plan fits ``s.max_memory``;
+    else the sample space. Both run under torchrun."""
     if s.method not in ("auto", "exact", "sample"):
         raise ValueError(f"unknown scan method {s.method!r}")
     if s.method != "auto":
         return s.method
-    if world_size() > 1:
-        return "exact"
     params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
     if n > AUTO_EXACT_MAX_N:

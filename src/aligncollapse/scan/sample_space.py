@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import world_size
+from aligncollapse.distributed import all_gather_rows, contiguous_shard, world_size
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
@@ -93,14 +93,17 @@ class SampledFisher:
                 [(logp.gather(-1, y[k].unsqueeze(-1)).squeeze(-1) * mask).sum(-1) for k in range(samples)]
             )
 
+        mine = contiguous_shard(self.N)  # under torchrun this rank's prompts; the factors are gathered
+
         def batches():
-            for start in range(0, self.N, batch_size):
-                idx = range(start, min(start + batch_size, self.N))
+            for start in range(mine.start, mine.stop, batch_size):
+                idx = range(start, min(start + batch_size, mine.stop))
                 for _ in range(samples):
                     self.prompt_of.extend(idx)
                 yield {k: v.to(dev) for k, v in ref.batch(idx).items()}, lambda lg, b, idx=idx: draws(lg, b, idx)
 
-        self.factors: Factors = ghost.collect(batches(), count=self.N * samples)
+        self.factors: Factors = ghost.gather(ghost.collect(batches(), count=len(mine) * samples))
+        self.prompt_of = all_gather_rows(torch.tensor(self.prompt_of, dtype=torch.long)).tolist()
         K_raw = ghost.gram(self.factors, self.factors)  # UᵀU
         self.K_raw = K_raw
         mu, W = torch.linalg.eigh(K_raw / (self.N * samples))
@@ -208,10 +211,17 @@ def _nll_batches(ft: EncodedSet, batch_size: int, dev, indices: Sequence[int] | 
 def measure_aic_sample(
     model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s: _aic.ScanSettings
 ) -> dict:
-    """:func:`aligncollapse.scan.aic.measure_aic` in sample space (module docstring). One process."""
+    """:func:`aligncollapse.scan.aic.measure_aic` in sample space (module docstring). Under torchrun
+    every rank collects the factors of a contiguous block of the safety prompts and of the fine-tuning
+    examples, and the per-example differences of its block; the factors and the per-example results
+    are gathered (:meth:`GhostGradients.gather`), the curvature products split their batches and
+    all-reduce, and everything after (Grams, eigenpairs, bootstrap) runs on every rank identically."""
     t0 = time.perf_counter()
-    if world_size() > 1:
-        raise UserError("--scan-method sample runs in one process; under torchrun use --scan-method exact")
+    if world_size() > min(len(safety), len(finetune)):
+        raise UserError(
+            f"torchrun: {world_size()} processes for {len(safety)} safety prompts and {len(finetune)} fine-tuning "
+            "examples; use at most as many processes as the smaller set"
+        )
     if s.fisher_samples < 1:
         raise UserError("--fisher-samples must be at least 1")
     params = s.blocks.select(model)
@@ -258,7 +268,8 @@ def measure_aic_sample(
 
     # Fine-tuning side: factors at θ*, then everything the exact scan takes from G.
     log(f"[sample-space scan] fine-tuning factors: {len(ft)} examples")
-    FF = ghost.collect(_nll_batches(ft, s.batch_size, dev), count=len(ft))
+    mine = contiguous_shard(len(ft))
+    FF = ghost.gather(ghost.collect(_nll_batches(ft, s.batch_size, dev, indices=mine), count=len(mine)))
     tokens = torch.tensor([sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items], dtype=torch.float64)
     total = float(tokens.sum())
     M = len(ft)
@@ -420,6 +431,8 @@ def measure_aic_sample(
     out["properties"] = _aic.properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
     out["seconds"] = time.perf_counter() - t0
+    # Under torchrun: the per-example work this rank (rank 0 writes the results) did itself.
+    out["rank_share"] = {"safety_prompts": len(contiguous_shard(len(ref))), "finetune_examples": len(mine)}
     out["hessian_matvecs"] = H.matvecs
     out["fisher_matvecs"] = Fop.matvecs
     return out
@@ -441,7 +454,7 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
         steps = list(_unflat(params, gt).values()) if diffs else []
         u_f, u_h, d_f, d_h, cols = [], [], [], [], []
         with displaced(list(params.values()), steps) if diffs else contextlib.nullcontext() as move:
-            for batch in _nll_batches(ft, s.batch_size, dev):
+            for batch in _nll_batches(ft, s.batch_size, dev, indices=contiguous_shard(M)):
                 if FF is None:
                     if diffs:
                         move(0.0)
@@ -459,11 +472,15 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
                 d_f.append(ghost.dot(diff, vFg))
                 d_h.append(ghost.dot(diff, vFHg))
                 cols.append(fisher.coords_of(diff, block_d))
+        # Under torchrun each rank did its block of examples: gathered in rank order = example order.
         if FF is not None:
-            u_f, u_h = [ghost.dot(FF, vFg)], [ghost.dot(FF, vFHg)]
+            u_f, u_h = ghost.dot(FF, vFg), ghost.dot(FF, vFHg)
+        else:
+            u_f, u_h = all_gather_rows(torch.cat(u_f)), all_gather_rows(torch.cat(u_h))
         if not diffs:
-            return torch.cat(u_f), torch.cat(u_h), None, None, None
-        return torch.cat(u_f), torch.cat(u_h), torch.cat(d_f), torch.cat(d_h), torch.cat(cols, 1)
+            return u_f, u_h, None, None, None
+        gathered = (all_gather_rows(torch.cat(x)) for x in (d_f, d_h))
+        return u_f, u_h, *gathered, all_gather_rows(torch.cat(cols, 1).T.contiguous()).T
 
     dtype = next(iter(params.values())).dtype
     half = dtype in (torch.float16, torch.bfloat16)
