@@ -162,6 +162,12 @@ def test_gradient_and_hvp_vs_autograd_hessian(micro):
     assert 1e-12 < err < 1e-3  # 1.5e-4 measured here
     assert all(torch.equal(p, b) for p, b in zip(params.values(), before))
     assert float(op.matvec_by_differences(torch.zeros_like(v)).abs().max()) == 0.0
+    # One-sided, from the gradient at θ of the same loss: one pass, first-order error.
+    g = FinetuneLoss(model, params, data, batch_size=op.batch_size).value_and_grad()[1]
+    one = op.matvec_by_differences(v, at=g)
+    err1 = float((one - H @ v).norm()) / float((H @ v).norm())
+    assert err < err1 < 1e-2, (err, err1)
+    assert all(torch.equal(p, b) for p, b in zip(params.values(), before))
     top_val, top_vec = top_eigenpairs(op, k=1)
     assert float(top_val[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
 

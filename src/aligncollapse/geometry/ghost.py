@@ -345,16 +345,19 @@ class GhostGradients:
         ``per_param``, a dict parameter name -> its block's contribution; with ``formed=False``, over
         the factored sites only (see :meth:`formed_dot` for the rest)."""
         out: dict[str, torch.Tensor] = {}
+        sym = f1 is f2  # a Gram of a set with itself: each symmetric block computed once
 
         def add(name, val):
             out[name] = out[name] + val if name in out else val
 
-        for u in f1.uses:
+        for i, u in enumerate(f1.uses):
             if not formed and u.site.kind in _FORMED:
                 continue
-            for w in f2.uses:
-                for name, val in self._pair(u, w, f1.count, f2.count).items():
-                    add(name, val)
+            for j, w in enumerate(f2.uses):
+                if sym and j < i:
+                    continue  # (w, u) is the transpose of (u, w), added below
+                for name, val in self._pair(u, w, f1.count, f2.count, sym and i == j).items():
+                    add(name, val + val.T if sym and j > i else val)
         if per_param:
             return out
         total = torch.zeros(f1.count, f2.count, dtype=torch.float64)
@@ -362,7 +365,9 @@ class GhostGradients:
             total += v
         return total
 
-    def _pair(self, u: _Use, w: _Use, n1: int, n2: int) -> dict[str, torch.Tensor]:
+    def _pair(self, u: _Use, w: _Use, n1: int, n2: int, sym: bool = False) -> dict[str, torch.Tensor]:
+        """The Gram contributions of site uses u × w; ``sym``: u is w (a set with itself), so only the
+        upper triangle is computed and mirrored."""
         su, sw = u.site, w.site
         res: dict[str, torch.Tensor] = {}
         if su.kind in _FORMED or sw.kind in _FORMED:
@@ -370,7 +375,8 @@ class GhostGradients:
                 off = 0
                 for n in su.explicit:  # one block per parameter
                     k = self.params[n].numel()
-                    res[n] = _matmul_t64(u.g[:, off : off + k], w.g[:, off : off + k]).cpu()
+                    x = u.g[:, off : off + k]
+                    res[n] = (_gram_t64(x) if sym else _matmul_t64(x, w.g[:, off : off + k])).cpu()
                     off += k
             return res
         if u.ex is None or w.ex is None:
@@ -387,19 +393,28 @@ class GhostGradients:
         b2 = _bounds(w.ex, n2)
         for s in range(0, R1, step):
             sl = slice(s, min(s + step, R1))
+            c0 = 0
+            if sym:  # columns of examples from this chunk's first one on: the upper triangle and a bit
+                c0 = int(b2[0][u.ex[s]])
+            cols = slice(c0, None)
+            lo_hi = ((b2[0] - c0).clamp_min(0), (b2[1] - c0).clamp_min(0)) if c0 else b2  # earlier: empty
+            wa, wd = w.a[cols], w.d[cols]
             if su.kind == "linear" and sw.kind == "linear":
-                dd = u.d[sl] @ w.d.T
+                dd = u.d[sl] @ wd.T
                 if shared_w:
-                    _segment_add(acc_w, u.ex[sl], b2, (u.a[sl] @ w.a.T) * dd)
+                    _segment_add(acc_w, u.ex[sl], lo_hi, (u.a[sl] @ wa.T) * dd)
                 if shared_b:
-                    _segment_add(acc_b, u.ex[sl], b2, dd)
+                    _segment_add(acc_b, u.ex[sl], lo_hi, dd)
             elif su.kind == "embedding" and sw.kind == "embedding":
-                same = u.a[sl, None] == w.a[None, :]
-                _segment_add(acc_w, u.ex[sl], b2, (u.d[sl] @ w.d.T) * same)
+                same = u.a[sl, None] == wa[None, :]
+                _segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl] @ wd.T) * same)
             elif su.kind == "embedding":  # embedding × linear of the same (V × h) weight
-                _segment_add(acc_w, u.ex[sl], b2, w.d.T[u.a[sl]] * (u.d[sl] @ w.a.T))
+                _segment_add(acc_w, u.ex[sl], lo_hi, wd.T[u.a[sl]] * (u.d[sl] @ wa.T))
             else:  # linear × embedding
-                _segment_add(acc_w, u.ex[sl], b2, (u.d[sl][:, w.a]) * (u.a[sl] @ w.d.T))
+                _segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl][:, wa]) * (u.a[sl] @ wd.T))
+        if sym:  # the upper triangle is exact; mirror it
+            acc_w = acc_w.triu() + acc_w.triu(1).T
+            acc_b = acc_b.triu() + acc_b.triu(1).T
         if shared_w:
             res[su.weight] = acc_w.cpu()
         if shared_b:
@@ -600,6 +615,24 @@ def _matmul_t64(x: torch.Tensor, y: torch.Tensor, chunk: int = 2**16) -> torch.T
     for s in range(0, x.shape[1], chunk):
         acc += (x[:, s : s + chunk].to(dt) @ y[:, s : s + chunk].to(dt).T).to(torch.float64)
     return acc
+
+
+def _gram_t64(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """x @ xᵀ as :func:`_matmul_t64` computes it, from the row blocks i ≤ j only (mirrored):
+    (blocks + 1) / (2·blocks) of the products."""
+    n = x.shape[0]
+    if n < 2 * blocks:
+        return _matmul_t64(x, x)
+    edges = [n * k // blocks for k in range(blocks + 1)]
+    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    for i in range(blocks):
+        ri = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            rj = slice(edges[j], edges[j + 1])
+            out[ri, rj] = _matmul_t64(x[ri], x[rj])
+            if j > i:
+                out[rj, ri] = out[ri, rj].T
+    return out
 
 
 def _bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
