@@ -159,11 +159,17 @@ def run_cli(a, model, tok, suite: str) -> dict:
     """The same scan through ``aligncollapse scan`` in a child process: the model and tokenizer saved by
     ``save_pretrained``, the suite's JSONL files as ``--safety`` and ``--finetune``. Peak RSS is the
     child's (``RUSAGE_CHILDREN``), so it includes loading the model and the CLI's own work."""
+    import shutil
     from pathlib import Path
+
+    import torch
 
     work = Path(tempfile.mkdtemp())
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
+    with torch.no_grad():  # this process no longer needs the weights: the child's memory is its own
+        for p in model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     lines = lambda name: Path(suite, f"{name}.jsonl").read_text().splitlines()  # noqa: E731
     (work / "safety.jsonl").write_text("\n".join(lines("safety")[: a.safety]) + "\n")
     (work / "finetune.jsonl").write_text("\n".join(lines("affirmative_steps")[: a.finetune]) + "\n")
@@ -190,6 +196,7 @@ def run_cli(a, model, tok, suite: str) -> dict:
     row["lambda"], row["gamma"], row["d"] = m["lambda"], m["gamma"], m["d"]
     row["per_example_hvp"] = m.get("per_example_hvp")
     row["tail_fraction"], row["verdict"] = m["tail_fraction"], m["verdict"]
+    shutil.rmtree(work)  # the saved model and the scan's outputs (the row keeps what it reports)
     return row
 
 

@@ -61,6 +61,8 @@ def test_distributed_helpers_are_identities_without_a_process_group():
     assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
     t = torch.arange(3.0)
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+    assert distributed.all_gather_rows(t) is t and distributed.broadcast_from_main(t) is t
+    assert distributed.contiguous_shard(5) == range(5)
 
 
 def test_distributed_products_match_one_process(tmp_path, micro_model_dir):

@@ -88,15 +88,36 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     trailing shape and dtype must agree). Memory: world_size × the largest block, transiently."""
     if not is_distributed():
         return tensor
-    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    home, dev = tensor.device, _comm_device(tensor.device)
+    n = torch.tensor([tensor.shape[0]], dtype=torch.long, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
     rows = [int(x) for x in sizes]
-    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded = torch.zeros((max(rows), *tensor.shape[1:]), dtype=tensor.dtype, device=dev)
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in rows]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:k] for p, k in zip(parts, rows)])
+    dist.all_gather(parts, padded)
+    del padded
+    return torch.cat([p[:k] for p, k in zip(parts, rows)]).to(home)
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, in place (the identity when not distributed): for results
+    that feed a discrete choice (a rank cut, d), which must not differ between ranks by rounding."""
+    if is_distributed():
+        dev = _comm_device(tensor.device)
+        work = tensor if dev == tensor.device else tensor.to(dev)
+        dist.broadcast(work, src=0)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensor
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where a collective can run: nccl needs CUDA tensors (this rank's GPU); gloo takes CPU ones."""
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

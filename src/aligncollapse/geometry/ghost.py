@@ -412,9 +412,10 @@ class GhostGradients:
                 _segment_add(acc_w, u.ex[sl], lo_hi, wd.T[u.a[sl]] * (u.d[sl] @ wa.T))
             else:  # linear × embedding
                 _segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl][:, wa]) * (u.a[sl] @ wd.T))
-        if sym:  # the upper triangle is exact; mirror it
-            acc_w = acc_w.triu() + acc_w.triu(1).T
-            acc_b = acc_b.triu() + acc_b.triu(1).T
+        if sym:  # the upper triangle is exact; mirror it (one temporary)
+            for acc in (acc_w, acc_b) if shared_b else (acc_w,):
+                acc.triu_()
+                acc += acc.triu(1).T
         if shared_w:
             res[su.weight] = acc_w.cpu()
         if shared_b:
@@ -424,8 +425,9 @@ class GhostGradients:
     def gather(self, f: Factors) -> Factors:
         """Under torchrun, the factors of every rank's examples, in rank order (each rank collected a
         contiguous block, :func:`aligncollapse.distributed.contiguous_shard`): example indices are
-        offset by the counts of the ranks before. The identity in one process. Memory: the whole
-        set's factors on every rank, plus the largest block once per rank while gathering."""
+        offset by the counts of the ranks before. The identity in one process; under torchrun it
+        consumes ``f`` (each local tensor is released once gathered). Memory: the whole set's factors
+        on every rank, plus about twice the largest single gathered tensor while gathering."""
         from aligncollapse import distributed
 
         if not distributed.is_distributed():
@@ -439,8 +441,12 @@ class GhostGradients:
             if bool((flags != flags[0]).any()):
                 raise RuntimeError(f"module {u.site.module}: the ranks collected different kinds of factors")
             w = _Use(u.site)
-            w.a, w.d, w.g = (distributed.all_gather_rows(t) if t is not None else None for t in (u.a, u.d, u.g))
-            w.ex = distributed.all_gather_rows(u.ex + offset) if u.ex is not None else None
+            for name in ("a", "d", "g", "ex"):
+                t = getattr(u, name)
+                setattr(u, name, None)  # released before the next tensor is gathered
+                if t is not None:
+                    setattr(w, name, distributed.all_gather_rows(t + offset if name == "ex" else t))
+                del t
             uses.append(w)
         return Factors(uses, int(counts.sum()), f.sizes)
 

@@ -92,7 +92,7 @@ class ScanSettings:
     fisher_samples: int = 4  # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S)
 
 
-def fit_batch_size(s: ScanSettings, peak_at) -> ScanSettings:
+def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSettings:
     """``s`` with the compute batch size halved from ``s.batch_size`` until ``peak_at(batch_size)``
     (planned peak bytes) fits ``s.max_memory``; 1 when none fits (the plan check then reports the
     smallest plan). Batching changes no quantity, only rounding and memory; the choice is logged."""
@@ -103,7 +103,7 @@ def fit_batch_size(s: ScanSettings, peak_at) -> ScanSettings:
     b = max(1, int(s.batch_size))
     while b > 1 and peak_at(b) > s.max_memory:
         b //= 2
-    if b != s.batch_size:
+    if b != s.batch_size and not quiet and peak_at(b) <= s.max_memory:
         log(f"[memory plan] compute batch size {s.batch_size} -> {b} to fit the limit")
     return replace(s, batch_size=b)
 
@@ -293,9 +293,12 @@ def resolve_method(model, tokenizer, safety: Sequence[Example], finetune: Sequen
 
     lengths = [len(tokenizer((e.prompt or "") + " " + (e.response or "")).input_ids) for e in list(finetune)[:256]]
     seq = min(max(lengths, default=1) + 32, s.max_length)
-    plan = scan_memory_plan(model_shape(model, params), n_safety=len(safety), n_finetune=len(finetune), seq_len=seq,
-                            batch_size=s.batch_size, k=min(s.max_d + 1, n - 1), optimizer=s.optimizer)  # fmt: skip
-    return "exact" if plan["peak_bytes"] <= s.max_memory else "sample"
+
+    def peak(b: int) -> int:
+        return scan_memory_plan(model_shape(model, params), n_safety=len(safety), n_finetune=len(finetune), seq_len=seq,
+                                batch_size=b, k=min(s.max_d + 1, n - 1), optimizer=s.optimizer)["peak_bytes"]  # fmt: skip
+
+    return "exact" if peak(fit_batch_size(s, peak, quiet=True).batch_size) <= s.max_memory else "sample"
 
 
 def plan_memory(

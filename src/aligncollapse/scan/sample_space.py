@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import all_gather_rows, contiguous_shard, world_size
+from aligncollapse.distributed import all_gather_rows, broadcast_from_main, contiguous_shard, world_size
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
@@ -104,7 +104,9 @@ class SampledFisher:
 
         self.factors: Factors = ghost.gather(ghost.collect(batches(), count=len(mine) * samples))
         self.prompt_of = all_gather_rows(torch.tensor(self.prompt_of, dtype=torch.long)).tolist()
-        K_raw = ghost.gram(self.factors, self.factors)  # UᵀU
+        # UᵀU; rank 0's under torchrun, so that every rank takes the same eigenpairs, rank cut and d
+        # (CUDA's atomic index-adds make the ranks' own Grams differ in the last bits).
+        K_raw = broadcast_from_main(ghost.gram(self.factors, self.factors))
         self.K_raw = K_raw
         mu, W = torch.linalg.eigh(K_raw / (self.N * samples))
         order = torch.argsort(mu, descending=True)
@@ -273,7 +275,9 @@ def measure_aic_sample(
     tokens = torch.tensor([sum(1 for t in it.labels[1:] if t != IGNORE_INDEX) for it in ft.items], dtype=torch.float64)
     total = float(tokens.sum())
     M = len(ft)
-    g = _flat(ghost.weighted_sum(FF, torch.full((M,), 1.0 / total, dtype=torch.float64), dtype=acc))
+    g = broadcast_from_main(
+        _flat(ghost.weighted_sum(FF, torch.full((M,), 1.0 / total, dtype=torch.float64), dtype=acc))
+    )
     C_blocks = ghost.gram(fisher.factors, FF, per_param=True)  # name -> [NS, M]
     K_blocks = ghost.gram(FF, FF, per_param=True)  # name -> [M, M]
     approximations = []
@@ -286,7 +290,7 @@ def measure_aic_sample(
         r2 = (sq - 2 * g * tg + g * g * float((tokens**2).sum())) / (M * Tbar**2)
         fpc = (M - Bsz) / (M - 1) if M > 1 else 0.0
         v = g * g + r2.clamp_min(0) / Bsz * fpc
-        precond = (1.0 / (v.sqrt() + s.adam_delta)).to(g.dtype)
+        precond = broadcast_from_main((1.0 / (v.sqrt() + s.adam_delta)).to(g.dtype))
         del sq, tg, r2, v
         block_d = {name: float(t.to(torch.float64).mean()) for name, t in _unflat(params, precond).items()}
         approximations.append(
