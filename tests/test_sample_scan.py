@@ -23,7 +23,7 @@ from aligncollapse.geometry.ghost import GhostGradients
 from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import BlockSelection, load_model
 from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
-from aligncollapse.scan.sample_space import SampledFisher
+from aligncollapse.scan.sample_space import SampledFisher, _unflat
 from conftest import micro_examples
 from test_geometry_exact import exact_norms
 
@@ -177,7 +177,7 @@ def test_sampled_fisher_algebra(micro_model_dir):
     assert _rel(V.T @ Fhat @ V, torch.diag(fisher.mu[:d])) < 1e-8
     x = torch.randn(U.shape[0], dtype=torch.float64)
     assert _rel(fisher.coords(U.T @ x), V.T @ x) < 1e-8
-    assert _rel(fisher.coords(fisher.scores_dot(x, params)), V.T @ x) < 1e-8
+    assert _rel(fisher.coords(fisher.ghost.dot(fisher.factors, _unflat(params, x))), V.T @ x) < 1e-8
     assert _rel(fisher.project(x, params), V.T @ x) < 1e-8
     A = fisher.per_prompt_blocks()
     assert A.shape == (len(ref), d, d) and _rel(A.mean(0), torch.diag(fisher.mu[:d])) < 1e-8
@@ -243,7 +243,7 @@ def test_sampled_fisher_is_unbiased_for_the_exact_fisher(micro_model_dir):
     # Along F's top eigenvector v: mean_j (s_jᵀv)² is unbiased for λ₁; its standard error from the draws
     # within each prompt (F is the mean over these prompts, so only the draws are random).
     lam, vecs = torch.linalg.eigh(F_exact)
-    q = (fisher.scores_dot(vecs[:, -1], params) ** 2).view(-1)
+    q = (fisher.ghost.dot(fisher.factors, _unflat(params, vecs[:, -1])) ** 2).view(-1)
     prompt = torch.tensor(fisher.prompt_of)
     var = sum(float(q[prompt == k].var()) for k in range(len(ref))) / fisher.S
     se = var**0.5 / len(ref)

@@ -159,10 +159,6 @@ class SampledFisher:
             out = out + self.ghost.formed_basis_dot(self._formed_basis, vs)
         return out
 
-    def scores_dot(self, v: torch.Tensor, params) -> torch.Tensor:
-        """Uᵀv for a flat n-vector v ([NS], float64)."""
-        return self.ghost.dot(self.factors, _unflat(params, v))
-
     def cross_validated(self, d: int) -> dict:
         """Held-out Rayleigh quotients: eigenvectors from one half of the scores, F̂ from the other
         (halves of the draws when S ≥ 2, of the prompts when S = 1), both ways, averaged.
