@@ -215,7 +215,7 @@ def test_coordinates_of_examples_with_formed_sites(micro_model_dir):
 
 def test_float32_gram_blocks_are_accumulated_in_float64():
     """Formed float32 Gram blocks: float32 products over column chunks, float64 sums (rel. 1e-5)."""
-    from aligncollapse.geometry.ghost import _gram_t64, _matmul_t64
+    from aligncollapse.geometry.ghost import _matmul_t64
 
     torch.manual_seed(0)
     x, y = torch.randn(12, 300_000), torch.randn(5, 300_000) + 0.1
@@ -223,10 +223,6 @@ def test_float32_gram_blocks_are_accumulated_in_float64():
     got = _matmul_t64(x, y)
     assert got.dtype == torch.float64 and _rel(got, ref) < 1e-5
     assert torch.equal(_matmul_t64(x.double(), y.double()), ref)
-    for rows in (5, 13):  # below and above the block count; blocks of unequal size
-        z = torch.randn(rows, 300_000)
-        assert _rel(_gram_t64(z), z.double() @ z.double().T) < 1e-5
-        assert _rel(_gram_t64(z.double()), z.double() @ z.double().T) < 1e-12  # summation order only
 
 
 def test_sampled_fisher_is_unbiased_for_the_exact_fisher(micro_model_dir):

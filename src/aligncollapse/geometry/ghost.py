@@ -366,8 +366,8 @@ class GhostGradients:
         return total
 
     def _pair(self, u: _Use, w: _Use, n1: int, n2: int, sym: bool = False) -> dict[str, torch.Tensor]:
-        """The Gram contributions of site uses u × w; ``sym``: u is w (a set with itself), so only the
-        upper triangle is computed and mirrored."""
+        """The Gram contributions of site uses u × w; ``sym``: u is w (a set with itself), so a factored
+        site computes only the upper triangle and mirrors it."""
         su, sw = u.site, w.site
         res: dict[str, torch.Tensor] = {}
         if su.kind in _FORMED or sw.kind in _FORMED:
@@ -375,8 +375,9 @@ class GhostGradients:
                 off = 0
                 for n in su.explicit:  # one block per parameter
                     k = self.params[n].numel()
-                    x = u.g[:, off : off + k]
-                    res[n] = (_gram_t64(x) if sym else _matmul_t64(x, w.g[:, off : off + k])).cpu()
+                    # No symmetric shortcut here: row-blocked halves measured slower than one product
+                    # (1.21 s vs 0.98 s for 240 × 1M float32), the product being bandwidth-bound.
+                    res[n] = _matmul_t64(u.g[:, off : off + k], w.g[:, off : off + k]).cpu()
                     off += k
             return res
         if u.ex is None or w.ex is None:
@@ -621,24 +622,6 @@ def _matmul_t64(x: torch.Tensor, y: torch.Tensor, chunk: int = 2**16) -> torch.T
     for s in range(0, x.shape[1], chunk):
         acc += (x[:, s : s + chunk].to(dt) @ y[:, s : s + chunk].to(dt).T).to(torch.float64)
     return acc
-
-
-def _gram_t64(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """x @ xᵀ as :func:`_matmul_t64` computes it, from the row blocks i ≤ j only (mirrored):
-    (blocks + 1) / (2·blocks) of the products."""
-    n = x.shape[0]
-    if n < 2 * blocks:
-        return _matmul_t64(x, x)
-    edges = [n * k // blocks for k in range(blocks + 1)]
-    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
-    for i in range(blocks):
-        ri = slice(edges[i], edges[i + 1])
-        for j in range(i, blocks):
-            rj = slice(edges[j], edges[j + 1])
-            out[ri, rj] = _matmul_t64(x[ri], x[rj])
-            if j > i:
-                out[rj, ri] = out[ri, rj].T
-    return out
 
 
 def _bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
