@@ -142,6 +142,7 @@ def run_one(a) -> dict:
         return row
     row["scan_seconds"] = time.perf_counter() - t0
     row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
+    row["planned_runtime_gb"] = m["memory_plan"].get("runtime_bytes", 0) / 2**30  # interpreter, libraries
     row["plan_method"] = m["memory_plan"].get("method")
     if "floor_seconds" in row:
         row["ratio_scan_to_floor"] = row["scan_seconds"] / row["floor_seconds"]
@@ -190,6 +191,7 @@ def run_cli(a, model, tok, suite: str) -> dict:
     m = json.loads((work / "out" / "results.json").read_text())
     m = m.get("results", m)
     row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
+    row["planned_runtime_gb"] = m["memory_plan"].get("runtime_bytes", 0) / 2**30  # interpreter, libraries
     row["plan_method"] = m["memory_plan"].get("method")
     row["memory_plan_stages_gb"] = {k: v / 2**30 for k, v in m["memory_plan"]["stages"].items()}
     row["max_memory"] = m["memory_plan"].get("limit_bytes")

@@ -70,3 +70,25 @@ def test_scan_rejects_a_bad_max_memory(capsys, tiny_model_dir):
     with pytest.raises(SystemExit) as e:
         main(["scan", "--model", str(tiny_model_dir), "--finetune", "x", "--max-memory", "lots"])
     assert e.value.code == 2 and "--max-memory" in capsys.readouterr().err
+
+
+def test_runtime_is_counted_against_the_limit():
+    """On the CPU the plan records the process's own memory outside the model (interpreter,
+    libraries); the limit check adds it to the planned peak."""
+    import resource
+
+    import torch
+
+    from aligncollapse.errors import UserError
+    from aligncollapse.geometry.memory import check_fits, planned_total, runtime_bytes
+
+    model = torch.nn.Linear(1000, 1000)
+    rt = runtime_bytes(model)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 50 * 2**20 < rt < peak_rss  # torch alone takes more than 50 MB; the weights are not in it
+    assert runtime_bytes(torch.nn.Linear(1000, 1000, device="meta")) == 0  # not on the CPU
+    plan = {"peak_bytes": 100, "runtime_bytes": 50, "peak_stage": "s", "stages": {"s": 100}}
+    assert planned_total(plan) == 150
+    check_fits(plan, 150)
+    with pytest.raises(UserError, match="50 B of runtime"):
+        check_fits(plan, 149)

@@ -315,14 +315,37 @@ def available_memory(device: str | torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def runtime_bytes(model) -> int:
+    """Resident memory that no plan formula counts (the interpreter, torch and the other libraries,
+    Python objects): the process's current RSS minus the model's weights and buffers. For a model
+    on the CPU only, where ``--max-memory`` bounds the process; 0 on an accelerator (its plans count
+    device memory) or where /proc is unavailable. Measured 0.9 GiB for a CLI scan of a 384M model."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    if any(t.device.type != "cpu" for t in tensors):
+        return 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, rss - sum(t.numel() * t.element_size() for t in tensors))
+
+
+def planned_total(plan: dict) -> int:
+    """The bytes a plan needs: its peak stage plus the runtime it recorded (``runtime_bytes``)."""
+    return plan["peak_bytes"] + plan.get("runtime_bytes", 0)
+
+
 def check_fits(plan: dict, limit: int | None, flag: str = "--max-memory", given: str | None = None) -> None:
-    """A one-line :class:`UserError` when the planned peak exceeds ``limit`` bytes (None: no limit)."""
-    if limit is None or plan["peak_bytes"] <= limit:
+    """A one-line :class:`UserError` when the planned peak (plus the recorded runtime) exceeds
+    ``limit`` bytes (None: no limit)."""
+    if limit is None or planned_total(plan) <= limit:
         return
     stage = plan["peak_stage"]
     shown = f"{given} = {format_size(limit)}" if given and given != format_size(limit) else format_size(limit)
+    runtime = f" + {format_size(plan['runtime_bytes'])} of runtime" if plan.get("runtime_bytes") else ""
     raise UserError(
-        f"{flag} {shown}: the planned peak is {format_size(plan['peak_bytes'])} (largest stage: {stage}, "
+        f"{flag} {shown}: the planned peak is {format_size(plan['peak_bytes'])}{runtime} (largest stage: {stage}, "
         f"{format_size(plan['stages'][stage])}); raise {flag}, or select fewer parameters (--blocks, --layers, "
         "--modules) or fewer examples"
     )

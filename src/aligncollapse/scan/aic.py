@@ -60,6 +60,7 @@ from aligncollapse.geometry.curvature import (
     rademacher,
     top_eigenpairs,
 )
+from aligncollapse.geometry.memory import planned_total
 from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.models import BlockSelection
@@ -146,10 +147,8 @@ def measure_aic(
     k = min(s.max_d + 1, n - 1)  # one more than the largest d, for the eigengap λ_d − λ_{d+1}
     s = fit_batch_size(
         s,
-        lambda b: plan_memory(model, tokenizer, params, safety, ft, replace(s, batch_size=b), k, quiet=True)[
-            "peak_bytes"
-        ],
-    )
+        lambda b: planned_total(plan_memory(model, tokenizer, params, safety, ft, replace(s, batch_size=b), k, quiet=True)),
+    )  # fmt: skip
     plan = plan_memory(model, tokenizer, params, safety, ft, s, k)
     ref = reference_data(model, tokenizer, safety, s)
     Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
@@ -309,7 +308,7 @@ def plan_memory(
     T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens. ``quiet``:
     the plan only, neither logged nor checked."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, scan_memory_plan
+    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, runtime_bytes, scan_memory_plan
     from aligncollapse.progress import log
 
     prompt_lens = [
@@ -321,12 +320,13 @@ def plan_memory(
         model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=seq,
         batch_size=s.batch_size, k=k, optimizer=s.optimizer,
     )  # fmt: skip
-    plan["batch_size"] = s.batch_size
+    plan["batch_size"], plan["runtime_bytes"] = s.batch_size, runtime_bytes(model)
     if quiet:
         return plan
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f" + runtime {format_size(plan['runtime_bytes'])}" if plan["runtime_bytes"] else "")
         + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
     check_fits(plan, s.max_memory, given=s.max_memory_flag)
     plan["limit_bytes"] = s.max_memory

@@ -50,6 +50,7 @@ from aligncollapse.distributed import all_gather_rows, broadcast_from_main, cont
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
+from aligncollapse.geometry.memory import planned_total
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
 from aligncollapse.progress import log
@@ -234,11 +235,11 @@ def measure_aic_sample(
     limit = s.max_memory if s.max_memory is not None else 8 * 2**30
     factored = GhostGradients(model, params)
     s = _aic.fit_batch_size(
-        s, lambda b: plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s, batch_size=b), quiet=True)["peak_bytes"]
+        s, lambda b: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s, batch_size=b), quiet=True))
     )  # fmt: skip
     bare = plan_memory_sample(model, tokenizer, params, factored, safety, ft, s, quiet=True)
     ghost = GhostGradients(model, params, tokens_per_example=mean_tokens,
-                           formed_budget=max(0, limit - bare["peak_bytes"]),
+                           formed_budget=max(0, limit - planned_total(bare)),
                            examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
@@ -528,7 +529,13 @@ def plan_memory_sample(
     logged and checked against ``s.max_memory`` before any heavy work; ``quiet``: the smallest plan
     (no fine-tuning factors kept), neither logged nor checked."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, sample_scan_memory_plan
+    from aligncollapse.geometry.memory import (
+        check_fits,
+        format_size,
+        model_shape,
+        runtime_bytes,
+        sample_scan_memory_plan,
+    )
 
     prompt_lens = [
         len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
@@ -548,15 +555,17 @@ def plan_memory_sample(
             logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
         )  # fmt: skip
 
+    runtime = runtime_bytes(model)
     if quiet:
-        return planned(False)
+        return {**planned(False), "runtime_bytes": runtime}
     # Keep the fine-tuning factors to the end (one pass fewer) when that plan fits the limit.
-    plan = planned(True)
-    if s.max_memory is None or plan["peak_bytes"] > s.max_memory:
-        plan = planned(False)
+    plan = {**planned(True), "runtime_bytes": runtime}
+    if s.max_memory is None or planned_total(plan) > s.max_memory:
+        plan = {**planned(False), "runtime_bytes": runtime}
     for name, nbytes in plan["stages"].items():
         log(f"[memory plan] {name}: {format_size(nbytes)}")
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f" + runtime {format_size(runtime)}" if runtime else "")
         + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
     check_fits(plan, s.max_memory, given=s.max_memory_flag)
     plan["limit_bytes"], plan["batch_size"] = s.max_memory, s.batch_size
