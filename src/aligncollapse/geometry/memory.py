@@ -295,24 +295,34 @@ def format_size(nbytes: float) -> str:
 
 def available_memory(device: str | torch.device) -> int:
     """What a run on ``device`` may use: a CUDA device's total memory, else the host's available RAM
-    (psutil when installed, else MemAvailable from /proc/meminfo, else total physical memory)."""
+    (psutil when installed, else MemAvailable from /proc/meminfo, else total physical memory) plus
+    what this process already holds (its weights and runtime, which the plan counts)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available)
+        return int(psutil.virtual_memory().available) + _rss()
     except ImportError:
         pass
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 + _rss()
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _rss() -> int:
+    """This process's current resident set in bytes (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def runtime_bytes(model) -> int:
@@ -323,12 +333,8 @@ def runtime_bytes(model) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     if any(t.device.type != "cpu" for t in tensors):
         return 0
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, rss - sum(t.numel() * t.element_size() for t in tensors))
+    rss = _rss()
+    return max(0, rss - sum(t.numel() * t.element_size() for t in tensors)) if rss else 0
 
 
 def planned_total(plan: dict) -> int:
