@@ -141,18 +141,12 @@ def run_one(a) -> dict:
         row["fits"], row["note"] = False, str(e)
         return row
     row["scan_seconds"] = time.perf_counter() - t0
-    row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
-    row["planned_runtime_gb"] = m["memory_plan"].get("runtime_bytes", 0) / 2**30  # interpreter, libraries
-    row["plan_method"] = m["memory_plan"].get("method")
+    row |= _scan_fields(m)
     if "floor_seconds" in row:
         row["ratio_scan_to_floor"] = row["scan_seconds"] / row["floor_seconds"]
     row["peak_rss_gb"] = _rss_gb() - rss0
     if a.device.startswith("cuda"):
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    row["lambda"], row["gamma"], row["d"] = m["lambda"], m["gamma"], m["d"]
-    row["per_example_hvp"] = m.get("per_example_hvp")
-    row["memory_plan_stages_gb"] = {k: v / 2**30 for k, v in m["memory_plan"]["stages"].items()}
-    row["tail_fraction"], row["verdict"] = m["tail_fraction"], m["verdict"]
     return row
 
 
@@ -190,16 +184,23 @@ def run_cli(a, model, tok, suite: str) -> dict:
         return row
     m = json.loads((work / "out" / "results.json").read_text())
     m = m.get("results", m)
-    row["planned_peak_gb"] = m["memory_plan"]["peak_bytes"] / 2**30
-    row["planned_runtime_gb"] = m["memory_plan"].get("runtime_bytes", 0) / 2**30  # interpreter, libraries
-    row["plan_method"] = m["memory_plan"].get("method")
-    row["memory_plan_stages_gb"] = {k: v / 2**30 for k, v in m["memory_plan"]["stages"].items()}
-    row["max_memory"] = m["memory_plan"].get("limit_bytes")
-    row["lambda"], row["gamma"], row["d"] = m["lambda"], m["gamma"], m["d"]
-    row["per_example_hvp"] = m.get("per_example_hvp")
-    row["tail_fraction"], row["verdict"] = m["tail_fraction"], m["verdict"]
+    row |= _scan_fields(m)
     shutil.rmtree(work)  # the saved model and the scan's outputs (the row keeps what it reports)
     return row
+
+
+def _scan_fields(m: dict) -> dict:
+    """What a row reports from a scan's results: its memory plan and the AIC headline numbers."""
+    plan = m["memory_plan"]
+    return {
+        "planned_peak_gb": plan["peak_bytes"] / 2**30,
+        "planned_runtime_gb": plan.get("runtime_bytes", 0) / 2**30,  # interpreter, libraries
+        "plan_method": plan.get("method"),
+        "memory_plan_stages_gb": {k: v / 2**30 for k, v in plan["stages"].items()},
+        "max_memory": plan.get("limit_bytes"),
+        "lambda": m["lambda"], "gamma": m["gamma"], "d": m["d"], "per_example_hvp": m.get("per_example_hvp"),
+        "tail_fraction": m["tail_fraction"], "verdict": m["verdict"],
+    }  # fmt: skip
 
 
 def _rss_gb() -> float:

@@ -87,17 +87,23 @@ def test_distributed_products_match_one_process(tmp_path, micro_model_dir):
     assert torch.all(overlap > 1 - 1e-5), overlap
 
 
-def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite):
-    """``torchrun -m aligncollapse scan`` reproduces λ, ε_orth and γ; only rank 0 writes."""
-    args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
-            "--limit", "4", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "3",
-            "--subspace-d", "2", "--n-boot", "20", "--threshold", "0.5"]  # fmt: skip
+def _scan_one_and_two(tmp_path, args: list[str]):
+    """results.json of ``args`` in this process and under torchrun with 2 processes, and the run."""
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    return a, b, two
+
+
+def test_distributed_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse scan`` reproduces λ, ε_orth and γ; only rank 0 writes."""
+    args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "4", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "3",
+            "--subspace-d", "2", "--n-boot", "20", "--threshold", "0.5"]  # fmt: skip
+    a, b, two = _scan_one_and_two(tmp_path, args)
     for key in ("lambda", "eps_orth", "gamma", "g_norm", "Hg_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
     # the bootstrap's per-example H_n g, split over the ranks one example each, and its CIs
@@ -117,12 +123,7 @@ def test_distributed_sample_scan_matches_one_process(tmp_path, tiny_model_dir, s
             "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "4",
             "--subspace-d", "3", "--n-boot", "20", "--threshold", "0.5", "--scan-method", "sample",
             "--fisher-samples", "2"]  # fmt: skip
-    assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a = json.loads((tmp_path / "one" / "results.json").read_text())
-    b = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert a["world_size"] == 1 and b["world_size"] == 2
+    a, b, two = _scan_one_and_two(tmp_path, args)
     assert a["scan_method"] == b["scan_method"] == "sample"
     assert a["rank_share"] == {"safety_prompts": 6, "finetune_examples": a["n_finetune"]}
     assert b["rank_share"] == {"safety_prompts": 3, "finetune_examples": a["n_finetune"] // 2}  # the work was split
