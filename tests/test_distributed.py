@@ -135,3 +135,77 @@ def test_distributed_sample_scan_matches_one_process(tmp_path, tiny_model_dir, s
         assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-6), key
     assert b["shuffled_null"]["gamma_rel"] == pytest.approx(a["shuffled_null"]["gamma_rel"], rel=1e-5)
     assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]
+
+
+def _finetune_args(model_dir, suite, steps: int) -> list[str]:
+    return ["finetune", "--model", str(model_dir), "--dtype", "float64", "--data", str(suite / "arithmetic.jsonl"),
+            "--eval-harmful", str(suite / "eval_harmful.jsonl"), "--limit", "4", "--steps", str(steps),
+            "--batch-size", "5", "--track-every", "2", "--refusal-every", "0", "--lr", "3e-3",
+            "--checkpoint-every", "2"]  # fmt: skip
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_distributed_finetune_matches_one_process(tmp_path, tiny_model_dir, small_suite, launcher):
+    """``torchrun -m aligncollapse finetune`` and ``accelerate launch --multi_gpu --num_processes 2``
+    (DDP over gloo on the CPU, each rank 2 or 3 of a step's 5 examples) follow the one-process run:
+    the fine-tuning and alignment losses at every tracked step and the final weights; rank 0 alone
+    writes the trajectory."""
+    args = _finetune_args(tiny_model_dir, small_suite, 4)
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    if launcher == "torchrun":
+        two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), "-m", "aligncollapse", *args, "--out", str(tmp_path / "two")]  # fmt: skip
+        two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "trajectory.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "trajectory.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 2, 4]  # one line per step: rank 0 wrote
+    for ra, rb in zip(a, b):
+        for key in ("ft_loss", "alignment_loss", "alignment_kl", "displacement"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (ra["step"], key)
+    assert a[-1]["displacement"] > 0.01  # the weights moved: the comparison is not of two idle runs
+    res = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert res["world_size"] == 2 and res["status"] == "completed" and res["steps_done"] == 4
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in wa:  # AdamW's g/√v amplifies rounding where g ≈ 0 (q, k at random init): 1.5e-9 measured
+        assert _rel(wb[name], wa[name]) < 1e-7, name
+
+
+def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_suite):
+    """Under torchrun, 2 steps then a resumed run to 4 give the uninterrupted 4-step run's weights
+    bit for bit (every rank restores rank 0's checkpoint; the RNG is a function of (seed, step, rank))."""
+    straight = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 4), "--lora", "--lora-r",
+                         "2", "--lora-dropout", "0.2", "--out", str(tmp_path / "straight"), timeout=300)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for steps in (2, 4):
+        split = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, steps), "--lora",
+                          "--lora-r", "2", "--lora-dropout", "0.2", "--out", str(tmp_path / "split"), timeout=300)  # fmt: skip
+        assert split.returncode == 0, split.stderr[-2000:]
+    a = (tmp_path / "straight" / "trajectory.jsonl").read_text()
+    b = (tmp_path / "split" / "trajectory.jsonl").read_text()
+    assert [json.loads(x)["ft_loss"] for x in a.splitlines()[1:]] == [
+        json.loads(x)["ft_loss"] for x in b.splitlines()[1:]
+    ]
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "split" / "model" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_defended_finetune_is_refused_under_torchrun(tmp_path, tiny_model_dir, small_suite):
+    r = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 2), "--defense", "ogd",
+                  "--out", str(tmp_path / "d"))  # fmt: skip
+    # each rank exits with status 2 and one line (the traceback after it is torchrun's own report)
+    assert r.returncode != 0 and "error: --defense does not run under torchrun" in r.stderr
+    assert not (tmp_path / "d" / "trajectory.jsonl").exists()

@@ -139,3 +139,23 @@ def barrier() -> None:
     """Wait for every rank (nothing when not distributed)."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's picklable ``obj`` on every rank (the identity when not distributed): e.g. the output
+    directory rank 0 resolved, so that every rank reads the same checkpoints."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any: a decision (stop, checkpoint now) taken by
+    all ranks together, so that none waits in a collective the others skipped."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(torch.device("cpu")))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

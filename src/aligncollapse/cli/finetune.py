@@ -18,6 +18,7 @@ from aligncollapse.cli.common import (
     unaligned_model,
     use_chat,
 )
+from aligncollapse.errors import UserError
 
 
 def register(sub) -> None:
@@ -54,9 +55,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.models import LoraSettings, load_model
     from aligncollapse.training.finetune import FinetuneConfig, finetune
 
+    if args.defense and distributed.is_distributed():
+        raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     train = training_data(args.data, args)
     harmful, benign = eval_sets(args, model, tok)
@@ -100,6 +104,8 @@ def run(args) -> int:
         command_config={"args": config(args), "finetune": cfg.to_json()},
         defense=defense,
     )
+    if not distributed.is_main():  # under torchrun the other ranks only compute
+        return 0
     page = finish(out)
     print_table(f"fine-tuned {res['steps_done']} steps -> {page}", {args.data: res.get("summary", {})})
     return 0

@@ -54,7 +54,7 @@ def _remove_if_empty(path: Path | None) -> None:
 # Commands that manage their --out themselves (organism build publishes a whole directory).
 UNLOCKED = {"report", "organism build"}
 # Commands that split their work over torchrun's processes (rank 0 writes and prints).
-DISTRIBUTED = {"scan"}
+DISTRIBUTED = {"scan", "finetune"}
 
 
 def _start_distributed(args, name: str) -> None:
@@ -62,7 +62,7 @@ def _start_distributed(args, name: str) -> None:
     if not distributed.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     if name not in DISTRIBUTED:
-        raise UserError(f"{name} does not run under torchrun; only {', '.join(sorted(DISTRIBUTED))} does")
+        raise UserError(f"{name} does not run under torchrun; these do: {', '.join(sorted(DISTRIBUTED))}")
     distributed.init_from_env(getattr(args, "device", None))
     if hasattr(args, "device"):
         args.device = distributed.local_device(args.device)
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.out = str(out)
                 stack.enter_context(lock_out(out))
                 stack.callback(_remove_if_empty, created)
+            if hasattr(args, "out") and distributed.is_distributed():
+                args.out = distributed.broadcast_object(args.out)  # rank 0's resolved --out, for every rank
             elif name == "organism build":
                 prepare_out(Path(args.out), flag="--out", create=False)
             return args.func(args)

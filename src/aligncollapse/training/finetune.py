@@ -3,6 +3,18 @@
 The batch at each step is a pure function of (seed, step) (:meth:`EncodedSet.step_indices`), and
 checkpoints hold the trainable weights, optimiser state and RNG states, so a resumed run
 reproduces the uninterrupted one exactly on CPU. Ctrl-C saves a checkpoint before exiting.
+
+Under ``torchrun`` / ``accelerate launch`` (data parallel, :class:`~torch.nn.parallel.DistributedDataParallel`):
+every rank builds the same global batch of step t, takes a contiguous share of it and scales its
+summed token NLL by W / (the global batch's token count), so DDP's gradient average is exactly the
+one-process mean-token gradient; every rank steps the same optimiser on the same gradient, so the
+weights stay identical. Each rank's RNG is reseeded from (seed, step, rank) before its step (dropout),
+which makes a resumed run exact without per-rank RNG states. The tracker measures on every rank
+(identical models: the same numbers, and no rank waits in a collective for another's evaluation);
+rank 0 alone writes the trajectory, checkpoints, the model and ``results.json``, and runs the final
+evaluation. Memory per rank: the model, its gradient and the optimiser state (as one process), plus
+DDP's gradient buckets (about n·b). The output directory must be shared by all ranks (one node, or a
+shared file system).
 """
 
 from __future__ import annotations
@@ -17,10 +29,17 @@ from pathlib import Path
 
 import torch
 
+from aligncollapse import distributed
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.errors import NonFiniteError, RunDiverged, UserError
-from aligncollapse.evaluation.metrics import SafetyEvalConfig, evaluate_safety, headline, mean_token_loss
+from aligncollapse.evaluation.metrics import (
+    SafetyEvalConfig,
+    evaluate_safety,
+    headline,
+    mean_token_loss,
+    sequence_nll,
+)
 from aligncollapse.models import LoraSettings, apply_lora, count_parameters, is_peft
 from aligncollapse.progress import log, progress
 from aligncollapse.results import write_results
@@ -244,19 +263,28 @@ def finetune(
     total = cfg.total_steps(len(data))
     if total > 10**9:
         raise UserError(f"the budget is {total:,} steps; give --steps or a smaller --epochs")
-    _warn_if_unteachable(data, tokenizer)
+    world, main = distributed.world_size(), distributed.is_main()
+    if world > 1 and defense is not None:
+        raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
+    if world > 1 and cfg.batch_size < world:
+        raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs an example")
+    if main:
+        _warn_if_unteachable(data, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    if not resume and (out / "checkpoint").exists():
-        for name in ("state.pt", "initial.pt", "state.tmp"):  # only the files this tool writes there
-            (out / "checkpoint" / name).unlink(missing_ok=True)
-    save_initial(model, out)
+    if main:
+        if not resume and (out / "checkpoint").exists():
+            for name in ("state.pt", "initial.pt", "state.tmp"):  # only the files this tool writes there
+                (out / "checkpoint" / name).unlink(missing_ok=True)
+        save_initial(model, out)
+    distributed.barrier()  # the other ranks read what rank 0 kept or wrote
     if defense is not None:
         defense.setup(model)  # at θ*, before any checkpoint is restored
     start = load_checkpoint(out, model, opt, cfg, digest, total) if resume else 0
     traj = out / "trajectory.jsonl"
-    if start == 0 and traj.exists():  # a run that died before its first checkpoint starts over
+    if start == 0 and traj.exists() and main:  # a run that died before its first checkpoint starts over
         traj.unlink()
+    distributed.barrier()
     tracker = None
     if eval_harmful:
         time_scale = cfg.lr if cfg.optimizer == "sgd" else None
@@ -265,7 +293,7 @@ def finetune(
             _at_start(model, out, start),
             tokenizer,
             eval_harmful,
-            traj,
+            traj if main else None,  # every rank measures (identical models); rank 0 writes
             template=cfg.template,
             use_chat_template=cfg.use_chat_template,
             every=cfg.track_every,
@@ -287,15 +315,19 @@ def finetune(
     diverged: str | None = None
     losses: list[float] = []
     last_ckpt = time.monotonic()
+    ddp = _data_parallel(model) if world > 1 else None
     try:
         model.train()
         for step in progress(range(start, total), desc="finetune", total=total - start):
-            batch = data.batch(data.step_indices(step, cfg.batch_size, cfg.seed))
-            loss = mean_token_loss(model, batch)
-            if not torch.isfinite(loss):
+            indices = data.step_indices(step, cfg.batch_size, cfg.seed)
+            if ddp is None:
+                loss = value = mean_token_loss(model, data.batch(indices))
+            else:
+                loss, value = _shard_loss(ddp, data, indices, cfg.seed, step)
+            if not torch.isfinite(value):
                 raise NonFiniteError(f"non-finite fine-tuning loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP: the gradient is averaged over the ranks here
             if cfg.grad_clip:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:  # the norm only (no rescaling pass): the finiteness check below needs it
@@ -311,18 +343,22 @@ def finetune(
                 defense.on_update(model, done, before)
             if step_hook is not None:
                 step_hook(model, done)
-            losses.append(loss.item())
+            losses.append(value.item())
             if tracker is not None and not (post_hoc and done == total):
                 tt = time.perf_counter()
                 tracker.log(model, done, ft_loss=losses[-1], force=done == total)
                 t_track += time.perf_counter() - tt
-            due = cfg.checkpoint_minutes and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes
+            due = bool(cfg.checkpoint_minutes) and time.monotonic() - last_ckpt >= 60 * cfg.checkpoint_minutes
+            if cfg.checkpoint_minutes:
+                due = distributed.any_rank(due)  # the ranks' clocks differ: they decide together
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or due:
-                save_checkpoint(out, done, model, opt, cfg, digest)
+                if main:
+                    save_checkpoint(out, done, model, opt, cfg, digest)
                 last_ckpt = time.monotonic()
     except KeyboardInterrupt:
         status = "interrupted"
-        save_checkpoint(out, done, model, opt, cfg, digest)
+        if main:
+            save_checkpoint(out, done, model, opt, cfg, digest)
     except NonFiniteError as e:
         # The weights may already be non-finite: keep the last good checkpoint on disk as it is.
         status, diverged = "diverged", str(e)
@@ -334,7 +370,7 @@ def finetune(
             tracker.log(model, done, ft_loss=losses[-1] if losses else None, force=True)
             t_track += time.perf_counter() - tt
     seconds = time.perf_counter() - t0
-    if status == "completed":
+    if status == "completed" and main:
         save_checkpoint(out, done, model, opt, cfg, digest)
     payload: dict = {
         "status": status,
@@ -350,8 +386,17 @@ def finetune(
         "final_ft_loss": losses[-1] if losses else None,  # the last finite loss
         "trajectory": tracker.records if tracker else [],
     }
+    if world > 1:
+        payload["world_size"] = world
     if defense is not None:
         payload["defense"] = defense.info()
+    if not main:  # the other ranks only computed; rank 0 saves, evaluates and writes
+        if status == "interrupted":
+            raise KeyboardInterrupt
+        if status == "diverged":
+            raise RunDiverged(f"fine-tuning diverged ({diverged})")
+        payload["model"] = model
+        return payload
     if status == "completed" and save_model:
         _save_model(model, tokenizer, out / "model")
         payload["model_path"] = "model"
@@ -374,6 +419,28 @@ def finetune(
                           f"checkpoint (step {payload['resume_from_step']}) is kept in {out / 'checkpoint'}")  # fmt: skip
     payload["model"] = model
     return payload
+
+
+def _data_parallel(model):
+    """``model`` under DistributedDataParallel on its own device (this rank's GPU, or the CPU)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _shard_loss(ddp, data: EncodedSet, indices: list[int], seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's loss to backpropagate, the global batch's mean token NLL) for one data-parallel step.
+
+    The rank's share of the step's batch gives Σ NLL_r over n_r tokens; one all-reduce gives Σ NLL and
+    n = Σ n_r. Backpropagating W·Σ NLL_r / n makes DDP's average (1/W)·Σ_r of the gradients equal the
+    gradient of Σ NLL / n, the one-process loss."""
+    torch.manual_seed(seed * 1_000_003 + step * 1_009 + distributed.rank())  # dropout: (seed, step, rank)
+    share = [indices[i] for i in distributed.contiguous_shard(len(indices))]
+    nll, n = sequence_nll(ddp, data.batch(share))
+    total = distributed.all_reduce_sum(torch.stack([nll.sum().detach().double(), n.sum().double()]))
+    count = total[1].clamp_min(1)
+    return nll.sum() * distributed.world_size() / count.to(nll.dtype), total[0] / count
 
 
 def _checkpoint_step(out: Path) -> int:

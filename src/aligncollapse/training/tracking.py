@@ -17,6 +17,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.distributed import is_main
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, KLReference, SequenceKL, alignment_loss, generate
 from aligncollapse.evaluation.refusal import RefusalDetector, is_degenerate
@@ -142,7 +143,7 @@ class Tracker:
         if bad:
             raise NonFiniteError(f"non-finite {', '.join(bad)} at step {step}", step)
         self.records.append(rec)
-        if self.path is not None:
+        if self.path is not None and is_main():  # under torchrun / accelerate (e.g. Trainer) rank 0 writes
             append_line(self.path, json.dumps(rec))
         return rec
 
