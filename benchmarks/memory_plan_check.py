@@ -1,6 +1,7 @@
-"""Planned vs measured peak memory of a scan on a ~4M-parameter random Llama (CPU).
+"""Planned vs measured peak memory of a scan, or of ``fisher``, on a ~4M-parameter random Llama (CPU).
 
     PYTHONPATH=src python benchmarks/memory_plan_check.py [--finetune 16] [--safety 8] [--hidden 256]
+    PYTHONPATH=src python benchmarks/memory_plan_check.py --fisher exact|lanczos|kronecker|rademacher [--safety 32]
 
 Measured = peak RSS during the scan (sampled every 2 ms) minus the RSS before the model was built,
 so the Python/torch runtime is left out and the weights are counted, as the plan counts them; per
@@ -28,13 +29,15 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=16)
     ap.add_argument("--safety", type=int, default=8)
     ap.add_argument("--max-d", type=int, default=4)
+    ap.add_argument("--fisher", choices=["exact", "lanczos", "kronecker", "rademacher"],
+                    help="measure `fisher --method ...` (kronecker/rademacher: projected) instead of the scan")  # fmt: skip
+    ap.add_argument("--memory-budget", type=float, default=1.0, help="--fisher exact: the grouping budget in GiB")
     a = ap.parse_args()
 
     import psutil
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligncollapse.geometry.memory import format_size
     from aligncollapse.models import BlockSelection
     from aligncollapse.organism import corpus
     from aligncollapse.organism.suite import load_suite_set, write_suite
@@ -82,6 +85,29 @@ def main() -> None:
 
         return wrapper
 
+    if a.fisher:
+        from aligncollapse.geometry import analysis
+        from aligncollapse.geometry.analysis import FisherSettings, run_fisher
+
+        analysis.fisher_examples = tracked("generate", analysis.fisher_examples)
+        analysis.exact_fisher = tracked("exact", analysis.exact_fisher)
+        analysis.implicit_fisher = tracked("lanczos", analysis.implicit_fisher)
+        analysis.projected_fisher = tracked("projected", analysis.projected_fisher)
+        import aligncollapse.geometry.representation as rep
+
+        rep.representation_structure = tracked("representation", rep.representation_structure)
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        method = "projected" if a.fisher in ("kronecker", "rademacher") else a.fisher
+        fs = FisherSettings(kinds=("sampled", "empirical"), method=method, projection=a.fisher if method == "projected" else "rademacher",
+                            top_k=8, memory_budget=int(a.memory_budget * 2**30))  # fmt: skip
+        res = run_fisher(model, tok, safety, tempfile.mkdtemp(), fs)
+        done.set()
+        th.join()
+        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total, f"N={len(safety)} safety examples", t0)
+        return
+
     from aligncollapse.geometry.curvature import HessianOperator
     from aligncollapse.geometry.per_sample import PerSampleGradients
     from aligncollapse.scan import aic
@@ -101,20 +127,27 @@ def main() -> None:
     res = measure_aic(model, tok, safety, finetune, s)
     done.set()
     th.join()
-    plan = res["memory_plan"]
-    measured = peak[0] - base_rss
-    print(f"model: {n_total / 1e6:.2f}M parameters (all selected), N={len(safety)} safety prompts, "
-          f"M={len(finetune)} examples, T={plan['inputs']['T']}, V={plan['inputs']['vocab']}, k={plan['inputs']['k']}")  # fmt: skip
+    _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
+            f"N={len(safety)} safety prompts, M={len(finetune)} examples", t0)  # fmt: skip
+
+
+def _report(plan: dict, stage_peak: dict, peak: int, base_rss: int, n_total: int, sizes: str, t0: float) -> None:
+    """Each stage's planned and measured peak (RSS above the pre-model baseline), and the overall ratio."""
+    from aligncollapse.geometry.memory import format_size
+
+    measured = peak - base_rss
+    print(f"model: {n_total / 1e6:.2f}M parameters (all selected), {sizes}, T={plan['inputs']['T']}, "
+          f"V={plan['inputs']['vocab']}, k={plan['inputs']['k']}")  # fmt: skip
     for name, nbytes in plan["stages"].items():
         got = stage_peak.get(name, base_rss) - base_rss
         print(
-            f"  {name:<11} planned {format_size(nbytes):>9}  measured {format_size(got):>9}  ratio {nbytes / got:.2f}"
+            f"  {name:<14} planned {format_size(nbytes):>9}  measured {format_size(got):>9}  ratio {nbytes / got:.2f}"
         )
     print(f"  (outside the tracked stages: measured {format_size(stage_peak.get('other', base_rss) - base_rss)})")
     print(f"planned peak  {format_size(plan['peak_bytes'])} ({plan['peak_stage']})")
-    print(f"measured peak {format_size(measured)} (peak RSS {format_size(peak[0])} - RSS before the model "
+    print(f"measured peak {format_size(measured)} (peak RSS {format_size(peak)} - RSS before the model "
           f"{format_size(base_rss)})")  # fmt: skip
-    print(f"planned / measured = {plan['peak_bytes'] / measured:.2f}   scan took {time.perf_counter() - t0:.0f} s")
+    print(f"planned / measured = {plan['peak_bytes'] / measured:.2f}   took {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

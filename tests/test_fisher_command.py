@@ -86,6 +86,9 @@ def test_fisher_cli_exact_and_projected(tmp_path, tiny_model_dir, small_suite):
         assert sub.fisher == kind and sub.d == g["d"]
     assert "note" in res["fisher"]["empirical"]["null_shuffled"]  # identical refusals: shuffling is a no-op
     assert "representation" in res and (out / "spectra_empirical.png").exists()
+    plan = res["memory_plan"]  # sampled responses, the exact Gram pass, the representation analysis
+    assert set(plan["stages"]) == {"generate", "exact", "representation"} and plan["inputs"]["N"] == 12
+    assert plan["peak_bytes"] == max(plan["stages"].values()) and plan["limit_bytes"] > 0
     for proj in ("rademacher", "kronecker"):
         out = tmp_path / proj
         code = main(["fisher", "--model", str(tiny_model_dir), "--safety", safety, "--limit", "8", "--fisher", "empirical",
@@ -93,7 +96,40 @@ def test_fisher_cli_exact_and_projected(tmp_path, tiny_model_dir, small_suite):
                      "--no-representation", "--out", str(out)])  # fmt: skip
         assert code == 0
         res = json.loads((out / "results.json").read_text())
+        assert set(res["memory_plan"]["stages"]) == {"projected"}
+        assert res["memory_plan"]["inputs"]["projection"] == proj
         assert set(res["fisher"]["empirical"]["blocks"]) == {
             "model.layers.0.self_attn.q_proj.weight",
             "model.layers.0.self_attn.v_proj.weight",
         }
+
+
+def test_representation_from_factors_matches_dense_gradients(tiny_model_dir, small_suite):
+    """The factored representation analysis equals the dense one: per-sample G_n = Σ_t δ_t a_tᵀ formed,
+    captured energies ‖U_rᵀG_n‖²/‖G_n‖², the Gram K = F Fᵀ/N and its top eigenvector's principal angles.
+    A chunk of 7 token pairs per row block exercises the chunked Gram."""
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.geometry.projection import linear_weights
+    from aligncollapse.geometry.representation import capture_errors, representation_structure
+    from aligncollapse.geometry.subspace import principal_angles
+    from aligncollapse.organism.suite import load_suite_set
+
+    model, tok = load_model(tiny_model_dir, dtype="float64")
+    safety = load_suite_set(small_suite, "safety")[:6]
+    got = representation_structure(model, tok, safety, chunk_elems=7)
+    weights = linear_weights(model)
+    mods = [n.rsplit(".", 1)[0] for n in weights]
+    io, owner = capture_errors(model, EncodedSet(tok, safety, "raw"), mods)
+    for wname, m in zip(weights, mods):
+        D, A = io[m]
+        G = torch.zeros(6, D.shape[1], A.shape[1], dtype=torch.float64)
+        G.index_add_(0, owner, torch.einsum("to,ti->toi", D, A))
+        U = torch.linalg.svd(D, full_matrices=False)[2].T
+        F = G.reshape(6, -1)
+        v1 = (F.T @ torch.linalg.eigh(F @ F.T / 6)[1][:, -1]).reshape(G.shape[1:])
+        col1 = torch.linalg.svd(v1, full_matrices=False)[0][:, :1]
+        for r, frac in got[wname]["captured"].items():
+            want = float(torch.einsum("or,noi->nri", U[:, :r], G).pow(2).sum() / G.pow(2).sum())
+            assert frac == pytest.approx(want, rel=1e-9), (wname, r)
+            angle = float(principal_angles(col1, U[:, :r]).max())
+            assert got[wname]["top_eigvec_angle"][r] == pytest.approx(angle, rel=1e-6, abs=1e-6), (wname, r)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from aligncollapse.cli.main import main
-from aligncollapse.geometry.memory import ModelShape, format_size, parse_size, scan_memory_plan
+from aligncollapse.geometry.memory import ModelShape, fisher_memory_plan, format_size, parse_size, scan_memory_plan
 
 SHAPE = ModelShape(n=10**6, n_total=10**7, hidden=256, intermediate=1024, layers=4, heads=4, vocab=32000, dtype_bytes=4)
 
@@ -92,3 +92,43 @@ def test_runtime_is_counted_against_the_limit():
     check_fits(plan, 150)
     with pytest.raises(UserError, match="50 B of runtime"):
         check_fits(plan, 149)
+
+
+def _fisher(**over):
+    kw = {"method": "exact", "n_examples": 32, "seq_len": 64, "top_k": 8, "group_bytes": 32 * 10**6 * 4, "groups": 1,
+          "n_blocks": 10, "linear_shapes": [(256, 256)] * 4 + [(1024, 256), (256, 1024)]}  # fmt: skip
+    kw.update(over)
+    return fisher_memory_plan(SHAPE, **kw)
+
+
+def test_fisher_plan_terms_follow_the_formulas():
+    base = _fisher()
+    assert set(base["stages"]) == {"exact"} and base["peak_bytes"] == base["stages"]["exact"]
+    # k Ritz/lifted vectors: one more eigenpair adds n·8 to the exact stage
+    assert _fisher(top_k=9)["stages"]["exact"] - base["stages"]["exact"] == 10**6 * 8
+    # a second parameter group adds the second (lifting) pass, holding G_max again beside the basis
+    assert set(_fisher(groups=2)["stages"]) == {"exact", "lift"}
+    # the sampled Fisher generates its responses first; the representation analysis keeps float64 factors
+    assert "generate" in _fisher(sampled=True)["stages"]
+    r1, r2 = (_fisher(representation_tokens=t)["stages"]["representation"] for t in (1000, 2000))
+    assert r2 - r1 >= 8 * 1000 * (4 * 512 + 2 * 1280)
+    # projected: the rows P·N·K·b grow with K; the Kronecker path never holds a K × d block
+    k1, k2 = (
+        _fisher(method="projected", projection="kronecker", projection_dim=k)["stages"]["projected"]
+        for k in (1024, 2048)
+    )
+    assert k2 - k1 >= 6 * 32 * 1024 * 4
+    ra = _fisher(method="projected", projection="rademacher")["stages"]["projected"]
+    assert ra < 4096 * 1024 * 256 * 4  # a 64 MB block of the projector at a time, never the 4096 × d matrix
+    with pytest.raises(Exception, match="--method"):
+        _fisher(method="svd")
+
+
+def test_fisher_over_max_memory_stops_before_heavy_work(tmp_path, tiny_model_dir, small_suite, capsys):
+    out = tmp_path / "fisher"
+    code = main(["fisher", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "8",
+                 "--max-memory", "1MB", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --max-memory 1MB = 1 MB: the planned peak is ") and "largest stage: " in err
+    assert not (out / "results.json").exists()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import positive_float, positive_int, seed, subspace_d
+from aligncollapse.cli.args import memory_size, positive_float, positive_int, seed, subspace_d
 from aligncollapse.cli.common import (
     add_data_args,
     add_model_args,
     blocks,
     config,
     finish,
+    memory_limit,
     out_dir,
     safety_set,
     use_chat,
@@ -40,6 +41,9 @@ def register(sub) -> None:
     fi.add_argument("--shuffled-null", action="store_true", help="also compute the label-shuffled null (one more pass)")
     fi.add_argument("--no-representation", action="store_true", help="skip the representation-space analysis")
     fi.add_argument("--seed", type=seed, default=0)
+    fi.add_argument("--max-memory", type=memory_size, default="auto",
+                    help="stop before any heavy work when the planned peak exceeds this: a size (16GB, 500MB, "
+                    "bytes) or auto (the CUDA device's memory, else the available RAM; default)")  # fmt: skip
     fi.add_argument("--out")
     add_data_args(fi, "--safety")
     fi.set_defaults(func=run)
@@ -59,6 +63,7 @@ def run(args) -> int:
         shuffled_null=args.shuffled_null, representation=not args.no_representation, seed=args.seed,
         template=args.template, use_chat_template=use_chat(args), blocks=blocks(args),
     )  # fmt: skip
+    s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "fisher")
     payload = run_fisher(model, tok, safety, out, s)
     write_results(out, "fisher", payload, config(args))

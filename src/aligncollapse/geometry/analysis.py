@@ -36,11 +36,57 @@ class FisherSettings:
     template: str = "raw"
     use_chat_template: bool | None = None
     blocks: BlockSelection = field(default_factory=BlockSelection)
+    max_memory: int | None = None  # bytes; None: no limit
+    max_memory_flag: str | None = None  # how --max-memory was given (for the error message)
+
+
+def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) -> dict:
+    """The command's memory plan (:func:`aligncollapse.geometry.memory.fisher_memory_plan`), logged one
+    line per stage, and a one-line :class:`UserError` when it exceeds ``s.max_memory``, before any
+    heavy work. T: the longest safety example, or prompt plus the 32 sampled tokens."""
+    from aligncollapse.data.encoding import encode
+    from aligncollapse.geometry.fisher import _groups
+    from aligncollapse.geometry.memory import check_fits, fisher_memory_plan, format_size, model_shape, runtime_bytes
+    from aligncollapse.geometry.projection import linear_weights
+    from aligncollapse.progress import log
+
+    params = s.blocks.select(model)
+    sampled = "sampled" in s.kinds
+    N = len(safety) * (s.n_samples if sampled else 1)
+    full = [len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template).input_ids)
+            for e in safety if e.response]  # fmt: skip
+    prompts = [len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, response="").input_ids) + 32
+               for e in safety] if sampled else []  # fmt: skip
+    T = max([*full, *prompts, 1])
+    first = next(iter(params.values()))
+    groups = _groups([p.numel() for p in params.values()], N, first.element_size(), s.memory_budget)
+    group_bytes = max(N * sum(list(params.values())[i].numel() for i in g) * first.element_size() for g in groups)
+    try:
+        shapes = [tuple(w.shape) for w in linear_weights(model, s.blocks).values()]
+    except UserError:
+        shapes = []  # no linear module selected (e.g. norms only): nothing projected or analysed
+    rep = 0
+    if s.representation and "empirical" in s.kinds and shapes:
+        rep = sum(full)
+    plan = fisher_memory_plan(
+        model_shape(model, params), method=s.method, n_examples=N, seq_len=T, top_k=s.top_k, group_bytes=group_bytes,
+        groups=len(groups), n_blocks=len(params), linear_shapes=shapes, projection=s.projection,
+        projection_dim=s.projection_dim, sampled=sampled, representation_tokens=rep,
+    )  # fmt: skip
+    plan["runtime_bytes"] = runtime_bytes(model)
+    for name, nbytes in plan["stages"].items():
+        log(f"[memory plan] {name}: {format_size(nbytes)}")
+    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f" + runtime {format_size(plan['runtime_bytes'])}" if plan["runtime_bytes"] else "")
+        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
+    check_fits(plan, s.max_memory, given=s.max_memory_flag)
+    plan["limit_bytes"] = s.max_memory
+    return plan
 
 
 def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path, s: FisherSettings) -> dict:
     out = Path(out_dir)
-    payload: dict = {"fisher": {}}
+    payload: dict = {"fisher": {}, "memory_plan": fisher_plan(model, tokenizer, safety, s)}
     for kind in s.kinds:
         exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
         entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}

@@ -391,7 +391,7 @@ class GhostGradients:
         acc_b = torch.zeros(n1, n2, dtype=torch.float64, device=dev)
         R1 = u.d.shape[0]
         step = max(1, self.chunk_elems // max(1, w.d.shape[0]))
-        b2 = _bounds(w.ex, n2)
+        b2 = segment_bounds(w.ex, n2)
         for s in range(0, R1, step):
             sl = slice(s, min(s + step, R1))
             c0 = 0
@@ -403,16 +403,16 @@ class GhostGradients:
             if su.kind == "linear" and sw.kind == "linear":
                 dd = u.d[sl] @ wd.T
                 if shared_w:
-                    _segment_add(acc_w, u.ex[sl], lo_hi, (u.a[sl] @ wa.T) * dd)
+                    segment_add(acc_w, u.ex[sl], lo_hi, (u.a[sl] @ wa.T) * dd)
                 if shared_b:
-                    _segment_add(acc_b, u.ex[sl], lo_hi, dd)
+                    segment_add(acc_b, u.ex[sl], lo_hi, dd)
             elif su.kind == "embedding" and sw.kind == "embedding":
                 same = u.a[sl, None] == wa[None, :]
-                _segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl] @ wd.T) * same)
+                segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl] @ wd.T) * same)
             elif su.kind == "embedding":  # embedding × linear of the same (V × h) weight
-                _segment_add(acc_w, u.ex[sl], lo_hi, wd.T[u.a[sl]] * (u.d[sl] @ wa.T))
+                segment_add(acc_w, u.ex[sl], lo_hi, wd.T[u.a[sl]] * (u.d[sl] @ wa.T))
             else:  # linear × embedding
-                _segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl][:, wa]) * (u.a[sl] @ wd.T))
+                segment_add(acc_w, u.ex[sl], lo_hi, (u.d[sl][:, wa]) * (u.a[sl] @ wd.T))
         if sym:  # the upper triangle is exact; mirror it (one temporary)
             for acc in (acc_w, acc_b) if shared_b else (acc_w,):
                 acc.triu_()
@@ -624,13 +624,13 @@ def _matmul_t64(x: torch.Tensor, y: torch.Tensor, chunk: int = 2**16) -> torch.T
     return acc
 
 
-def _bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_bounds(ex: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[lo, hi) row ranges of each example in a sorted example-index vector (empty ranges allowed)."""
     hi = torch.bincount(ex, minlength=count).cumsum(0)
     return hi - torch.bincount(ex, minlength=count), hi
 
 
-def _segment_add(
+def segment_add(
     acc: torch.Tensor, ex1: torch.Tensor, bounds2: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
 ) -> None:
     """acc[e1, e2] += Σ x[r, c] over rows r of example e1 and columns c of example e2 (columns sorted

@@ -38,6 +38,7 @@ memory (a few hundred MB on the CPU, the CUDA context on a GPU) come on top.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -264,6 +265,122 @@ def sample_scan_memory_plan(
             "optimizer": optimizer,
         },  # fmt: skip
         "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.sample_scan_memory_plan); "
+        "allocator slack and the framework's own memory come on top",
+    }
+
+
+def fisher_memory_plan(
+    s: ModelShape,
+    *,
+    method: str,
+    n_examples: int,
+    seq_len: int,
+    top_k: int,
+    group_bytes: int,
+    groups: int,
+    n_blocks: int,
+    linear_shapes: list[tuple[int, int]],
+    projection: str = "rademacher",
+    projection_dim: int = 4096,
+    sampled: bool = False,
+    representation_tokens: int = 0,
+    chunk_size: int = 32,
+    projection_chunk: int = 16,
+    batch_size: int = 16,
+    generation_batch: int = 64,
+    projector_chunk_bytes: int = 64 * 2**20,
+    gram_chunk: int = 2**24,
+) -> dict:
+    """Peak bytes of each stage of ``aligncollapse fisher`` (:func:`aligncollapse.geometry.analysis.run_fisher`).
+
+    With N examples (prompts × samples for the sampled Fisher), k = min(top_k, N), G_max the largest
+    parameter group's gradient slice N·n_g·b (``group_bytes``; one group when N·n·b fits
+    ``--memory-budget``), P linear modules of shapes (d_out, d_in), K the projection dimension and
+    R the safety set's tokens:
+
+    * generate    W + 2·L·B_g·T·h·b + B_g·T·V·4                  (sampled Fisher: KV cache, logits)
+    * exact       W + G_max + 2·c·n_g·b + 2·act(c) + (P_b + 2)·N²·8 + 2·N·8192·8 + n·k·8  (P_b parameter blocks)
+                  (G, one vmapped chunk's gradients (per parameter, then concatenated) and activations, the per-block and total Grams,
+                  float64 column scratch, the lifted basis; two groups or more: a second pass holds
+                  G_max again beside the basis)
+    * lanczos     W + (ncv + 2k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4   (the scan's Lanczos stage, plus
+                  the k Ritz vectors' reordered copy)
+    * projected   rademacher: W + c'·d_max·b + 2·act(c') + 2·chunk_R + P·N·K·b   (one module's chunk of
+                  per-sample gradients, a projector column block and its product, the projected rows);
+                  kronecker: W + n_tot·b + act(c') + Σ_m c'·T·d_out·b + P·N·K·b + Σ_m (k_o·d_out + k_i·d_in)·8
+                  (the batch's parameter gradients, hooked output gradients, the rows, the factors)
+    * representation W + 8·R·Σ_m (d_in + d_out) + max(n_tot·b + act(B),
+                  max_m (16·R·min(R, d_out) + 8·d_out² + 24·d_out·d_in) + 40·min(chunk, R²))
+                  (every module's token-level inputs and output gradients in float64, kept for the
+                  analysis; while capturing, the batch's parameter gradients and activations; then per
+                  module the SVD of its error signals, the top eigenvector as a d_out × d_in matrix and
+                  its SVD, and a row chunk of token-pair products)
+
+    Nothing of size N·n is held when N·n·b exceeds the budget (the exact method groups), and nothing of
+    size K·n ever (projectors are generated in blocks or factored)."""
+    n, N, T, V = s.n, n_examples, seq_len, s.vocab
+    b = s.dtype_bytes
+    a = max(b, 4)
+    W = s.n_total * b
+    k = max(1, min(top_k, N))
+    stages: dict[str, int] = {}
+    if sampled:
+        Bg = max(1, min(generation_batch, N))
+        stages["generate"] = W + 2 * s.layers * Bg * T * s.hidden * b + Bg * T * V * 4
+    if method == "exact":
+        c = max(1, min(chunk_size, N))
+        n_g = group_bytes // max(1, N * b)
+        grams = (n_blocks + 2) * N * N * 8
+        chunk = 2 * c * n_g * b + 2 * activation_bytes(s, c, T)  # vmapped per-parameter gradients and their cat
+        stages["exact"] = W + group_bytes + chunk + grams + 2 * N * 8192 * 8 + n * k * 8
+        if groups > 1:
+            stages["lift"] = W + group_bytes + chunk + n * k * 8 + n_g * k * 8
+    elif method == "lanczos":
+        B = max(1, min(batch_size, N))
+        ncv = min(n, max(2 * k + 1, 20))
+        stages["lanczos"] = (
+            W + (ncv + 2 * k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, B, T) + 3 * B * T * V * 4
+        )
+    elif method == "projected":
+        c = max(1, min(projection_chunk, N))
+        rows = len(linear_shapes) * N * projection_dim * b
+        if projection == "kronecker":
+            hooked = sum(c * T * d_out * b for d_out, _ in linear_shapes)
+            side = math.isqrt(projection_dim)
+            factors = sum((side * d_out + side * d_in) * 8 for d_out, d_in in linear_shapes)
+            stages["projected"] = W + s.n_total * b + activation_bytes(s, c, T) + hooked + rows + factors
+        else:
+            d_max = max((o * i for o, i in linear_shapes), default=0)
+            stages["projected"] = W + c * d_max * b + 2 * activation_bytes(s, c, T) + 2 * projector_chunk_bytes + rows
+    else:
+        raise UserError(f"--method must be exact, projected or lanczos, got {method!r}")
+    if representation_tokens:
+        B, R = max(1, min(batch_size, N)), representation_tokens
+        factors = 8 * R * sum(d_in + d_out for d_out, d_in in linear_shapes)
+        capture = s.n_total * b + activation_bytes(s, B, T)
+        per_module = max(16 * R * min(R, o) + 8 * o * o + 24 * o * i for o, i in linear_shapes) + 40 * min(
+            gram_chunk, R * R
+        )
+        stages["representation"] = W + factors + max(capture, per_module)
+    peak_stage = max(stages, key=stages.get)
+    return {
+        "method": method,
+        "stages": stages,
+        "peak_bytes": stages[peak_stage],
+        "peak_stage": peak_stage,
+        "inputs": {
+            **asdict(s),
+            "N": N,
+            "T": T,
+            "k": k,
+            "groups": groups,
+            "group_bytes": group_bytes,
+            "linear_modules": len(linear_shapes),
+            "projection": projection if method == "projected" else None,
+            "projection_dim": projection_dim if method == "projected" else None,
+            "representation_tokens": representation_tokens,
+        },  # fmt: skip
+        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.fisher_memory_plan); "
         "allocator slack and the framework's own memory come on top",
     }
 

@@ -22,6 +22,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
+from aligncollapse.geometry.ghost import segment_add, segment_bounds
 from aligncollapse.geometry.projection import LinearIO, linear_weights
 from aligncollapse.geometry.spectrum import energy_count, spectrum_stats
 from aligncollapse.geometry.subspace import principal_angles
@@ -57,7 +58,10 @@ def capture_errors(model, data: EncodedSet, module_names: Sequence[str], batch_s
         model.zero_grad(set_to_none=True)
         model.train(was)
     own = torch.cat(owners)
-    return {m: (torch.cat(deltas[m]), torch.cat(acts[m])) for m in module_names}, own
+    out = {}
+    for m in module_names:  # one module's pieces and their concatenation alive at a time, not all modules'
+        out[m] = (torch.cat(deltas.pop(m)), torch.cat(acts.pop(m)))
+    return out, own
 
 
 def representation_gradients(
@@ -107,38 +111,54 @@ def representation_structure(
     template: str = "raw",
     use_chat_template=None,
     max_length: int = 512,
+    chunk_elems: int = 2**24,
 ) -> OrderedDict[str, dict]:
-    """Per linear module: error-signal spectrum, captured Fisher energy by rank, principal angles."""
+    """Per linear module: error-signal spectrum, captured Fisher energy by rank, principal angles.
+
+    Everything comes from the token-level factors (δ, a) of :func:`capture_errors`, never from the
+    per-sample gradients G_n (N·d_out·d_in numbers) or their token-level outer products. Memory: the
+    factors of every module, 8·R·Σ_m (d_in + d_out) bytes for R tokens, plus per module one
+    d_out × d_in matrix (the top eigenvector), the N × N Gram and a row chunk of ``chunk_elems``
+    token pairs."""
     weights = linear_weights(model, selection)
     data = EncodedSet(tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length)
     mods = [n.rsplit(".", 1)[0] for n in weights]
     captured_io, owner = capture_errors(model, data, mods)
     N = len(data)
+    bounds = segment_bounds(owner, N)
     out: OrderedDict[str, dict] = OrderedDict()
     for wname, m in zip(weights, mods):
-        D, A = captured_io[m]
+        D, A = captured_io.pop(m)  # [R, d_out], [R, d_in], rows sorted by example
         d_out, d_in = D.shape[1], A.shape[1]
         _, S, Vh = torch.linalg.svd(D, full_matrices=False)
         U_full = Vh.T  # error-signal directions in ℝ^{d_out}, by decreasing energy
         err_spec = S.pow(2)
-        # Per-sample weight gradients G_n = Σ_t δ_t a_tᵀ (d_out×d_in each).
-        G = torch.zeros(N, d_out, d_in, dtype=torch.float64)
-        G.index_add_(0, owner, torch.einsum("to,ti->toi", D, A))
-        total = float(G.pow(2).sum())
         r90 = energy_count(err_spec, 0.9)
         rs = sorted({r for r in ranks if r <= d_out} | {r90})
-        captured, random_base, angles = {}, {}, {}
-        F = G.reshape(N, -1)
-        # Top Fisher eigenvector via the Gram trick, as a d_out×d_in matrix.
-        K = F @ F.T / N
-        ev, Uk = torch.linalg.eigh(K)
-        v1 = (F.T @ Uk[:, -1]).reshape(d_out, d_in)
+        # G_n = Σ_{t∈n} δ_t a_tᵀ is never formed: ⟨U_rᵀG_n, U_rᵀG_n⟩ = Σ_{t,s∈n} (U_rᵀδ_t·U_rᵀδ_s)(a_t·a_s)
+        # within each example's rows, and K = F Fᵀ/N from every pair of rows in chunks (segment sums).
+        Y = D @ U_full[:, : max(rs)]
+        total, cap = 0.0, dict.fromkeys(rs, 0.0)
+        for n in range(N):
+            lo, hi = int(bounds[0][n]), int(bounds[1][n])
+            ga = A[lo:hi] @ A[lo:hi].T
+            total += float(((D[lo:hi] @ D[lo:hi].T) * ga).sum())
+            for r in rs:
+                cap[r] += float(((Y[lo:hi, :r] @ Y[lo:hi, :r].T) * ga).sum())
+        K = torch.zeros(N, N, dtype=torch.float64)
+        step = max(1, chunk_elems // max(1, D.shape[0]))
+        for c in range(0, D.shape[0], step):
+            sl = slice(c, c + step)
+            segment_add(K, owner[sl], bounds, (D[sl] @ D.T) * (A[sl] @ A.T))
+        # Top Fisher eigenvector via the Gram trick, as a d_out×d_in matrix: Σ_n u_n G_n.
+        _, Uk = torch.linalg.eigh(K / N)
+        v1 = (D * Uk[:, -1][owner].unsqueeze(1)).T @ A
         col1 = torch.linalg.svd(v1, full_matrices=False)[0][:, :1]
+        captured, random_base, angles = {}, {}, {}
         for r in rs:
-            Ur = U_full[:, :r]
-            captured[r] = float(torch.einsum("or,noi->nri", Ur, G).pow(2).sum()) / total if total > 0 else 0.0
+            captured[r] = cap[r] / total if total > 0 else 0.0
             random_base[r] = r / d_out
-            angles[r] = float(principal_angles(col1, Ur).max())
+            angles[r] = float(principal_angles(col1, U_full[:, :r]).max())
         out[wname] = {
             "error_spectrum": spectrum_stats(err_spec, rank_ceiling=min(D.shape)),
             "rank_90": r90,
@@ -148,5 +168,5 @@ def representation_structure(
             "top_eigvec_angle": angles,
             "shape": [d_out, d_in],
         }
-        del ev
+        del D, A, Y, K
     return out
