@@ -514,23 +514,27 @@ class GhostGradients:
 
     def dot(self, f: Factors, v: dict[str, torch.Tensor], formed: bool = True) -> torch.Tensor:
         """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64;
-        with ``formed=False``, over the factored sites only."""
+        parameters missing from v count as zero (so ``{name: t}`` gives one block's products); with
+        ``formed=False``, over the factored sites only."""
         out = torch.zeros(f.count, dtype=torch.float64)
         for u in f.uses:
             s = u.site
             if s.kind in _FORMED and not formed:
                 continue
             if s.kind in _FORMED:
-                vec = torch.cat([v[n].reshape(-1) for n in s.explicit]).to(u.g)
+                if not any(n in v for n in s.explicit):
+                    continue
+                vec = torch.cat([(v[n] if n in v else torch.zeros_like(self.params[n])).reshape(-1).to(u.g)
+                                 for n in s.explicit])  # fmt: skip
                 out += (u.g @ vec).to(torch.float64).cpu()
                 continue
-            if u.ex is None:
+            if u.ex is None or not (s.weight in v or s.bias in v):
                 continue
             row = torch.zeros(u.d.shape[0], dtype=torch.float64, device=u.d.device)
             if s.kind == "linear":
-                if s.weight is not None:
+                if s.weight in v:
                     row += ((u.d @ v[s.weight].to(u.d)) * u.a).sum(-1).to(torch.float64)
-                if s.bias is not None:
+                if s.bias in v:
                     row += (u.d @ v[s.bias].to(u.d)).to(torch.float64)
             else:
                 row += (u.d * v[s.weight].to(u.d)[u.a]).sum(-1).to(torch.float64)
