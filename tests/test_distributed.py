@@ -63,6 +63,8 @@ def test_distributed_helpers_are_identities_without_a_process_group():
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [0.0, 1.0, 2.0]
     assert distributed.all_gather_rows(t) is t and distributed.broadcast_from_main(t) is t
     assert distributed.contiguous_shard(5) == range(5)
+    assert distributed.broadcast_object({"out": "x"}) == {"out": "x"}
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
 
 
 def test_distributed_products_match_one_process(tmp_path, micro_model_dir):
@@ -203,9 +205,20 @@ def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_su
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_defended_finetune_is_refused_under_torchrun(tmp_path, tiny_model_dir, small_suite):
-    r = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 2), "--defense", "ogd",
-                  "--out", str(tmp_path / "d"))  # fmt: skip
+@pytest.mark.parametrize("case", ["defense", "one-example"])
+def test_finetune_refusals_under_torchrun(tmp_path, tiny_model_dir, small_suite, case):
+    """--defense, and a step batch smaller than the number of processes (a rank would get no
+    example and the others would wait for it), stop every rank with one line before any step."""
+    args = _finetune_args(tiny_model_dir, small_suite, 2)
+    if case == "defense":
+        args += ["--defense", "ogd"]
+        want = "error: --defense does not run under torchrun"
+    else:
+        one = tmp_path / "one.jsonl"
+        one.write_text((small_suite / "arithmetic.jsonl").read_text().splitlines()[0] + "\n")
+        args[args.index("--data") + 1] = str(one)
+        want = "fewer than the 2 processes"
+    r = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "d"))
     # each rank exits with status 2 and one line (the traceback after it is torchrun's own report)
-    assert r.returncode != 0 and "error: --defense does not run under torchrun" in r.stderr
+    assert r.returncode != 0 and want in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "d" / "trajectory.jsonl").exists()

@@ -112,6 +112,9 @@ def test_fisher_plan_terms_follow_the_formulas():
     assert "generate" in _fisher(sampled=True)["stages"]
     r1, r2 = (_fisher(representation_tokens=t)["stages"]["representation"] for t in (1000, 2000))
     assert r2 - r1 >= 8 * 1000 * (4 * 512 + 2 * 1280)
+    # on an accelerator the representation factors are host memory, kept out of the device's stage
+    dev = _fisher(representation_tokens=1000, representation_on_host=True)
+    assert dev["stages"]["representation"] < r1 and dev["host_bytes"]["representation"] >= 8 * 1000 * 6 * 1280
     # projected: the rows P·N·K·b grow with K; the Kronecker path never holds a K × d block
     k1, k2 = (
         _fisher(method="projected", projection="kronecker", projection_dim=k)["stages"]["projected"]

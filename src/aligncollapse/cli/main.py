@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.out = str(out)
                 stack.enter_context(lock_out(out))
                 stack.callback(_remove_if_empty, created)
-            if hasattr(args, "out") and distributed.is_distributed():
-                args.out = distributed.broadcast_object(args.out)  # rank 0's resolved --out, for every rank
             elif name == "organism build":
                 prepare_out(Path(args.out), flag="--out", create=False)
+            if hasattr(args, "out") and distributed.is_distributed():
+                args.out = distributed.broadcast_object(args.out)  # rank 0's resolved --out, for every rank
             return args.func(args)
     except UserError as e:
         if debug:

@@ -72,6 +72,7 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
         model_shape(model, params), method=s.method, n_examples=N, seq_len=T, top_k=s.top_k, group_bytes=group_bytes,
         groups=len(groups), n_blocks=len(params), linear_shapes=shapes, projection=s.projection,
         projection_dim=s.projection_dim, sampled=sampled, representation_tokens=rep,
+        representation_on_host=first.device.type != "cpu",
     )  # fmt: skip
     plan["runtime_bytes"] = runtime_bytes(model)
     for name, nbytes in plan["stages"].items():
@@ -101,6 +102,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
             sub.save(out / f"subspace_{kind}")
             entry["subspace_path"] = f"subspace_{kind}"
+            del res, sub  # saved and summarised: not held beside the next pass (the plan assumes so)
             if s.shuffled_null:
                 sh = exact_fisher(model, tokenizer, shuffled_examples(exs, s.seed), kind=kind, blocks=s.blocks, top_k=1,
                                   memory_budget=s.memory_budget, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
@@ -116,6 +118,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             entry.update(projection=s.projection, projection_dim=pf.k, seconds=round(pf.seconds, 3))
             pf.save(out / f"projected_{kind}")
             entry["projected_path"] = f"projected_{kind}"
+            del pf
         elif s.method == "lanczos":
             sub, info = implicit_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, seed=s.seed,
                                         template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
@@ -125,6 +128,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             entry.update(info)
             sub.save(out / f"subspace_{kind}")
             entry["subspace_path"] = f"subspace_{kind}"
+            del sub
         else:
             raise UserError(f"--method must be exact, projected or lanczos, got {s.method!r}")
         payload["fisher"][kind] = entry

@@ -290,6 +290,7 @@ def fisher_memory_plan(
     generation_batch: int = 64,
     projector_chunk_bytes: int = 64 * 2**20,
     gram_chunk: int = 2**24,
+    representation_on_host: bool = False,
 ) -> dict:
     """Peak bytes of each stage of ``aligncollapse fisher`` (:func:`aligncollapse.geometry.analysis.run_fisher`).
 
@@ -314,7 +315,9 @@ def fisher_memory_plan(
                   (every module's token-level inputs and output gradients in float64, kept for the
                   analysis; while capturing, the batch's parameter gradients and activations; then per
                   module the SVD of its error signals, the top eigenvector as a d_out × d_in matrix and
-                  its SVD, and a row chunk of token-pair products)
+                  its SVD, and a row chunk of token-pair products). On an accelerator the factors and the
+                  analysis are host memory: the stage keeps W + n_tot·b + act(B), the rest goes to
+                  ``host_bytes`` (not checked against the device's limit)
 
     Nothing of size N·n is held when N·n·b exceeds the budget (the exact method groups), and nothing of
     size K·n ever (projectors are generated in blocks or factored)."""
@@ -346,28 +349,37 @@ def fisher_memory_plan(
         rows = len(linear_shapes) * N * projection_dim * b
         if projection == "kronecker":
             hooked = sum(c * T * d_out * b for d_out, _ in linear_shapes)
-            side = math.isqrt(projection_dim)
-            factors = sum((side * d_out + side * d_in) * 8 for d_out, d_in in linear_shapes)
+            k_out = min(
+                2 ** math.ceil(math.log2(max(1, math.isqrt(projection_dim)))), projection_dim
+            )  # as the projector
+            k_in = max(1, projection_dim // k_out)
+            factors = sum((k_out * d_out + k_in * d_in) * 8 for d_out, d_in in linear_shapes)
             stages["projected"] = W + s.n_total * b + activation_bytes(s, c, T) + hooked + rows + factors
         else:
             d_max = max((o * i for o, i in linear_shapes), default=0)
-            stages["projected"] = W + c * d_max * b + 2 * activation_bytes(s, c, T) + 2 * projector_chunk_bytes + rows
+            block = projector_chunk_bytes * max(b, 4) // 4  # 64 MB of float32 columns, in the gradients' dtype
+            stages["projected"] = W + c * d_max * b + 2 * activation_bytes(s, c, T) + 2 * block + rows
     else:
         raise UserError(f"--method must be exact, projected or lanczos, got {method!r}")
+    host: dict[str, int] = {}
     if representation_tokens:
         B, R = max(1, min(batch_size, N)), representation_tokens
         factors = 8 * R * sum(d_in + d_out for d_out, d_in in linear_shapes)
         capture = s.n_total * b + activation_bytes(s, B, T)
-        per_module = max(16 * R * min(R, o) + 8 * o * o + 24 * o * i for o, i in linear_shapes) + 40 * min(
-            gram_chunk, R * R
-        )
-        stages["representation"] = W + factors + max(capture, per_module)
+        per_module = max(16 * R * min(R, o) + 8 * o * o + 24 * o * i for o, i in linear_shapes)
+        per_module += 40 * min(gram_chunk, R * R)
+        if representation_on_host:  # the factors and the analysis live in host RAM, not on the accelerator
+            stages["representation"] = W + capture
+            host["representation"] = factors + per_module
+        else:
+            stages["representation"] = W + factors + max(capture, per_module)
     peak_stage = max(stages, key=stages.get)
     return {
         "method": method,
         "stages": stages,
         "peak_bytes": stages[peak_stage],
         "peak_stage": peak_stage,
+        **({"host_bytes": host} if host else {}),
         "inputs": {
             **asdict(s),
             "N": N,

@@ -107,6 +107,7 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig, d
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "config": cfg.to_json(),
+        "world_size": distributed.world_size(),
     }
     path = _checkpoint_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,10 @@ def load_checkpoint(
             raise UserError(f"{bad} (parameter {n!r} is not in this model or has another shape); use a new --out")
     if total is not None and not 0 <= state["step"] <= total:
         raise UserError(f"{path}: checkpoint is at step {state['step']}, beyond the budget of {total}; use a new --out")
+    was_world = state.get("world_size", 1)
+    if was_world != distributed.world_size() and distributed.is_main():
+        log(f"resuming a checkpoint of {was_world} process(es) with {distributed.world_size()}: the batches are the "
+            "same, but dropout draws (if any) differ from the uninterrupted run")  # fmt: skip
     with torch.no_grad():
         for n, v in state["params"].items():
             params[n].copy_(v)
@@ -266,8 +271,9 @@ def finetune(
     world, main = distributed.world_size(), distributed.is_main()
     if world > 1 and defense is not None:
         raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
-    if world > 1 and cfg.batch_size < world:
-        raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs an example")
+    if world > 1 and min(cfg.batch_size, len(data)) < world:
+        raise UserError(f"a step's batch holds {min(cfg.batch_size, len(data))} examples (--batch-size {cfg.batch_size}, "
+                        f"{len(data)} in the data), fewer than the {world} processes: each needs one")  # fmt: skip
     if main:
         _warn_if_unteachable(data, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -394,6 +400,7 @@ def finetune(
         if status == "interrupted":
             raise KeyboardInterrupt
         if status == "diverged":
+            distributed.barrier()  # rank 0 writes results.json first: torchrun stops every worker once one fails
             raise RunDiverged(f"fine-tuning diverged ({diverged})")
         payload["model"] = model
         return payload
@@ -412,6 +419,8 @@ def finetune(
         payload["evaluation"] = ev
         payload["summary"] = headline(ev)
     write_results(out, "finetune", payload, command_config or {"finetune": cfg.to_json()})
+    if status == "diverged":
+        distributed.barrier()  # the other ranks wait for this results.json before they fail
     if status == "interrupted":
         raise KeyboardInterrupt
     if status == "diverged":
