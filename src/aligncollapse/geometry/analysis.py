@@ -46,9 +46,8 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
     heavy work. T: the longest safety example, or prompt plus the 32 sampled tokens."""
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.fisher import _groups
-    from aligncollapse.geometry.memory import check_fits, fisher_memory_plan, format_size, model_shape, runtime_bytes
+    from aligncollapse.geometry.memory import fisher_memory_plan, log_and_check, model_shape, runtime_bytes
     from aligncollapse.geometry.projection import linear_weights
-    from aligncollapse.progress import log
 
     params = s.blocks.select(model)
     sampled = "sampled" in s.kinds
@@ -75,14 +74,7 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
         representation_on_host=first.device.type != "cpu",
     )  # fmt: skip
     plan["runtime_bytes"] = runtime_bytes(model)
-    for name, nbytes in plan["stages"].items():
-        log(f"[memory plan] {name}: {format_size(nbytes)}")
-    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
-        + (f" + runtime {format_size(plan['runtime_bytes'])}" if plan["runtime_bytes"] else "")
-        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
-    check_fits(plan, s.max_memory, given=s.max_memory_flag)
-    plan["limit_bytes"] = s.max_memory
-    return plan
+    return log_and_check(plan, s.max_memory, s.max_memory_flag)
 
 
 def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path, s: FisherSettings) -> dict:

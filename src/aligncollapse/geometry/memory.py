@@ -471,6 +471,22 @@ def planned_total(plan: dict) -> int:
     return plan["peak_bytes"] + plan.get("runtime_bytes", 0)
 
 
+def log_and_check(plan: dict, limit: int | None, given: str | None = None) -> dict:
+    """Log ``plan`` one line per stage, stop with :func:`check_fits` above ``limit``, and record the
+    limit in the plan (``limit_bytes``): what every command does with its plan before heavy work."""
+    from aligncollapse.progress import log
+
+    for name, nbytes in plan["stages"].items():
+        log(f"[memory plan] {name}: {format_size(nbytes)}")
+    runtime = plan.get("runtime_bytes", 0)
+    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
+        + (f" + runtime {format_size(runtime)}" if runtime else "")
+        + (f", limit {format_size(limit)}" if limit is not None else ""))  # fmt: skip
+    check_fits(plan, limit, given=given)
+    plan["limit_bytes"] = limit
+    return plan
+
+
 def check_fits(plan: dict, limit: int | None, flag: str = "--max-memory", given: str | None = None) -> None:
     """A one-line :class:`UserError` when the planned peak (plus the recorded runtime) exceeds
     ``limit`` bytes (None: no limit)."""

@@ -308,8 +308,7 @@ def plan_memory(
     T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens. ``quiet``:
     the plan only, neither logged nor checked."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.memory import check_fits, format_size, model_shape, runtime_bytes, scan_memory_plan
-    from aligncollapse.progress import log
+    from aligncollapse.geometry.memory import log_and_check, model_shape, runtime_bytes, scan_memory_plan
 
     prompt_lens = [
         len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
@@ -323,14 +322,7 @@ def plan_memory(
     plan["batch_size"], plan["runtime_bytes"] = s.batch_size, runtime_bytes(model)
     if quiet:
         return plan
-    for name, nbytes in plan["stages"].items():
-        log(f"[memory plan] {name}: {format_size(nbytes)}")
-    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
-        + (f" + runtime {format_size(plan['runtime_bytes'])}" if plan["runtime_bytes"] else "")
-        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
-    check_fits(plan, s.max_memory, given=s.max_memory_flag)
-    plan["limit_bytes"] = s.max_memory
-    return plan
+    return log_and_check(plan, s.max_memory, s.max_memory_flag)
 
 
 def adam_second_moment(G: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ from aligncollapse.distributed import all_gather_rows, broadcast_from_main, cont
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
-from aligncollapse.geometry.memory import planned_total
+from aligncollapse.geometry.memory import log_and_check, planned_total
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
 from aligncollapse.progress import log
@@ -530,8 +530,6 @@ def plan_memory_sample(
     (no fine-tuning factors kept), neither logged nor checked."""
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.memory import (
-        check_fits,
-        format_size,
         model_shape,
         runtime_bytes,
         sample_scan_memory_plan,
@@ -562,11 +560,5 @@ def plan_memory_sample(
     plan = {**planned(True), "runtime_bytes": runtime}
     if s.max_memory is None or planned_total(plan) > s.max_memory:
         plan = {**planned(False), "runtime_bytes": runtime}
-    for name, nbytes in plan["stages"].items():
-        log(f"[memory plan] {name}: {format_size(nbytes)}")
-    log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
-        + (f" + runtime {format_size(runtime)}" if runtime else "")
-        + (f", limit {format_size(s.max_memory)}" if s.max_memory is not None else ""))  # fmt: skip
-    check_fits(plan, s.max_memory, given=s.max_memory_flag)
-    plan["limit_bytes"], plan["batch_size"] = s.max_memory, s.batch_size
-    return plan
+    plan["batch_size"] = s.batch_size
+    return log_and_check(plan, s.max_memory, s.max_memory_flag)
