@@ -319,3 +319,108 @@ def test_defense_study_tunes_on_a_development_split(tmp_path, tiny_model_dir, sm
                  "--defenses", "curvature", "--steps", "2", "--batch-size", "8", "--seeds", "0",
                  "--out", str(tmp_path / "bad")])  # fmt: skip
     assert code == 2
+
+
+def _dense_scores(basis) -> torch.Tensor:
+    """The score vectors U ([count, n_B], float64), formed one at a time from the factors."""
+    rows = []
+    for i in range(basis.factors.count):
+        e = torch.zeros(basis.factors.count, dtype=torch.float64)
+        e[i] = 1.0
+        rows.append(flat(basis.ghost.weighted_sum(basis.factors, e, dtype=torch.float64).values()))
+    return torch.stack(rows)
+
+
+def test_sampled_basis_is_the_sampled_fishers_top_eigenvectors(setup):
+    """samples=S: V = U C is orthonormal and spans the top-d eigenvectors of F̂ = UᵀU/NS formed densely
+    (float64); coords and combine agree with the dense V. A wrong C (no μ^{-1/2}) breaks VᵀV = I."""
+    from aligncollapse.defenses.basis import split
+
+    model, tok, ctx, train = setup
+    model = model.double()
+    d = make_defense("project-static:d=4,samples=2", ctx)
+    d.setup(model)
+    basis = d.basis
+    U = _dense_scores(basis)
+    assert U.shape[0] == 2 * len(ctx.safety)
+    mu, W = torch.linalg.eigh(U.T @ U / U.shape[0])
+    top = W[:, torch.argsort(mu, descending=True)[:4]]
+    V = U.T @ basis.C  # the basis the defense uses, formed
+    assert torch.allclose(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-9)
+    assert float((V @ V.T - top @ top.T).norm()) <= 1e-8
+    assert torch.allclose(basis.eigenvalues, torch.sort(mu, descending=True).values[:4], rtol=1e-9)
+    v = torch.randn(V.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = trainable(model)
+    assert torch.allclose(basis.coords(split(params, v)), V.T @ v, atol=1e-10)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    assert torch.allclose(flat(basis.combine(c).values()), V @ c, atol=1e-10)
+
+
+def test_sampled_projection_and_tracking_keep_the_displacement_off_the_subspace(setup, tmp_path):
+    """The float32 factors leave about 1e-5 of the displacement in M; undefended it is 100x more. The
+    union after a refresh is orthonormal (it fails if a refresh's new GhostGradients loses the formed
+    norm-gain sites from the cross Gram) and contains the initial basis."""
+    from aligncollapse.defenses.basis import split
+
+    model, tok, ctx, train = setup
+    fresh, _ = load_model_like(setup)
+    theta0 = flat(trainable(model).values()).to(torch.float64)
+    d = make_defense("project-tracking:d=4,samples=1,refresh_every=2", ctx)
+    res = _run(model, tok, train, tmp_path / "defended", d)
+    undefended = _run(fresh, tok, train, tmp_path / "plain", None)["model"]
+
+    def share(m):
+        disp = flat(trainable(m).values()).to(torch.float64) - theta0
+        return float(d.basis0.coords(split(trainable(m), disp)).norm()) / float(disp.norm())
+
+    assert share(res["model"]) <= 1e-4 and share(undefended) >= 100 * share(res["model"])
+    union = d.basis
+    assert torch.allclose(union.overlap(union), torch.eye(union.d, dtype=torch.float64), atol=1e-5)
+    assert float(union.overlap(d.basis0).norm() ** 2) == pytest.approx(d.basis0.d, abs=1e-4)
+    info = res["defense"]
+    assert info["refreshes"] == 2 and info["basis"] == "sampled" and info["basis_bytes"] > 0
+
+
+def test_block_restricted_projection_touches_only_its_blocks(setup, tmp_path):
+    """modules=q+v: one step projects the q/v update off a basis over q and v only, and every other
+    parameter ends exactly where the undefended step puts it."""
+    model, tok, ctx, train = setup
+    fresh, _ = load_model_like(setup)
+    theta0 = {n: p.detach().clone() for n, p in trainable(model).items()}
+    plain = _run(fresh, tok, train, tmp_path / "plain", None, steps=1)["model"]
+    plain_state = {n: p.detach().clone() for n, p in trainable(plain).items()}
+    d = make_defense("project-static:d=3,modules=q+v", ctx)
+    res = _run(model, tok, train, tmp_path / "defended", d, steps=1)
+    after = trainable(res["model"])
+    chosen = set(d.basis.names)
+    assert chosen and all(".q_proj." in n or ".v_proj." in n for n in chosen)
+    assert d.counters["basis_parameters"] == sum(theta0[n].numel() for n in chosen)
+    for n, p in after.items():
+        if n in chosen:
+            assert not torch.equal(p, plain_state[n])
+        else:
+            assert torch.equal(p, plain_state[n]), n
+    disp = {n: (after[n] - theta0[n]).to(torch.float64) for n in chosen}
+    total = float(sum(float((t * t).sum()) for t in disp.values())) ** 0.5
+    assert float(d.basis.coords(disp).norm()) <= 1e-5 * total
+
+
+def load_model_like(setup):
+    """A fresh copy of the fixture's model (same weights)."""
+    import copy
+
+    return copy.deepcopy(setup[0]), setup[1]
+
+
+def test_block_options_are_checked(setup):
+    ctx = setup[2]
+    with pytest.raises(UserError, match="modules must be module types"):
+        make_defense("project-static:modules=q;v", ctx)
+    with pytest.raises(UserError, match="first_layer must be an integer"):
+        make_defense("project-static:first_layer=0.5", ctx)
+    d = make_defense("project-static:first_layer=3,last_layer=1", ctx)
+    with pytest.raises(UserError, match="first_layer"):
+        d.setup(setup[0])
+    d = make_defense("project-static:first_layer=5", ctx)
+    with pytest.raises(UserError, match="match no trainable parameter"):
+        d.setup(setup[0])

@@ -38,6 +38,9 @@ def parse_defense_spec(spec: str) -> tuple[str, dict[str, float]]:
         k, _, v = kv.partition("=")
         if not v:
             raise UserError(f"defense option {kv!r} must look like key=value")
+        if k in TEXT_OPTIONS:
+            options[k] = TEXT_OPTIONS[k](name, v)
+            continue
         try:
             options[k] = int(v) if v.lstrip("-").isdigit() else float(v)
         except ValueError:
@@ -47,7 +50,8 @@ def parse_defense_spec(spec: str) -> tuple[str, dict[str, float]]:
     if unknown:
         raise UserError(f"defense {name} has no option {unknown[0]!r}; it takes {', '.join(sorted(allowed)) or 'none'}")
     for k, v in options.items():
-        _check_option(name, k, v)
+        if k not in TEXT_OPTIONS:
+            _check_option(name, k, v)
     return name, options
 
 
@@ -62,7 +66,24 @@ OPTION_RULES: dict[str, tuple[bool, float, float, bool]] = {
     "refresh_every": (True, 1, math.inf, False),
     "strength": (False, 0.0, math.inf, False),
     "fraction": (False, 0.0, 1.0, False),
+    "samples": (True, 0, math.inf, False),
+    "first_layer": (True, 0, math.inf, False),
+    "last_layer": (True, 0, math.inf, False),
 }
+
+
+def _module_types(name: str, value: str) -> str:
+    """``modules=q+v+down``: short module types (or full module names), joined by ``+``."""
+    parts = value.split("+")
+    if not all(p.replace("_", "").isalnum() for p in parts):
+        raise UserError(
+            f"defense option {name}:modules must be module types joined by '+' (e.g. q+v+down), got {value!r}"
+        )
+    return value
+
+
+# Options whose value is text, each with its check.
+TEXT_OPTIONS = {"modules": _module_types}
 
 
 def _check_option(name: str, key: str, value: float) -> None:

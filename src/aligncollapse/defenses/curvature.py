@@ -12,6 +12,9 @@ c_k/‖c_k‖ are orthonormalised (Q, d×m) and every update is projected off sp
 
     Δ ← Δ − B Q Qᵀ Bᵀ Δ.
 
+B is ``project-static``'s basis, with its options: ``samples=S`` takes it from the sampled Fisher and
+keeps it factored, and ``first_layer``/``last_layer``/``modules`` restrict it to those blocks.
+
 With ``weighted=1`` the direction is the drift's effect on the alignment gradient over the whole
 space instead, F(θ_k) h_k (one Gauss-Newton product of the alignment KL at θ_k on a rotating batch of
 ``safety_batch`` safety prompts): the second-order term moves the alignment gradient along F·H·g,
@@ -27,7 +30,8 @@ defense uses the plain H·g of the mini-batch gradient — the gradient-flow for
 the defense does not see the optimiser's moments (stated approximation).
 
 Cost per refresh: one HVP over ``ft_batch`` examples (≈ 2 backward passes) plus d dot products.
-Memory: the basis B (d·n float64, as ``project-static``), the drift coordinates (m·d numbers).
+Memory: the basis B (as ``project-static``: d·n_B float64 dense, or the factors), the drift coordinates
+(m·d numbers), and the HVP's g and h (2·n float64) with one HVP's activations.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.defenses.base import assign, flat
+from aligncollapse.defenses.basis import split
 from aligncollapse.defenses.ogd import project_off
 from aligncollapse.defenses.project_static import ProjectStatic
 from aligncollapse.errors import UserError
@@ -104,7 +109,7 @@ class CurvatureDrift(ProjectStatic):
             data = self.chunks[self.calls % len(self.chunks)]
             self.calls += 1
             h = HessianOperator(model, self.params, data, self.ctx.batch_size).matvec(g).to(torch.float64)
-            c = self.B.T @ h
+            c = self.basis.coords(split(self.params, h))
             self.counters["hessian_vector_products"] += 1
             if float(h.norm()) > 0:
                 self.drift_in_M.append(float(c.norm()) / float(h.norm()))
@@ -121,14 +126,13 @@ class CurvatureDrift(ProjectStatic):
         if not (self.coords or self.dirs):
             return
         with self.timed("project"):
-            old = flat(before.values()).to(torch.float64)
-            delta = flat(self.params.values()).to(torch.float64) - old
             if self.weighted:
-                delta = project_off(delta, self.dirs)
+                old = flat(before.values()).to(torch.float64)
+                delta = flat(self.params.values()).to(torch.float64) - old
+                assign(self.params, old + project_off(delta, self.dirs))
             else:
                 Q, _ = torch.linalg.qr(torch.stack(self.coords, dim=1))  # d×m
-                delta = delta - self.B @ (Q @ (Q.T @ (self.B.T @ delta)))
-            assign(self.params, old + delta)
+                self.remove(before, lambda c: Q @ (Q.T @ c))
 
     def info(self) -> dict:
         out = super().info()

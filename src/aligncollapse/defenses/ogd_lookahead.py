@@ -49,7 +49,7 @@ class OGDLookahead(ProjectStatic):
             with self.timed("lookahead"):
                 assign(self.params, old + delta)
                 a = self.align(model)[0].to(torch.float64)
-                a = a - self.B @ (self.B.T @ a)
+                a = self._project_out(a, count=False)
                 if float(a.norm()) > 0:
                     self.dirs = (self.dirs + [a / a.norm()])[-self.memory :]
                 self.counters["lookahead_gradients"] += 1

@@ -1,17 +1,21 @@
 """``project-tracking``: project updates off the *current* safety subspace.
 
-Like ``project-static``, but B is re-estimated at the current θ_k (Lanczos on the alignment-KL
-GGN J_θᵀ(diag p_θ − p_θ p_θᵀ)J_θ over the safety reference) every ``refresh_every`` steps, and the
-update is projected off span(B_static ∪ B_current) — the subspace at θ* and where it has rotated
-to (App B: ‖P(θ) − P(θ*)‖ ≤ 2 L_F ‖θ − θ*‖ / Λ). The measured rotation (sine of the largest
-principal angle between successive bases) is recorded.
+Like ``project-static``, but the basis is re-estimated at the current θ_k every ``refresh_every``
+steps, by the same method as at θ* (``samples=0``: Lanczos on the alignment-KL GGN
+J_θᵀ(diag p_θ − p_θ p_θᵀ)J_θ over the safety reference; ``samples=S``: the sampled Fisher's factors).
+The update is then projected off span(V_static ∪ V_current): the subspace at θ* and where it has
+rotated to (App B: ‖P(θ) − P(θ*)‖ ≤ 2 L_F ‖θ − θ*‖ / Λ). The measured rotation, the sine of the
+largest principal angle between the initial and the current basis, is recorded.
+
+Memory: the initial and current bases and their union's basis, about 4·d·n_B·8 bytes dense (the QR
+of the n_B × 2d union), or three times the factors (initial, current, their concatenation) and the
+(2NS)² Gram of the union when sampled.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aligncollapse.defenses.base import safety_subspace
 from aligncollapse.defenses.project_static import ProjectStatic
 
 
@@ -24,20 +28,26 @@ class ProjectTracking(ProjectStatic):
 
     def setup(self, model) -> None:
         super().setup(model)
-        self.B0 = self.B
+        self.basis0 = self.basis
         self.rotation: list[dict] = []
         self.counters["refreshes"] = 0
+
+    @property
+    def B0(self) -> torch.Tensor:
+        """The dense initial basis (n_B × d, float64): only for ``samples=0``."""
+        return self.basis0.V
 
     def on_update(self, model, step, before) -> None:
         super().on_update(model, step, before)
         if step % self.refresh_every == 0:
             with self.timed("refresh"):
-                _, Bt = safety_subspace(model, self.params, self.ref.data, self.d, self.ctx.seed, self.ctx.batch_size)
-                s = torch.linalg.svdvals(self.B0.T @ Bt).clamp(max=1.0)
+                self.basis = None  # the previous union is released before the new basis is found
+                _, current = self.subspace(model)
+                s = torch.linalg.svdvals(self.basis0.overlap(current)).clamp(max=1.0)
                 self.rotation.append({"step": step, "sin_max_angle_to_initial": float(torch.sqrt(1 - s.min() ** 2))})
-                Q, _ = torch.linalg.qr(torch.cat([self.B0, Bt], dim=1))
-                self.B = Q
+                self.basis = self.basis0.union(current)
                 self.counters["refreshes"] += 1
+                self.counters["basis_bytes"] = self.basis.nbytes() + self.basis0.nbytes()
 
     def info(self) -> dict:
         out = super().info()

@@ -371,7 +371,9 @@ class GhostGradients:
         su, sw = u.site, w.site
         res: dict[str, torch.Tensor] = {}
         if su.kind in _FORMED or sw.kind in _FORMED:
-            if su is sw:
+            # The same site, also across two GhostGradients objects over the same model (sites are
+            # rebuilt per object, so identity alone would drop the cross term of a formed site).
+            if su is sw or (su.module == sw.module and su.kind == sw.kind and su.explicit == sw.explicit):
                 off = 0
                 for n in su.explicit:  # one block per parameter
                     k = self.params[n].numel()
@@ -450,6 +452,24 @@ class GhostGradients:
                 del t
             uses.append(w)
         return Factors(uses, int(counts.sum()), f.sizes)
+
+    def concat(self, fa: Factors, fb: Factors) -> Factors:
+        """Factors of ``fa``'s examples followed by ``fb``'s (both collected by this object): example
+        i of ``fb`` becomes ``fa.count + i``. Memory: both sets' factors, copied once."""
+        if len(fa.uses) != len(fb.uses):
+            raise ValueError("concat needs two collections over the same sites")
+        uses = []
+        for ua, ub in zip(fa.uses, fb.uses):
+            u = _Use(ua.site, a=None, d=None, ex=None, g=None)
+            if ua.site.kind in _FORMED:
+                u.g = torch.cat([ua.g, ub.g])
+            else:
+                parts = [(x.ex, x.a, x.d, off) for x, off in ((ua, 0), (ub, fa.count)) if x.ex is not None]
+                if parts:
+                    u.ex = torch.cat([ex + off for ex, _, _, off in parts])
+                    u.a, u.d = torch.cat([a for _, a, _, _ in parts]), torch.cat([d for _, _, d, _ in parts])
+            uses.append(u)
+        return Factors(uses, fa.count + fb.count, fa.sizes)
 
     def difference(self, fa: Factors, fb: Factors) -> Factors:
         """Factors of ∇ℓ_i(a) − ∇ℓ_i(b) for two collections of the same examples (e.g. at θ ± εv):
