@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/memory_plan_check.py [--finetune 16] [--safety 8] [--hidden 256]
     PYTHONPATH=src python benchmarks/memory_plan_check.py --fisher exact|lanczos|kronecker|rademacher [--safety 32]
+    PYTHONPATH=src python benchmarks/memory_plan_check.py --defense project-static:d=16,samples=1 [--safety 32]
 
 Measured = peak RSS during the scan (sampled every 2 ms) minus the RSS before the model was built,
 so the Python/torch runtime is left out and the weights are counted, as the plan counts them; per
@@ -32,6 +33,10 @@ def main() -> None:
     ap.add_argument("--fisher", choices=["exact", "lanczos", "kronecker", "rademacher"],
                     help="measure `fisher --method ...` (kronecker/rademacher: projected) instead of the scan")  # fmt: skip
     ap.add_argument("--memory-budget", type=float, default=1.0, help="--fisher exact: the grouping budget in GiB")
+    ap.add_argument(
+        "--defense",
+        help="measure `finetune --defense SPEC` (full fine-tuning, AdamW, 4 steps; none: undefended) instead",
+    )
     a = ap.parse_args()
 
     import psutil
@@ -85,6 +90,28 @@ def main() -> None:
 
         return wrapper
 
+    if a.defense:
+        from aligncollapse.cli.finetune import memory_planner
+        from aligncollapse.defenses import DefenseContext, make_defense
+        from aligncollapse.training.finetune import FinetuneConfig
+        from aligncollapse.training.finetune import finetune as run_finetune
+
+        defense = None if a.defense == "none" else make_defense(a.defense, DefenseContext(tok, safety))
+        if defense is not None:
+            defense.setup = tracked("defense_setup", defense.setup)
+        cfg = FinetuneConfig(steps=4, batch_size=min(8, len(finetune)), track_every=100)
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        res = tracked("train", run_finetune)(model.train(), tok, finetune, tempfile.mkdtemp(), cfg, resume=False,
+                                            save_model=False, final_eval=False, defense=defense,
+                                            memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
+        done.set()
+        th.join()
+        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
+                f"N={len(safety)} safety prompts, M={len(finetune)} examples, {a.defense}", t0)  # fmt: skip
+        return
+
     if a.fisher:
         from aligncollapse.geometry import analysis
         from aligncollapse.geometry.analysis import FisherSettings, run_fisher
@@ -136,8 +163,9 @@ def _report(plan: dict, stage_peak: dict, peak: int, base_rss: int, n_total: int
     from aligncollapse.geometry.memory import format_size
 
     measured = peak - base_rss
-    print(f"model: {n_total / 1e6:.2f}M parameters (all selected), {sizes}, T={plan['inputs']['T']}, "
-          f"V={plan['inputs']['vocab']}, k={plan['inputs']['k']}")  # fmt: skip
+    i = plan["inputs"]
+    print(f"model: {n_total / 1e6:.2f}M parameters (all selected), {sizes}, T={i['T']}, V={i['vocab']}"
+          + (f", k={i['k']}" if "k" in i else ""))  # fmt: skip
     for name, nbytes in plan["stages"].items():
         got = stage_peak.get(name, base_rss) - base_rss
         print(

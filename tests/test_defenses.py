@@ -338,7 +338,7 @@ def test_sampled_basis_is_the_sampled_fishers_top_eigenvectors(setup):
 
     model, tok, ctx, train = setup
     model = model.double()
-    d = make_defense("project-static:d=4,samples=2", ctx)
+    d = make_defense("project-static:d=4,samples=2,storage=factored", ctx)
     d.setup(model)
     basis = d.basis
     U = _dense_scores(basis)
@@ -354,6 +354,11 @@ def test_sampled_basis_is_the_sampled_fishers_top_eigenvectors(setup):
     assert torch.allclose(basis.coords(split(params, v)), V.T @ v, atol=1e-10)
     c = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
     assert torch.allclose(flat(basis.combine(c).values()), V @ c, atol=1e-10)
+    # storage=auto forms the same V densely here (d·n_B·8 is below the factors' bytes).
+    dense = make_defense("project-static:d=4,samples=2", ctx)
+    dense.setup(model)
+    assert dense.counters["basis_storage"] == "dense" and d.counters["basis_storage"] == "factored"
+    assert torch.allclose(dense.B, V, atol=1e-10)
 
 
 def test_sampled_projection_and_tracking_keep_the_displacement_off_the_subspace(setup, tmp_path):
@@ -365,7 +370,7 @@ def test_sampled_projection_and_tracking_keep_the_displacement_off_the_subspace(
     model, tok, ctx, train = setup
     fresh, _ = load_model_like(setup)
     theta0 = flat(trainable(model).values()).to(torch.float64)
-    d = make_defense("project-tracking:d=4,samples=1,refresh_every=2", ctx)
+    d = make_defense("project-tracking:d=4,samples=1,refresh_every=2,storage=factored", ctx)
     res = _run(model, tok, train, tmp_path / "defended", d)
     undefended = _run(fresh, tok, train, tmp_path / "plain", None)["model"]
 
@@ -424,3 +429,44 @@ def test_block_options_are_checked(setup):
     d = make_defense("project-static:first_layer=5", ctx)
     with pytest.raises(UserError, match="match no trainable parameter"):
         d.setup(setup[0])
+
+
+def _ft_cli(tmp_path, tiny_model_dir, small_suite, spec, *extra):
+    out = tmp_path / spec.replace(":", "_").replace(",", "_")
+    code = main(["finetune", "--model", str(tiny_model_dir), "--data", str(small_suite / "affirmative_steps.jsonl"),
+                 "--safety", str(small_suite / "safety.jsonl"), "--limit", "8", "--steps", "2", "--batch-size", "8",
+                 "--eval-harmful", str(small_suite / "eval_harmful.jsonl"), "--defense", spec, "--out", str(out), *extra])  # fmt: skip
+    return code, out
+
+
+def test_finetune_memory_plan_holds_the_defense_terms(tmp_path, tiny_model_dir, small_suite):
+    """The plan in results.json grows by exactly (d' − d)·n_B·8 with a dense basis of d' columns, and
+    its planned factors bound the factors the sampled basis holds (within 2x: the plan assumes 32
+    generated tokens per prompt, the reference may stop earlier)."""
+    plans, results = {}, {}
+    for spec in ("project-static:d=4", "project-static:d=8", "project-static:d=4,samples=2,storage=factored"):
+        code, out = _ft_cli(tmp_path, tiny_model_dir, small_suite, spec)
+        assert code == 0
+        results[spec] = json.loads((out / "results.json").read_text())
+        plans[spec] = results[spec]["memory_plan"]
+    small, big = plans["project-static:d=4"], plans["project-static:d=8"]
+    nB = small["inputs"]["defense"]["n_B"]
+    assert nB == results["project-static:d=4"]["trainable_parameters"]
+    for stage in ("train", "defense_setup"):
+        assert big["stages"][stage] - small["stages"][stage] == 4 * nB * 8
+    assert small["limit_bytes"] > 0 and small["peak_bytes"] == max(small["stages"].values())
+    sampled = plans["project-static:d=4,samples=2,storage=factored"]
+    info = results["project-static:d=4,samples=2,storage=factored"]["defense"]
+    count = 2 * sampled["inputs"]["defense"]["N"]
+    held = info["basis_bytes"] - 8 * (count * info["basis_columns"] + count * count)  # the factors alone
+    planned = sampled["inputs"]["defense"]["factor_bytes"]
+    assert held <= planned <= 2 * held
+
+
+def test_finetune_stops_before_training_when_the_plan_does_not_fit(tmp_path, tiny_model_dir, small_suite, capsys):
+    code, out = _ft_cli(tmp_path, tiny_model_dir, small_suite, "project-static:d=4,samples=1", "--max-memory", "1MB")
+    err = capsys.readouterr().err
+    assert code == 2
+    line = [x for x in err.splitlines() if "--max-memory" in x]
+    assert line and "planned peak" in line[0] and "samples=" in line[0] and "Traceback" not in err
+    assert not (out / "results.json").exists() and not (out / "checkpoint" / "state.pt").exists()

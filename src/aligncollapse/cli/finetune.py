@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aligncollapse.cli.args import defense_spec, nonneg_int, positive_float, positive_int, seed
+from aligncollapse.cli.args import defense_spec, memory_size, nonneg_int, positive_float, positive_int, seed
 from aligncollapse.cli.common import (
     add_data_args,
     add_eval_data_args,
@@ -11,6 +11,7 @@ from aligncollapse.cli.common import (
     config,
     eval_sets,
     finish,
+    memory_limit,
     out_dir,
     print_table,
     safety_set,
@@ -49,6 +50,9 @@ def register(sub) -> None:
                    "safe-lora or mix-safety; options as NAME:key=value,... (e.g. curvature:memory=4)")  # fmt: skip
     f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
     f.add_argument("--base-model", help="the unaligned base model (safe-lora); default: the organism's")
+    f.add_argument("--max-memory", type=memory_size, default="auto",
+                   help="stop before training when the memory plan exceeds this (e.g. 16GB; auto: what the device "
+                   "offers)")  # fmt: skip
     f.add_argument("--out")
     add_data_args(f, "--data")
     f.set_defaults(func=run)
@@ -103,9 +107,37 @@ def run(args) -> int:
         resume=not args.no_resume,
         command_config={"args": config(args), "finetune": cfg.to_json()},
         defense=defense,
+        memory_plan=memory_planner(
+            cfg, defense, harmful, *memory_limit(args.max_memory, next(model.parameters()).device)
+        ),
     )
     if not distributed.is_main():  # under torchrun the other ranks only compute
         return 0
     page = finish(out)
     print_table(f"fine-tuned {res['steps_done']} steps -> {page}", {args.data: res.get("summary", {})})
     return 0
+
+
+def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | None = None):
+    """``finetune``'s ``memory_plan`` hook: the plan of :func:`aligncollapse.geometry.memory.finetune_memory_plan`
+    with the defense's terms, logged one line per stage and checked against ``limit`` bytes."""
+
+    def plan(model, data) -> dict:
+        from collections import OrderedDict
+
+        from aligncollapse.geometry.memory import finetune_memory_plan, log_and_check, model_shape, runtime_bytes
+
+        params = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        shape = model_shape(model, params)
+        seq = max(len(it.input_ids) for it in data.items)
+        terms = defense.memory_terms(model, shape, seq) if defense is not None else None
+        p = finetune_memory_plan(
+            shape, batch_size=min(cfg.batch_size, len(data)), seq_len=seq, optimizer=cfg.optimizer,
+            momentum=cfg.momentum, weight_decay=cfg.weight_decay, snapshot=bool(defense and defense.wants_update),
+            eval_tokens=33 * len(eval_harmful or []), defense=terms,
+        )  # fmt: skip
+        p["runtime_bytes"] = runtime_bytes(model)
+        return log_and_check(p, limit, flag, hint="--lora, a smaller --batch-size, or the defense's samples=, "
+                             "first_layer=, last_layer= or modules= options")  # fmt: skip
+
+    return plan

@@ -82,8 +82,16 @@ def _module_types(name: str, value: str) -> str:
     return value
 
 
+def _storage(name: str, value: str) -> str:
+    from aligncollapse.defenses.basis import STORAGES
+
+    if value not in STORAGES:
+        raise UserError(f"defense option {name}:storage must be one of {', '.join(STORAGES)}, got {value!r}")
+    return value
+
+
 # Options whose value is text, each with its check.
-TEXT_OPTIONS = {"modules": _module_types}
+TEXT_OPTIONS = {"modules": _module_types, "storage": _storage}
 
 
 def _check_option(name: str, key: str, value: float) -> None:

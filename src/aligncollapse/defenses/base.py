@@ -80,6 +80,26 @@ class Defense:
 
         return _T()
 
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """Bytes this defense adds to fine-tuning (:func:`aligncollapse.geometry.memory.finetune_memory_plan`):
+        ``setup`` (its peak while ``setup`` runs, beyond the weights) and ``step`` (what it holds during
+        the steps plus a step's transient work). ``shape`` is the model's
+        :class:`~aligncollapse.geometry.memory.ModelShape` over the trainable parameters; ``seq_len``
+        the longest fine-tuning sequence. A defense without a formula adds nothing."""
+        return {"setup": 0, "step": 0, "inputs": {}}
+
+    def safety_sizes(self) -> dict:
+        """The safety reference's sizes before it is generated: N prompts, T (the longest prompt plus
+        its 32 generated tokens), the tokens that will carry a loss (at most 33 per prompt)."""
+        from aligncollapse.data.encoding import encode
+
+        c = self.ctx
+        lens = [len(encode(c.tokenizer, e, c.template, use_chat_template=c.use_chat_template, max_length=c.max_length,
+                           response="").input_ids) for e in c.safety]  # fmt: skip
+        N = len(lens)
+        return {"N": N, "T": max((min(p + 32, c.max_length) for p in lens), default=1),
+                "tokens": sum(min(p + 32, c.max_length) for p in lens), "loss_tokens": 33 * N}  # fmt: skip
+
     def info(self) -> dict:
         return {"name": self.name, "options": self.options, "seconds": dict(self.timing),
                 "seconds_total": sum(self.timing.values()), **self.counters}  # fmt: skip

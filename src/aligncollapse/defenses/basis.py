@@ -8,7 +8,8 @@ interface (:class:`Basis`):
 * :class:`DenseBasis` holds V itself: the top-d eigenvectors of the exact alignment-KL GGN over the
   blocks, found by Lanczos. Memory d·n_B·8 bytes (float64, on the parameters' device); each product
   costs d·n_B multiply-adds. Finding it holds ARPACK's (ncv + d)·n_B·8 bytes on the host.
-* :class:`FactoredBasis` holds V = U C. U holds the N·S score vectors of the Monte-Carlo Fisher
+* :class:`FactoredBasis` holds V = U C (``storage=factored``; ``storage=dense`` forms V from it
+  and keeps the dense matrix, ``auto`` the smaller of the two). U holds the N·S score vectors of the Monte-Carlo Fisher
   F̂ = U Uᵀ/NS (S label draws per safety prompt, as in ``scan --scan-method sample``), kept as factors
   (:mod:`aligncollapse.geometry.ghost`: 4·R·Σ_sites(d_in + d_out) bytes for R = S·Σ safety tokens). C
   (NS × d, float64) satisfies CᵀUᵀUC = I. Then Vᵀx = Cᵀ(Uᵀx) and V c = U(C c). Each product costs
@@ -175,9 +176,21 @@ def lanczos_basis(model, params, data, d: int, seed: int, batch_size: int) -> tu
     return lam, DenseBasis(OrderedDict((n, p.shape) for n, p in params.items()), B.to(dev))
 
 
+STORAGES = ("auto", "factored", "dense")
+
+
+def sampled_storage(storage: str, d: int, n_B: int, factor_bytes: int) -> str:
+    """``factored`` or ``dense`` for a sampled basis: ``auto`` keeps the smaller of the factors and the
+    dense d·n_B·8 matrix (dense wins for LoRA, whose matrices are thin; factored for full
+    fine-tuning of large matrices)."""
+    if storage != "auto":
+        return storage
+    return "dense" if d * n_B * 8 <= factor_bytes else "factored"
+
+
 def sampled_basis(
-    model, params, data, d: int, samples: int, seed: int, batch_size: int, ghost=None
-) -> tuple[torch.Tensor, FactoredBasis]:
+    model, params, data, d: int, samples: int, seed: int, batch_size: int, ghost=None, storage: str = "factored"
+) -> tuple[torch.Tensor, Basis]:
     """Top-d eigenpairs of the Monte-Carlo Fisher F̂ = UUᵀ/NS over ``params`` (S draws per prompt
     of ``data``), by the Gram trick: UᵀU/NS = W μ Wᵀ and V = U W μ^{-1/2}/√NS. Directions with no
     Fisher mass (μ ≤ 1e-12·μ_max) are dropped, so the basis may have fewer than d columns. Pass the
@@ -196,4 +209,10 @@ def sampled_basis(
     if len(mu) == 0:
         raise UserError("the sampled safety Fisher is zero on the selected parameters: no subspace to project off")
     C = sf.W[:, : len(mu)] / (mu.sqrt() * math.sqrt(sf.count))
-    return mu, FactoredBasis(sf.ghost, sf.factors, C, sf.K_raw, mu)
+    basis = FactoredBasis(sf.ghost, sf.factors, C, sf.K_raw, mu)
+    if storage == "dense":  # V formed column by column (d passes over the factors), then the factors go
+        cols = [torch.cat([t.reshape(-1).to(torch.float64) for t in basis.combine(e).values()])
+                for e in torch.eye(len(mu), dtype=torch.float64)]  # fmt: skip
+        dev = next(iter(params.values())).device
+        return mu, DenseBasis(OrderedDict((n, p.shape) for n, p in params.items()), torch.stack(cols, 1).to(dev))
+    return mu, basis

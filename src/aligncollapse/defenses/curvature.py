@@ -134,6 +134,25 @@ class CurvatureDrift(ProjectStatic):
                 Q, _ = torch.linalg.qr(torch.stack(self.coords, dim=1))  # d×m
                 self.remove(before, lambda c: Q @ (Q.T @ c))
 
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """``project-static``'s terms, and per drift step the HVP over ``ft_batch`` examples: g (n·b),
+        h (n·8), the product's vectors (4·n·a) and its double backward (3·act(min(ft_batch, batch)) at
+        the fine-tuning length); with ``weighted=1`` also the m directions (m·n·8), the GGN product
+        (3·n·a + 3·act(min(safety_batch, batch))) and the flat update and its projection (2·n·8)."""
+        from aligncollapse.geometry.memory import activation_bytes
+
+        t = super().memory_terms(model, shape, seq_len)
+        n, b = shape.n, shape.dtype_bytes
+        a = max(b, 4)
+        fb = max(1, min(self.ft_batch, self.ctx.batch_size))
+        extra = n * b + n * 8 + 4 * n * a + 3 * activation_bytes(shape, fb, seq_len)
+        if self.weighted:
+            sb = max(1, min(self.safety_batch, self.ctx.batch_size))
+            T = t["inputs"]["T"]
+            extra += self.memory * n * 8 + 3 * n * a + 3 * activation_bytes(shape, sb, T) + 2 * n * 8
+        t["step"] += extra
+        return t
+
     def info(self) -> dict:
         out = super().info()
         d = self.drift_in_M

@@ -34,6 +34,15 @@ class OGDLookahead(ProjectStatic):
         super().__init__(ctx, d=d, every=every, safety_batch=safety_batch, memory=memory, **options)
         self.every, self.safety_batch, self.memory = every, safety_batch, memory
 
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """``project-static``'s terms plus :class:`~aligncollapse.defenses.ogd.AlignmentGradient`'s and the
+        m look-ahead directions' (as ``ogd``, without a second reference)."""
+        from aligncollapse.defenses.ogd import alignment_gradient_terms
+
+        t = super().memory_terms(model, shape, seq_len)
+        g = alignment_gradient_terms(self, shape, self.memory, self.safety_batch, include_reference=False)
+        return {"setup": t["setup"] + g["setup"], "step": t["step"] + g["step"], "inputs": t["inputs"]}
+
     def setup(self, model) -> None:
         super().setup(model)
         with self.timed("setup"):

@@ -13,9 +13,11 @@ the alignment loss is also sensitive outside the top-d directions.
 Options for scale (:mod:`aligncollapse.defenses.basis`):
 
 * ``samples=S`` (default 0): 0 takes V from the exact GGN by Lanczos and stores it dense (d·n_B·8
-  bytes). S ≥ 1 takes it from the Monte-Carlo Fisher with S label draws per safety prompt and
-  stores it as the scores' factors (4·R·Σ(d_in + d_out) bytes, R = S·Σ safety tokens), so no d × n
-  matrix exists.
+  bytes). S ≥ 1 takes it from the Monte-Carlo Fisher with S label draws per safety prompt (one
+  backward pass each instead of Lanczos's dozens of GGN products) and, with ``storage=auto``, keeps
+  the smaller of its forms: the scores' factors (4·R·Σ(d_in + d_out) bytes, R = S·Σ safety tokens;
+  no d × n matrix exists; full fine-tuning of large matrices) or the dense V (LoRA's thin ones).
+  ``storage=factored|dense`` forces one.
 * ``first_layer``, ``last_layer``, ``modules`` (``q+v+down``): restrict M to those blocks of the
   trainable parameters. The update of every other parameter is left as the optimiser made it.
   Memory and cost scale with n_B instead of n.
@@ -31,7 +33,7 @@ from collections.abc import Mapping
 import torch
 
 from aligncollapse.defenses.base import Defense, SafetyReference, trainable
-from aligncollapse.defenses.basis import lanczos_basis, sampled_basis, select_blocks, split
+from aligncollapse.defenses.basis import lanczos_basis, sampled_basis, sampled_storage, select_blocks, split
 
 
 class _Difference(Mapping):
@@ -67,13 +69,15 @@ class ProjectStatic(Defense):
         first_layer: int | None = None,
         last_layer: int | None = None,
         modules: str = "",
+        storage: str = "auto",
         **options,
     ):
         extra = {k: v for k, v in (("samples", samples), ("first_layer", first_layer), ("last_layer", last_layer),
-                                   ("modules", modules)) if v}  # fmt: skip
+                                   ("modules", modules), ("storage", storage if storage != "auto" else "")) if v}  # fmt: skip
         super().__init__(ctx, d=d, **extra, **options)
         self.d, self.samples = d, samples
         self.first_layer, self.last_layer, self.modules = first_layer, last_layer, modules
+        self.storage = storage
 
     def setup(self, model) -> None:
         with self.timed("setup"):
@@ -83,6 +87,7 @@ class ProjectStatic(Defense):
             self.lam, self.basis = self.subspace(model)
         self.counters["removed_norm"] = 0.0
         self.counters["basis"] = "sampled" if self.samples else "lanczos"
+        self.counters["basis_storage"] = "factored" if hasattr(self.basis, "factors") else "dense"
         self.counters["basis_columns"] = self.basis.d
         self.counters["basis_parameters"] = sum(p.numel() for p in self.blocks.values())
         self.counters["basis_bytes"] = self.basis.nbytes()
@@ -95,9 +100,65 @@ class ProjectStatic(Defense):
                 from aligncollapse.geometry.ghost import GhostGradients
 
                 self._ghost = GhostGradients(model, self.blocks)  # one for every basis (refreshes join them)
+            storage = sampled_storage(self.storage, self.d, sum(p.numel() for p in self.blocks.values()),
+                                      self._factor_bytes(self._ghost))  # fmt: skip
             return sampled_basis(model, self.blocks, self.ref.data, self.d, self.samples, c.seed, c.batch_size,
-                                 self._ghost)  # fmt: skip
+                                 self._ghost, storage)  # fmt: skip
         return lanczos_basis(model, self.blocks, self.ref.data, self.d, c.seed, c.batch_size)
+
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """With n_B the blocks' parameters, a = max(b, 4), Ref the safety reference
+        (:func:`~aligncollapse.geometry.memory.reference_bytes`), B_s = min(batch, N), T the safety
+        sequence length and act(·) the activations (:func:`~aligncollapse.geometry.memory.activation_bytes`):
+
+        * ``samples=0`` (Lanczos, dense): setup Ref + (ncv + d + 4)·n_B·8 + 3·n_B·a + 3·act(B_s) +
+          3·B_s·T·V·4 (ARPACK's basis, the Ritz vectors and the GGN product, as the scan's Lanczos
+          stage; ncv = min(n_B, max(2d + 1, 20))); step Ref + d·n_B·8 + 2·n_max·8 (V, and one
+          block's difference and correction; n_max the largest block).
+        * ``samples=S`` (factored): setup Ref + Fac + 2·act(B_s) + 2·B_s·T·V·8 + 3·(NS)²·8 (the
+          scores' factors, :func:`~aligncollapse.geometry.memory.factor_bytes`; the graph and the
+          backward's gradients, returned at every site's output at once; the draws' probabilities;
+          K, its eigenvectors and C); step Ref + Fac + (NS)²·8 + NS·d·8 + (n_B + n_max)·a (the
+          correction V c, formed per parameter, and one block's difference). With ``storage=dense``
+          (``auto`` picks it when d·n_B·8 ≤ Fac) V is formed at setup (Fac + d·n_B·8 + 3·n_B·8)
+          and the steps hold it as ``samples=0`` does.
+        """
+        from aligncollapse.geometry.memory import activation_bytes, reference_bytes
+
+        blocks = select_blocks(trainable(model), model, self.first_layer, self.last_layer, self.modules)
+        nB = sum(p.numel() for p in blocks.values())
+        n_max = max(p.numel() for p in blocks.values())
+        z = self.safety_sizes()
+        N, T, V, b = z["N"], z["T"], shape.vocab, shape.dtype_bytes
+        a = max(b, 4)
+        ref = reference_bytes(z["loss_tokens"], V, shape.n_total * b)
+        Bs = max(1, min(self.ctx.batch_size, N))
+        act = activation_bytes(shape, Bs, T)
+        inputs = {"n_B": nB, "d": self.d, "samples": self.samples, "N": N, "T": T}
+        if not self.samples:
+            ncv = min(nB, max(2 * self.d + 1, 20))
+            setup = ref + (ncv + self.d + 4) * nB * 8 + 3 * nB * a + 3 * act + 3 * Bs * T * V * 4
+            return {"setup": setup, "step": ref + self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
+        from aligncollapse.geometry.ghost import GhostGradients
+
+        NS = N * self.samples
+        fac = self._factor_bytes(GhostGradients(model, blocks), z)
+        storage = sampled_storage(self.storage, self.d, nB, fac)
+        inputs.update(factor_bytes=fac, storage=storage)
+        setup = ref + fac + 2 * act + 2 * Bs * T * V * 8 + 3 * NS * NS * 8
+        if storage == "dense":  # V formed from the factors (a column and its pieces at a time), then kept
+            setup = max(setup, ref + fac + self.d * nB * 8 + 3 * nB * 8)
+            return {"setup": setup, "step": ref + self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
+        step = ref + fac + NS * NS * 8 + NS * self.d * 8 + (nB + n_max) * a
+        return {"setup": setup, "step": step, "inputs": inputs}
+
+    def _factor_bytes(self, ghost, sizes: dict | None = None) -> int:
+        """The planned bytes of the scores' factors (:func:`~aligncollapse.geometry.memory.factor_bytes`)."""
+        from aligncollapse.geometry.memory import factor_bytes
+
+        z = sizes or self.safety_sizes()
+        return factor_bytes(ghost.floats_per_token(), ghost.head_floats_per_token(), ghost.explicit_numel(),
+                            z["tokens"], z["loss_tokens"], z["N"], self.samples)  # fmt: skip
 
     @property
     def B(self) -> torch.Tensor:

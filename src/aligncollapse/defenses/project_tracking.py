@@ -32,6 +32,22 @@ class ProjectTracking(ProjectStatic):
         self.rotation: list[dict] = []
         self.counters["refreshes"] = 0
 
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """``project-static``'s terms (static), with the refresh on top of the steps: dense, the initial
+        basis, the current one, their concatenation and its QR (6·d·n_B·8) or, while refreshing, the
+        initial basis and a new setup; factored, the initial and current factors and their
+        concatenation (4·Fac) with the union's Gram (3·(2NS)²·8), or the initial factors and a new setup."""
+        t = super().memory_terms(model, shape, seq_len)
+        i = t["inputs"]
+        nB, d = i["n_B"], self.d
+        if not self.samples:
+            basis = d * nB * 8
+            t["step"] = max(t["step"] + 5 * basis, t["setup"] + basis)
+        else:
+            fac, NS = i["factor_bytes"], i["N"] * self.samples
+            t["step"] = max(t["step"] + 3 * fac + 3 * (2 * NS) ** 2 * 8, t["setup"] + fac)
+        return t
+
     @property
     def B0(self) -> torch.Tensor:
         """The dense initial basis (n_B × d, float64): only for ``samples=0``."""

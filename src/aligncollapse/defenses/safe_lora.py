@@ -29,6 +29,14 @@ class SafeLoRA(Defense):
         with self.timed("setup"):
             self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
 
+    def memory_terms(self, model, shape, seq_len: int) -> dict:
+        """θ* of every 2-D parameter (Σ numel·b), held from setup; at the end, per module, V, C = VVᵀ/‖V‖
+        and the update and its projection in float64 (4·d_out·max(d_out, d_in)·8 at most)."""
+        mats = [p for p in model.parameters() if p.dim() == 2]
+        held = sum(p.numel() * p.element_size() for p in mats)
+        work = max((4 * p.shape[0] * max(p.shape) * 8 for p in mats), default=0)
+        return {"setup": held, "step": held + work, "inputs": {"matrices": len(mats)}}
+
     def _C(self, base_name: str):
         aligned = self.theta0.get(base_name)
         unaligned = self.ctx.unaligned_state.get(_plain(base_name))

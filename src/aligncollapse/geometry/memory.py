@@ -149,6 +149,80 @@ def scan_memory_plan(
     }
 
 
+def factor_bytes(
+    floats_per_token: int,
+    head_floats_per_token: int,
+    explicit_numel: int,
+    tokens: int,
+    loss_tokens: int,
+    count: int,
+    samples: int = 1,
+) -> int:
+    """Bytes of float32 factored per-example gradients (:mod:`aligncollapse.geometry.ghost`) of ``count``
+    examples, each collected ``samples`` times: 4·S·((f − f_h)·R + f_h·R' + e·count). f = factor floats
+    per token, f_h = the output head's part (stored only at the R' tokens that carry a loss), R = the
+    non-padding tokens, e = the numel of the parameters whose per-example gradients are formed."""
+    body = floats_per_token - head_floats_per_token
+    return 4 * samples * (body * tokens + head_floats_per_token * loss_tokens + explicit_numel * count)
+
+
+def reference_bytes(tokens: int, vocab: int, weights: int, cache: int = 256 * 2**20) -> int:
+    """What a :class:`aligncollapse.evaluation.metrics.KLReference` keeps: the reference log-probabilities
+    at its ``tokens`` response positions (tokens·V·4) when they fit its ``cache`` bytes, else a frozen
+    copy of the model (its weights, W)."""
+    return tokens * vocab * 4 if tokens * vocab * 4 <= cache else weights
+
+
+def finetune_memory_plan(
+    s: ModelShape,
+    *,
+    batch_size: int,
+    seq_len: int,
+    optimizer: str,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    snapshot: bool = False,
+    eval_tokens: int = 0,
+    defense: dict | None = None,
+) -> dict:
+    """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters).
+
+    * train          W + n·b (gradients) + o·n·b (optimizer) + [snapshot] n·b + act(B) + Ref + D_step
+    * defense_setup  W + Ref + D_setup                                     (with a defense)
+
+    o = 3 for AdamW (two moments and the foreach step's √v), 1 for SGD with momentum, plus 1 with
+    weight decay under SGD (foreach's g + λθ); the snapshot is the trainable weights before each step,
+    kept for update-level defenses; Ref is the tracker's KL reference (:func:`reference_bytes` of the
+    evaluation prompts' response tokens, at most 33 each); D_setup and D_step are the defense's own
+    terms (its ``memory_terms``: formulas in each defense's docstring).
+    """
+    n, b, T = s.n, s.dtype_bytes, seq_len
+    W = s.n_total * b
+    if optimizer == "adamw":
+        opt = 3 * n * b
+    else:
+        opt = (n * b if momentum else 0) + (n * b if weight_decay else 0)
+    ref = reference_bytes(eval_tokens, s.vocab, W) if eval_tokens else 0
+    d = defense or {}
+    stages = {
+        "train": W + n * b + opt + (n * b if snapshot else 0) + activation_bytes(s, batch_size, T) + ref
+        + d.get("step", 0),
+    }  # fmt: skip
+    if defense is not None:
+        stages["defense_setup"] = W + ref + d.get("setup", 0)
+    peak_stage = max(stages, key=stages.get)
+    return {
+        "method": "finetune",
+        "stages": stages,
+        "peak_bytes": stages[peak_stage],
+        "peak_stage": peak_stage,
+        "inputs": {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
+                   "eval_tokens": eval_tokens, **({"defense": d.get("inputs", {})} if defense is not None else {})},
+        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.finetune_memory_plan and "
+        "the defense's memory_terms); allocator slack and the framework's own memory come on top",
+    }  # fmt: skip
+
+
 def sample_scan_memory_plan(
     s: ModelShape,
     *,
@@ -217,11 +291,10 @@ def sample_scan_memory_plan(
     W = s.n_total * b
     Bs, Bf = max(1, min(batch_size, N)), max(1, min(batch_size, M))
     T = seq_len
-    body = floats_per_token - head_floats_per_token  # the output head's factors exist at loss positions only
     ls = tokens_safety if loss_tokens_safety is None else loss_tokens_safety
     lm = tokens_finetune if loss_tokens_finetune is None else loss_tokens_finetune
-    fac_s = 4 * ((body * tokens_safety + head_floats_per_token * ls) * samples + explicit_numel * N * samples)
-    fac_m = 4 * (body * tokens_finetune + head_floats_per_token * lm + explicit_numel * M)
+    fac_s = factor_bytes(floats_per_token, head_floats_per_token, explicit_numel, tokens_safety, ls, N, samples)
+    fac_m = factor_bytes(floats_per_token, head_floats_per_token, explicit_numel, tokens_finetune, lm, M)
     fac_v = fac_s + 4 * basis_rows * explicit_numel  # Fac_S and V's formed blocks
     work = 36 * gram_chunk  # a row chunk's two float32 inner-product blocks, their product, its float64 prefix sum
     act = activation_bytes(s, Bs, T)
@@ -471,7 +544,7 @@ def planned_total(plan: dict) -> int:
     return plan["peak_bytes"] + plan.get("runtime_bytes", 0)
 
 
-def log_and_check(plan: dict, limit: int | None, given: str | None = None) -> dict:
+def log_and_check(plan: dict, limit: int | None, given: str | None = None, hint: str | None = None) -> dict:
     """Log ``plan`` one line per stage, stop with :func:`check_fits` above ``limit``, and record the
     limit in the plan (``limit_bytes``): what every command does with its plan before heavy work."""
     from aligncollapse.progress import log
@@ -482,14 +555,16 @@ def log_and_check(plan: dict, limit: int | None, given: str | None = None) -> di
     log(f"[memory plan] peak {format_size(plan['peak_bytes'])} ({plan['peak_stage']})"
         + (f" + runtime {format_size(runtime)}" if runtime else "")
         + (f", limit {format_size(limit)}" if limit is not None else ""))  # fmt: skip
-    check_fits(plan, limit, given=given)
+    check_fits(plan, limit, given=given, hint=hint)
     plan["limit_bytes"] = limit
     return plan
 
 
-def check_fits(plan: dict, limit: int | None, flag: str = "--max-memory", given: str | None = None) -> None:
+def check_fits(
+    plan: dict, limit: int | None, flag: str = "--max-memory", given: str | None = None, hint: str | None = None
+) -> None:
     """A one-line :class:`UserError` when the planned peak (plus the recorded runtime) exceeds
-    ``limit`` bytes (None: no limit)."""
+    ``limit`` bytes (None: no limit); ``hint`` says what to reduce (default: the selection or the data)."""
     if limit is None or planned_total(plan) <= limit:
         return
     stage = plan["peak_stage"]
@@ -497,6 +572,6 @@ def check_fits(plan: dict, limit: int | None, flag: str = "--max-memory", given:
     runtime = f" + {format_size(plan['runtime_bytes'])} of runtime" if plan.get("runtime_bytes") else ""
     raise UserError(
         f"{flag} {shown}: the planned peak is {format_size(plan['peak_bytes'])}{runtime} (largest stage: {stage}, "
-        f"{format_size(plan['stages'][stage])}); raise {flag}, or select fewer parameters (--blocks, --layers, "
-        "--modules) or fewer examples"
+        f"{format_size(plan['stages'][stage])}); raise {flag}, or use "
+        + (hint or "fewer parameters (--blocks, --layers, --modules) or fewer examples")
     )

@@ -236,6 +236,7 @@ def finetune(
     command_config: dict | None = None,
     step_hook=None,
     defense=None,
+    memory_plan=None,
 ) -> dict:
     """Fine-tune ``model`` on ``train`` and write ``trajectory.jsonl``, checkpoints and ``results.json``.
 
@@ -243,7 +244,9 @@ def finetune(
     and refusal rate and the final evaluation; ``eval_benign`` the final benign metrics.
     ``step_hook(model, step)`` runs after each optimiser step; ``defense`` (an
     :class:`aligncollapse.defenses.Defense`) hooks into data, gradients, updates and the end of
-    training. Returns the results payload.
+    training. ``memory_plan(model, data)`` (optional) returns the run's memory plan, after LoRA is
+    applied and the data encoded and before any heavy work; it may stop the run with a
+    :class:`UserError`, and its plan is written to results.json. Returns the results payload.
     """
     cfg = config or FinetuneConfig()
     out = Path(out_dir)
@@ -276,6 +279,7 @@ def finetune(
                         f"{len(data)} in the data), fewer than the {world} processes: each needs one")  # fmt: skip
     if main:
         _warn_if_unteachable(data, tokenizer)
+    plan = memory_plan(model, data) if memory_plan is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     if main:
@@ -394,6 +398,8 @@ def finetune(
     }
     if world > 1:
         payload["world_size"] = world
+    if plan is not None:
+        payload["memory_plan"] = plan
     if defense is not None:
         payload["defense"] = defense.info()
     if not main:  # the other ranks only computed; rank 0 saves, evaluates and writes
