@@ -132,7 +132,7 @@ class CurvatureDrift(ProjectStatic):
                 assign(self.params, old + project_off(delta, self.dirs))
             else:
                 Q, _ = torch.linalg.qr(torch.stack(self.coords, dim=1))  # d×m
-                self.remove(before, lambda c: Q @ (Q.T @ c))
+                self.counters["removed_norm"] += float(self.remove(before, lambda c: Q @ (Q.T @ c)).norm())
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
         """``project-static``'s terms, and per drift step the HVP over ``ft_batch`` examples: g (n·b),
