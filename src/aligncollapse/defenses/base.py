@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -123,18 +123,17 @@ def assign(params: OrderedDict[str, torch.nn.Parameter], vec: torch.Tensor) -> N
 
 @dataclass
 class SafetyReference:
-    """The safety prompts with θ*'s own greedy responses: the alignment KL's reference (as in the scan)."""
+    """The safety prompts with θ*'s own greedy responses: the alignment KL's reference (as in the
+    scan). Only the encoded set is kept: no reference log-probabilities and no copy of the model."""
 
     data: EncodedSet
-    kl: object = field(default=None)
 
     @classmethod
     def build(cls, model, ctx: DefenseContext) -> SafetyReference:
-        from aligncollapse.evaluation.metrics import KLReference
+        from aligncollapse.evaluation.metrics import reference_data
 
-        kl = KLReference(model, ctx.tokenizer, ctx.safety, ctx.template, use_chat_template=ctx.use_chat_template,
-                         max_length=ctx.max_length)  # fmt: skip
-        return cls(kl.data, kl)
+        return cls(reference_data(model, ctx.tokenizer, ctx.safety, ctx.template, use_chat_template=ctx.use_chat_template,
+                                  max_length=ctx.max_length)[1])  # fmt: skip
 
 
 def safety_subspace(model, params, data: EncodedSet, d: int, seed: int, batch_size: int = 32):

@@ -29,17 +29,17 @@ class FisherPenalty(Defense):
         self.counters["last_penalty"] = 0.0
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
-        """Setup as ``project-static:samples=0`` over all trainable parameters (Ref + Lanczos); per step
+        """Setup as ``project-static:samples=0`` over all trainable parameters (Lanczos); per step
         the dense basis and θ* (d·n·8 + n·8) with the flat θ, its coordinates' correction and the
         gradient term (3·n·8)."""
-        from aligncollapse.geometry.memory import activation_bytes, reference_bytes
+        from aligncollapse.geometry.memory import activation_bytes
 
         z = self.safety_sizes()
         N, T, V, n, b = z["N"], z["T"], shape.vocab, shape.n, shape.dtype_bytes
         a = max(b, 4)
         Bs = max(1, min(self.ctx.batch_size, N))
         ncv = min(n, max(2 * self.d + 1, 20))
-        setup = reference_bytes(z["loss_tokens"], V, shape.n_total * b) + (ncv + self.d + 4) * n * 8 + 3 * n * a
+        setup = (ncv + self.d + 4) * n * 8 + 3 * n * a
         setup += 3 * activation_bytes(shape, Bs, T) + 3 * Bs * T * V * 4
         return {"setup": setup, "step": (self.d + 4) * n * 8, "inputs": {"N": N, "T": T, "d": self.d}}
 

@@ -9,8 +9,8 @@ control that isolates what :mod:`.ogd_lookahead` (look-ahead) and :mod:`.curvatu
 the same number of removed directions. At θ* the alignment KL and its gradient vanish, so a
 direction is kept only once the batch's KL exceeds ``1e-6`` nats per sequence.
 
-Memory: the m directions, m·n float64 on the parameters' device, plus the reference log-probabilities
-of the safety batch (N·T·V float32 on the host, as the tracker).
+Memory: the m directions, m·n float64 on the parameters' device, plus θ*'s log-probabilities
+of the safety prompts (N·T·V float32 on the host).
 """
 
 from __future__ import annotations
@@ -63,18 +63,17 @@ class AlignmentGradient:
         return flat_g, float(kl.detach())
 
 
-def alignment_gradient_terms(defense, shape, memory: int, safety_batch: int, include_reference: bool) -> dict:
+def alignment_gradient_terms(defense, shape, memory: int, safety_batch: int) -> dict:
     """The memory of :class:`AlignmentGradient` and of projecting off m flat directions (see
-    :meth:`OGD.memory_terms`); ``include_reference``: also the safety reference (Ref)."""
-    from aligncollapse.geometry.memory import activation_bytes, reference_bytes
+    :meth:`OGD.memory_terms`)."""
+    from aligncollapse.geometry.memory import activation_bytes
 
     z = defense.safety_sizes()
     N, T, V, n, b = z["N"], z["T"], shape.vocab, shape.n, shape.dtype_bytes
-    ref = reference_bytes(z["loss_tokens"], V, shape.n_total * b) if include_reference else 0
     lp = N * T * V * 4
     sb = max(1, min(safety_batch, N))
-    step = ref + lp + (memory + 4) * n * 8 + 3 * n * b + 2 * activation_bytes(shape, sb, T) + 2 * sb * T * V * 4
-    return {"setup": ref + lp + sb * T * V * 8, "step": step, "inputs": {"N": N, "T": T, "memory": memory}}
+    step = lp + (memory + 4) * n * 8 + 3 * n * b + 2 * activation_bytes(shape, sb, T) + 2 * sb * T * V * 4
+    return {"setup": lp + sb * T * V * 8, "step": step, "inputs": {"N": N, "T": T, "memory": memory}}
 
 
 def project_off(delta: torch.Tensor, dirs: list[torch.Tensor]) -> torch.Tensor:
@@ -103,12 +102,12 @@ class OGD(Defense):
         self.counters["directions_kept"] = 0
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
-        """Ref (the safety reference) + θ*'s log-probabilities of every safety prompt (N·T·V·4, kept by
-        :class:`AlignmentGradient`) at setup; per step also the m directions and the flat update,
+        """θ*'s log-probabilities of every safety prompt (N·T·V·4, kept by :class:`AlignmentGradient`)
+        at setup; per step also the m directions and the flat update,
         its copies and projection ((m + 4)·n·8 + 2·n·b), the KL's gradient (n·b) and its backward
         (2·act(min(safety_batch, N)): the graph and the backward's buffers; 2·B·T·V·4 for the
         log-softmaxes)."""
-        return alignment_gradient_terms(self, shape, self.memory, self.safety_batch, include_reference=True)
+        return alignment_gradient_terms(self, shape, self.memory, self.safety_batch)
 
     def on_gradients(self, model, step: int) -> None:
         if step % self.every:

@@ -36,11 +36,11 @@ class OGDLookahead(ProjectStatic):
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
         """``project-static``'s terms plus :class:`~aligncollapse.defenses.ogd.AlignmentGradient`'s and the
-        m look-ahead directions' (as ``ogd``, without a second reference)."""
+        m look-ahead directions' (as ``ogd``)."""
         from aligncollapse.defenses.ogd import alignment_gradient_terms
 
         t = super().memory_terms(model, shape, seq_len)
-        g = alignment_gradient_terms(self, shape, self.memory, self.safety_batch, include_reference=False)
+        g = alignment_gradient_terms(self, shape, self.memory, self.safety_batch)
         return {"setup": t["setup"] + g["setup"], "step": t["step"] + g["step"], "inputs": t["inputs"]}
 
     def setup(self, model) -> None:

@@ -107,23 +107,22 @@ class ProjectStatic(Defense):
         return lanczos_basis(model, self.blocks, self.ref.data, self.d, c.seed, c.batch_size)
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
-        """With n_B the blocks' parameters, a = max(b, 4), Ref the safety reference
-        (:func:`~aligncollapse.geometry.memory.reference_bytes`), B_s = min(batch, N), T the safety
+        """With n_B the blocks' parameters, a = max(b, 4), B_s = min(batch, N), T the safety
         sequence length and act(·) the activations (:func:`~aligncollapse.geometry.memory.activation_bytes`):
 
-        * ``samples=0`` (Lanczos, dense): setup Ref + (ncv + d + 4)·n_B·8 + 3·n_B·a + 3·act(B_s) +
+        * ``samples=0`` (Lanczos, dense): setup (ncv + d + 4)·n_B·8 + 3·n_B·a + 3·act(B_s) +
           3·B_s·T·V·4 (ARPACK's basis, the Ritz vectors and the GGN product, as the scan's Lanczos
-          stage; ncv = min(n_B, max(2d + 1, 20))); step Ref + d·n_B·8 + 2·n_max·8 (V, and one
+          stage; ncv = min(n_B, max(2d + 1, 20))); step d·n_B·8 + 2·n_max·8 (V, and one
           block's difference and correction; n_max the largest block).
-        * ``samples=S`` (factored): setup Ref + Fac + 2·act(B_s) + 2·B_s·T·V·8 + 3·(NS)²·8 (the
+        * ``samples=S`` (factored): setup Fac + 2·act(B_s) + 2·B_s·T·V·8 + 3·(NS)²·8 (the
           scores' factors, :func:`~aligncollapse.geometry.memory.factor_bytes`; the graph and the
           backward's gradients, returned at every site's output at once; the draws' probabilities;
-          K, its eigenvectors and C); step Ref + Fac + (NS)²·8 + NS·d·8 + (n_B + n_max)·a (the
+          K, its eigenvectors and C); step Fac + (NS)²·8 + NS·d·8 + (n_B + n_max)·a (the
           correction V c, formed per parameter, and one block's difference). With ``storage=dense``
           (``auto`` picks it when d·n_B·8 ≤ Fac) V is formed at setup (Fac + d·n_B·8 + 3·n_B·8)
           and the steps hold it as ``samples=0`` does.
         """
-        from aligncollapse.geometry.memory import activation_bytes, reference_bytes
+        from aligncollapse.geometry.memory import activation_bytes
 
         blocks = select_blocks(trainable(model), model, self.first_layer, self.last_layer, self.modules)
         nB = sum(p.numel() for p in blocks.values())
@@ -131,25 +130,24 @@ class ProjectStatic(Defense):
         z = self.safety_sizes()
         N, T, V, b = z["N"], z["T"], shape.vocab, shape.dtype_bytes
         a = max(b, 4)
-        ref = reference_bytes(z["loss_tokens"], V, shape.n_total * b)
         Bs = max(1, min(self.ctx.batch_size, N))
         act = activation_bytes(shape, Bs, T)
         inputs = {"n_B": nB, "d": self.d, "samples": self.samples, "N": N, "T": T}
         if not self.samples:
             ncv = min(nB, max(2 * self.d + 1, 20))
-            setup = ref + (ncv + self.d + 4) * nB * 8 + 3 * nB * a + 3 * act + 3 * Bs * T * V * 4
-            return {"setup": setup, "step": ref + self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
+            setup = (ncv + self.d + 4) * nB * 8 + 3 * nB * a + 3 * act + 3 * Bs * T * V * 4
+            return {"setup": setup, "step": self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
         from aligncollapse.geometry.ghost import GhostGradients
 
         NS = N * self.samples
         fac = self._factor_bytes(GhostGradients(model, blocks), z)
         storage = sampled_storage(self.storage, self.d, nB, fac)
         inputs.update(factor_bytes=fac, storage=storage)
-        setup = ref + fac + 2 * act + 2 * Bs * T * V * 8 + 3 * NS * NS * 8
+        setup = fac + 2 * act + 2 * Bs * T * V * 8 + 3 * NS * NS * 8
         if storage == "dense":  # V formed from the factors (a column and its pieces at a time), then kept
-            setup = max(setup, ref + fac + self.d * nB * 8 + 3 * nB * 8)
-            return {"setup": setup, "step": ref + self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
-        step = ref + fac + NS * NS * 8 + NS * self.d * 8 + (nB + n_max) * a
+            setup = max(setup, fac + self.d * nB * 8 + 3 * nB * 8)
+            return {"setup": setup, "step": self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
+        step = fac + NS * NS * 8 + NS * self.d * 8 + (nB + n_max) * a
         return {"setup": setup, "step": step, "inputs": inputs}
 
     def _factor_bytes(self, ghost, sizes: dict | None = None) -> int:

@@ -145,6 +145,27 @@ def alignment_loss(model, data: EncodedSet, batch_size: int = 64) -> dict[str, f
     }
 
 
+def reference_data(
+    model,
+    tokenizer,
+    prompts: Sequence[Example],
+    template: PromptTemplate | str = "raw",
+    *,
+    config: GenerationConfig | None = None,
+    use_chat_template: bool | None = None,
+    max_length: int = 512,
+) -> tuple[list[str], EncodedSet]:
+    """The model's own responses to ``prompts`` (greedy, 32 new tokens, unless ``config`` says
+    otherwise) and the prompts with them, encoded: the alignment KL's reference set."""
+    config = config or GenerationConfig(max_new_tokens=32)
+    responses = generate(model, tokenizer, prompts, template, config, use_chat_template)
+    examples = [Example(prompt=e.prompt, response=r, messages=e.messages, fields=e.fields, source=e.source)
+                for e, r in zip(prompts, responses)]  # fmt: skip
+    return responses, EncodedSet(
+        tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length
+    )
+
+
 class KLReference:
     """Form (b): E_x KL(π_ref(·|x) ‖ π_θ(·|x)) along the reference model's own responses.
 
@@ -166,17 +187,10 @@ class KLReference:
         batch_size: int = 64,
         max_length: int = 512,
     ):
-        config = config or GenerationConfig(max_new_tokens=32)
-        responses = generate(model, tokenizer, prompts, template, config, use_chat_template)
-        self.examples = [
-            Example(prompt=e.prompt, response=r, messages=e.messages, fields=e.fields, source=e.source)
-            for e, r in zip(prompts, responses)
-        ]
-        self.responses = responses
         # An empty reference response still has its EOS token to score.
-        self.data = EncodedSet(
-            tokenizer, self.examples, template, use_chat_template=use_chat_template, max_length=max_length
-        )
+        self.responses, self.data = reference_data(model, tokenizer, prompts, template, config=config,
+                                                   use_chat_template=use_chat_template, max_length=max_length)  # fmt: skip
+        self.examples = self.data.examples
         self.batch_size = batch_size
         n_tok = sum(sum(1 for t in it.labels if t != IGNORE_INDEX) for it in self.data.items)
         vocab = model.get_output_embeddings().weight.shape[0]
