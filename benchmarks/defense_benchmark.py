@@ -4,8 +4,10 @@
         --defenses project-static:d=16,samples=1 curvature:d=16,samples=1 [--safety 32] [--steps 3] [--json FILE]
 
 In one process, on a random-init Llama (the presets of ``overlap_benchmark.py``, rebuilt from seed 0 for
-every run), the undefended run and then each defense fine-tune ``--steps`` AdamW steps (batch 8, full
-fine-tuning or ``--lora R`` on the seven projections). For each run it prints and writes:
+every run), each defense and then the undefended run fine-tune ``--steps`` AdamW steps (batch 8, full
+fine-tuning or ``--lora R`` on the seven projections). The first run's memory is measured in a clean
+process (``clean_memory``); later runs inherit the heap the earlier ones left, so compare their
+memory only across processes (give one defense per process). For each run it prints and writes:
 
 * ``setup_seconds``: the defense's setup (the safety reference's greedy responses, then the basis),
   and ÷ the floor (one forward+backward over the safety prompts, batches of 16, measured first);
@@ -84,8 +86,7 @@ def main() -> None:
     print(f"{a.preset}: {n_total / 1e9:.3f}B parameters, N = {len(safety)} safety prompts, floor {floor:.1f} s")
 
     rows = []
-    base_step = None
-    for spec in ["none", *a.defenses]:
+    for i, spec in enumerate([*a.defenses, "none"]):
         model = build()
         defense = None if spec == "none" else make_defense(spec, DefenseContext(tok, safety))
         peak, done = [proc.memory_info().rss], threading.Event()
@@ -106,12 +107,11 @@ def main() -> None:
         plan = res["memory_plan"]
         info = res.get("defense", {})
         step = res["seconds"] / a.steps
-        base_step = base_step or step
         row = {
             "preset": a.preset, "n_parameters": n_total, "trainable": res["trainable_parameters"],
             "lora_r": a.lora, "N": len(safety), "steps": a.steps, "defense": spec, "floor_seconds": round(floor, 2),
             "wall_seconds": round(wall, 1), "setup_seconds": round(info.get("seconds", {}).get("setup", 0.0), 1),
-            "seconds_per_step": round(step, 2), "step_ratio": round(step / base_step, 2),
+            "seconds_per_step": round(step, 2), "clean_memory": i == 0,
             "planned_bytes": plan["peak_bytes"] + plan.get("runtime_bytes", 0), "peak_rss_bytes": peak[0],
             "basis_storage": info.get("basis_storage"), "basis_bytes": info.get("basis_bytes"),
             "removed_norm": info.get("removed_norm"), "device": a.device, "threads": torch.get_num_threads(),
@@ -127,6 +127,9 @@ def main() -> None:
         print(json.dumps(row))
         del model, res, defense
         gc.collect()
+    for row in rows:  # ÷ the undefended run of this process
+        row["step_ratio"] = round(row["seconds_per_step"] / rows[-1]["seconds_per_step"], 2)
+        print(row["defense"], "step ratio", row["step_ratio"])
     if a.json:
         try:
             with open(a.json) as f:
