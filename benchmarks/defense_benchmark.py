@@ -13,7 +13,10 @@ memory only across processes (give one defense per process). For each run it pri
   and ÷ the floor (one forward+backward over the safety prompts, batches of 16, measured first);
 * ``seconds_per_step`` and ÷ the undefended run's (the defense's hooks included);
 * ``planned_bytes``: the fine-tuning memory plan's peak plus the runtime it records, and
-  ``peak_rss_bytes``, the process's peak RSS during the run (sampled every 10 ms);
+  ``peak_rss_bytes``, the process's peak RSS during the run (sampled every 10 ms); the plan assumes
+  32 generated tokens per safety prompt (``planned_reference_tokens``) where the run generated
+  ``reference_tokens``. With the organism's 407-word tokenizer on a 128,256-token model, the random
+  model's responses decode to almost nothing, so the plan is an upper bound there;
 * for a sampled basis, ``dense_plan_bytes``: what the same defense with the exact dense Lanczos basis
   (``samples=0``) plans, computed and not run.
 """
@@ -117,6 +120,9 @@ def main() -> None:
             "removed_norm": info.get("removed_norm"), "device": a.device, "threads": torch.get_num_threads(),
         }  # fmt: skip
         row["setup_floor_ratio"] = round(row["setup_seconds"] / floor, 2)
+        if getattr(defense, "ref", None) is not None:  # the plan assumes 32 generated tokens per prompt
+            row["reference_tokens"] = sum(len(it.input_ids) for it in defense.ref.data.items)
+            row["planned_reference_tokens"] = defense.safety_sizes()["tokens"]
         row["planned_over_measured"] = round(row["planned_bytes"] / row["peak_rss_bytes"], 2)
         if defense is not None and getattr(defense, "samples", 0):
             dense_spec = re.sub(r",?samples=\d+|,?storage=\w+", "", spec).replace(":,", ":")

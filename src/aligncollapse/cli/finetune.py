@@ -135,6 +135,7 @@ def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | No
             shape, batch_size=min(cfg.batch_size, len(data)), seq_len=seq, optimizer=cfg.optimizer,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, snapshot=bool(defense and defense.wants_update),
             eval_tokens=33 * len(eval_harmful or []), defense=terms,
+            accelerator=next(model.parameters()).device.type != "cpu",
         )  # fmt: skip
         p["runtime_bytes"] = runtime_bytes(model)
         return log_and_check(p, limit, flag, hint="--lora, a smaller --batch-size, or the defense's samples=, "

@@ -75,7 +75,7 @@ OPTION_RULES: dict[str, tuple[bool, float, float, bool]] = {
 def _module_types(name: str, value: str) -> str:
     """``modules=q+v+down``: short module types (or full module names), joined by ``+``."""
     parts = value.split("+")
-    if not all(p.replace("_", "").isalnum() for p in parts):
+    if not all(p.replace("_", "").replace(".", "").isalnum() for p in parts):
         raise UserError(
             f"defense option {name}:modules must be module types joined by '+' (e.g. q+v+down), got {value!r}"
         )

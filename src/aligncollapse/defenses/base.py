@@ -82,11 +82,11 @@ class Defense:
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
         """Bytes this defense adds to fine-tuning (:func:`aligncollapse.geometry.memory.finetune_memory_plan`):
-        ``setup`` (its peak while ``setup`` runs, beyond the weights) and ``step`` (what it holds during
-        the steps plus a step's transient work). ``shape`` is the model's
-        :class:`~aligncollapse.geometry.memory.ModelShape` over the trainable parameters; ``seq_len``
-        the longest fine-tuning sequence. A defense without a formula adds nothing."""
-        return {"setup": 0, "step": 0, "inputs": {}}
+        ``setup`` (its peak while ``setup`` runs, beyond the weights), ``held`` (what it keeps through
+        the steps) and ``transient`` (a step's own work, after the backward pass). ``shape`` is the
+        model's :class:`~aligncollapse.geometry.memory.ModelShape` over the trainable parameters;
+        ``seq_len`` the longest fine-tuning sequence. A defense without a formula adds nothing."""
+        return {"setup": 0, "held": 0, "transient": 0, "inputs": {}}
 
     def safety_sizes(self) -> dict:
         """The safety reference's sizes before it is generated: N prompts, T (the longest prompt plus

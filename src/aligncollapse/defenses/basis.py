@@ -92,8 +92,8 @@ class DenseBasis(Basis):
         return out.cpu()
 
     def combine(self, c):
-        c = c.to(self.V)
-        return OrderedDict((n, (blk @ c).view(self._shapes[n])) for n, blk in self.blocks.items())
+        """V c, each block formed when it is read (one block's n_max·8 bytes at a time)."""
+        return _LazyBlocks(self.blocks, self._shapes, c.to(self.V))
 
     def overlap(self, other):
         return (self.V.T @ other.V).cpu()
@@ -106,6 +106,22 @@ class DenseBasis(Basis):
         return self.V.numel() * self.V.element_size()
 
 
+class _LazyBlocks(Mapping):
+    """{name: V_name c}, computed on access."""
+
+    def __init__(self, blocks, shapes, c):
+        self.blocks, self.shapes, self.c = blocks, shapes, c
+
+    def __getitem__(self, name):
+        return (self.blocks[name] @ self.c).view(self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+
 class FactoredBasis(Basis):
     """V = U C with U the score vectors' factors (``factors``, collected by ``ghost``) and C [count, d]."""
 
@@ -116,6 +132,7 @@ class FactoredBasis(Basis):
         self.eigenvalues = eigenvalues
         first = next(iter(ghost.params.values()))
         self._dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self._cross: tuple[object, torch.Tensor] | None = None
 
     def coords(self, v):
         return self.C.T @ self.ghost.dot(self.factors, v)
@@ -123,22 +140,37 @@ class FactoredBasis(Basis):
     def combine(self, c):
         return self.ghost.weighted_sum(self.factors, self.C @ c.to(self.C), dtype=self._dtype)
 
+    def _gram_with(self, other) -> torch.Tensor:
+        """UᵀU' (R·R'·Σ(d_in + d_out) multiply-adds), kept for the last ``other`` (overlap, then union)."""
+        if self._cross is None or self._cross[0] is not other:
+            self._cross = (other, self.ghost.gram(self.factors, other.factors))
+        return self._cross[1]
+
     def overlap(self, other):
-        return self.C.T @ self.ghost.gram(self.factors, other.factors) @ other.C
+        return self.C.T @ self._gram_with(other) @ other.C
 
     def union(self, other):
-        cross = self.ghost.gram(self.factors, other.factors)
+        cross = self._gram_with(other)
+        self._cross = None
         K = torch.cat([torch.cat([self.K, cross], 1), torch.cat([cross.T, other.K], 1)], 0)
-        C = torch.block_diag(self.C, other.C)
-        return FactoredBasis(self.ghost, self.ghost.concat(self.factors, other.factors), _orthonormal(C, K), K)
+        C = _orthonormal(torch.block_diag(self.C, other.C), K, rtol=_rtol(self._dtype))
+        return FactoredBasis(self.ghost, self.ghost.concat(self.factors, other.factors), C, K)
 
     def nbytes(self):
         return self.factors.nbytes() + 8 * (self.C.numel() + self.K.numel())
 
 
+def _rtol(dtype) -> float:
+    """The relative eigenvalue below which a Gram direction is rounding: the Grams of float32 factors
+    are accurate to about 1e-7 of their entries, and 1/√s amplifies that error (1e-4 keeps it ≤ 3e-3,
+    measured); float64 ones to about 1e-16."""
+    return 1e-10 if dtype == torch.float64 else 1e-4
+
+
 def _orthonormal(C: torch.Tensor, K: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
     """C' with span(U C') = span(U C) and C'ᵀ K C' = I (K = UᵀU): directions of U C with squared
-    norm below ``rtol`` times the largest are dropped (they carry no new direction)."""
+    norm below ``rtol`` times the largest are dropped (no new direction, or rounding: a refreshed
+    basis close to the initial one adds directions with eigenvalue 1 − cos θ ≈ θ²/2)."""
     G = C.T @ K @ C
     s, E = torch.linalg.eigh((G + G.T) / 2)
     keep = s > rtol * max(float(s.max()), 1e-300)
@@ -171,6 +203,9 @@ def lanczos_basis(model, params, data, d: int, seed: int, batch_size: int) -> tu
     """Top-d eigenpairs of the exact alignment-KL GGN over ``params`` at the model's θ (Lanczos)."""
     from aligncollapse.defenses.base import safety_subspace
 
+    n_B = sum(p.numel() for p in params.values())
+    if d >= n_B:
+        raise UserError(f"defense option d ({d}) must be below the selected blocks' {n_B} parameters")
     lam, B = safety_subspace(model, params, data, d, seed, batch_size)
     dev = next(iter(params.values())).device
     return lam, DenseBasis(OrderedDict((n, p.shape) for n, p in params.items()), B.to(dev))
@@ -193,7 +228,8 @@ def sampled_basis(
 ) -> tuple[torch.Tensor, Basis]:
     """Top-d eigenpairs of the Monte-Carlo Fisher F̂ = UUᵀ/NS over ``params`` (S draws per prompt
     of ``data``), by the Gram trick: UᵀU/NS = W μ Wᵀ and V = U W μ^{-1/2}/√NS. Directions with no
-    Fisher mass (μ ≤ 1e-12·μ_max) are dropped, so the basis may have fewer than d columns. Pass the
+    Fisher mass (μ ≤ 1e-12·μ_max; 1e-6 for float32 scores, whose Gram rounding would dominate them)
+    are dropped, so the basis may have fewer than d columns. Pass the
     same ``ghost`` for every basis that will be compared or joined (:meth:`Basis.union`)."""
     from aligncollapse.geometry.ghost import GhostGradients
     from aligncollapse.scan.sample_space import SampledFisher
@@ -205,14 +241,20 @@ def sampled_basis(
     finally:
         model.train(was)
     mu = sf.mu[:d]
-    mu = mu[mu > 1e-12 * max(float(sf.mu[0]) if len(sf.mu) else 0.0, 1e-300)]
+    first = next(iter(params.values()))
+    cut = 1e-12 if first.dtype == torch.float64 else 1e-6  # a column's error is about u·μ_max/μ_j
+    mu = mu[mu > cut * max(float(sf.mu[0]) if len(sf.mu) else 0.0, 1e-300)]
     if len(mu) == 0:
         raise UserError("the sampled safety Fisher is zero on the selected parameters: no subspace to project off")
     C = sf.W[:, : len(mu)] / (mu.sqrt() * math.sqrt(sf.count))
     basis = FactoredBasis(sf.ghost, sf.factors, C, sf.K_raw, mu)
     if storage == "dense":  # V formed column by column (d passes over the factors), then the factors go
-        cols = [torch.cat([t.reshape(-1).to(torch.float64) for t in basis.combine(e).values()])
-                for e in torch.eye(len(mu), dtype=torch.float64)]  # fmt: skip
-        dev = next(iter(params.values())).device
-        return mu, DenseBasis(OrderedDict((n, p.shape) for n, p in params.items()), torch.stack(cols, 1).to(dev))
+        shapes = OrderedDict((n, p.shape) for n, p in params.items())
+        V = torch.empty(sum(p.numel() for p in params.values()), len(mu), dtype=torch.float64, device=first.device)
+        for j, e in enumerate(torch.eye(len(mu), dtype=torch.float64)):
+            off = 0
+            for t in basis.combine(e).values():
+                V[off : off + t.numel(), j] = t.reshape(-1)
+                off += t.numel()
+        return mu, DenseBasis(shapes, V)
     return mu, basis

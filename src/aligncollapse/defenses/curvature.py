@@ -145,12 +145,12 @@ class CurvatureDrift(ProjectStatic):
         n, b = shape.n, shape.dtype_bytes
         a = max(b, 4)
         fb = max(1, min(self.ft_batch, self.ctx.batch_size))
-        extra = n * b + n * 8 + 4 * n * a + 3 * activation_bytes(shape, fb, seq_len)
+        hvp = n * b + n * 8 + 4 * n * a + 3 * activation_bytes(shape, fb, seq_len)
         if self.weighted:
             sb = max(1, min(self.safety_batch, self.ctx.batch_size))
-            T = t["inputs"]["T"]
-            extra += self.memory * n * 8 + 3 * n * a + 3 * activation_bytes(shape, sb, T) + 2 * n * 8
-        t["step"] += extra
+            t["held"] += self.memory * n * 8
+            hvp += 3 * n * a + 3 * activation_bytes(shape, sb, t["inputs"]["T"]) + 2 * n * 8
+        t["transient"] = max(t["transient"], hvp)
         return t
 
     def info(self) -> dict:

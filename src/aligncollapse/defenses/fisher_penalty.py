@@ -24,13 +24,14 @@ class FisherPenalty(Defense):
         with self.timed("setup"):
             self.params = trainable(model)
             ref = SafetyReference.build(model, self.ctx)
-            self.lam, self.B = safety_subspace(model, self.params, ref.data, self.d, self.ctx.seed, self.ctx.batch_size)
+            self.lam, B = safety_subspace(model, self.params, ref.data, self.d, self.ctx.seed, self.ctx.batch_size)
             self.theta0 = flat(self.params.values()).to(torch.float64)
+            self.B, self.lam = B.to(self.theta0.device), self.lam.to(self.theta0.device)
         self.counters["last_penalty"] = 0.0
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
-        """Setup as ``project-static:samples=0`` over all trainable parameters (Lanczos); per step
-        the dense basis and θ* (d·n·8 + n·8) with the flat θ, its coordinates' correction and the
+        """Setup as ``project-static:samples=0`` over all trainable parameters (Lanczos); held, the
+        dense basis and θ* (d·n·8 + n·8); per step the flat θ, its coordinates' correction and the
         gradient term (3·n·8)."""
         from aligncollapse.geometry.memory import activation_bytes
 
@@ -39,9 +40,11 @@ class FisherPenalty(Defense):
         a = max(b, 4)
         Bs = max(1, min(self.ctx.batch_size, N))
         ncv = min(n, max(2 * self.d + 1, 20))
-        setup = (ncv + self.d + 4) * n * 8 + 3 * n * a
+        host = (ncv + self.d + 4) * n * 8  # ARPACK's arrays live on the host (scipy)
+        setup = host + 3 * n * a
         setup += 3 * activation_bytes(shape, Bs, T) + 3 * Bs * T * V * 4
-        return {"setup": setup, "step": (self.d + 4) * n * 8, "inputs": {"N": N, "T": T, "d": self.d}}
+        return {"setup": setup, "setup_host": host, "held": (self.d + 1) * n * 8, "transient": 3 * n * 8,
+                "inputs": {"N": N, "T": T, "d": self.d}}  # fmt: skip
 
     def on_gradients(self, model, step) -> None:
         with self.timed("penalty"):

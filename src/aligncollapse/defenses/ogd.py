@@ -72,8 +72,9 @@ def alignment_gradient_terms(defense, shape, memory: int, safety_batch: int) -> 
     N, T, V, n, b = z["N"], z["T"], shape.vocab, shape.n, shape.dtype_bytes
     lp = N * T * V * 4
     sb = max(1, min(safety_batch, N))
-    step = lp + (memory + 4) * n * 8 + 3 * n * b + 2 * activation_bytes(shape, sb, T) + 2 * sb * T * V * 4
-    return {"setup": lp + sb * T * V * 8, "step": step, "inputs": {"N": N, "T": T, "memory": memory}}
+    transient = 4 * n * 8 + 3 * n * b + 2 * activation_bytes(shape, sb, T) + 2 * sb * T * V * 4
+    return {"setup": lp + sb * T * V * 8, "held": lp + memory * n * 8, "transient": transient,
+            "inputs": {"N": N, "T": T, "memory": memory}}  # fmt: skip
 
 
 def project_off(delta: torch.Tensor, dirs: list[torch.Tensor]) -> torch.Tensor:
@@ -103,8 +104,8 @@ class OGD(Defense):
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
         """θ*'s log-probabilities of every safety prompt (N·T·V·4, kept by :class:`AlignmentGradient`)
-        at setup; per step also the m directions and the flat update,
-        its copies and projection ((m + 4)·n·8 + 2·n·b), the KL's gradient (n·b) and its backward
+        at setup and held, with the m directions (m·n·8); per step the flat update, its copies and
+        projection (4·n·8 + 2·n·b), the KL's gradient (n·b) and its backward
         (2·act(min(safety_batch, N)): the graph and the backward's buffers; 2·B·T·V·4 for the
         log-softmaxes)."""
         return alignment_gradient_terms(self, shape, self.memory, self.safety_batch)

@@ -41,7 +41,8 @@ class OGDLookahead(ProjectStatic):
 
         t = super().memory_terms(model, shape, seq_len)
         g = alignment_gradient_terms(self, shape, self.memory, self.safety_batch)
-        return {"setup": t["setup"] + g["setup"], "step": t["step"] + g["step"], "inputs": t["inputs"]}
+        return {"setup": t["setup"] + g["setup"], "held": t["held"] + g["held"],
+                "transient": max(t["transient"], g["transient"]), "inputs": t["inputs"]}  # fmt: skip
 
     def setup(self, model) -> None:
         super().setup(model)

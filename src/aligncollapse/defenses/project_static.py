@@ -23,7 +23,8 @@ Options for scale (:mod:`aligncollapse.defenses.basis`):
   Memory and cost scale with n_B instead of n.
 
 The projection runs one parameter block at a time: Vᵀ(θ̃ − θ_k) from each block's difference, then
-θ_{k+1} = θ̃ − V c block by block, so no flat copy of the parameters exists.
+θ_{k+1} = θ̃ − V c block by block, so no flat copy of the parameters exists (a factored basis forms
+V c for all blocks at once, n_B numbers).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from aligncollapse.defenses.base import Defense, SafetyReference, trainable
 from aligncollapse.defenses.basis import lanczos_basis, sampled_basis, sampled_storage, select_blocks, split
+from aligncollapse.errors import UserError
 
 
 class _Difference(Mapping):
@@ -72,8 +74,13 @@ class ProjectStatic(Defense):
         storage: str = "auto",
         **options,
     ):
-        extra = {k: v for k, v in (("samples", samples), ("first_layer", first_layer), ("last_layer", last_layer),
-                                   ("modules", modules), ("storage", storage if storage != "auto" else "")) if v}  # fmt: skip
+        if storage != "auto" and not samples:
+            raise UserError(
+                f"defense option {self.name}:storage={storage} needs samples >= 1 (the Lanczos basis is dense)"
+            )
+        given = (("samples", samples, 0), ("first_layer", first_layer, None), ("last_layer", last_layer, None),
+                 ("modules", modules, ""), ("storage", storage, "auto"))  # fmt: skip
+        extra = {k: v for k, v, default in given if v != default}
         super().__init__(ctx, d=d, **extra, **options)
         self.d, self.samples = d, samples
         self.first_layer, self.last_layer, self.modules = first_layer, last_layer, modules
@@ -112,15 +119,15 @@ class ProjectStatic(Defense):
 
         * ``samples=0`` (Lanczos, dense): setup (ncv + d + 4)·n_B·8 + 3·n_B·a + 3·act(B_s) +
           3·B_s·T·V·4 (ARPACK's basis, the Ritz vectors and the GGN product, as the scan's Lanczos
-          stage; ncv = min(n_B, max(2d + 1, 20))); step d·n_B·8 + 2·n_max·8 (V, and one
+          stage; ncv = min(n_B, max(2d + 1, 20))); held d·n_B·8 (V); transient 2·n_max·8 (one
           block's difference and correction; n_max the largest block).
         * ``samples=S`` (factored): setup Fac + 2·act(B_s) + 2·B_s·T·V·8 + 3·(NS)²·8 (the
           scores' factors, :func:`~aligncollapse.geometry.memory.factor_bytes`; the graph and the
           backward's gradients, returned at every site's output at once; the draws' probabilities;
-          K, its eigenvectors and C); step Fac + (NS)²·8 + NS·d·8 + (n_B + n_max)·a (the
-          correction V c, formed per parameter, and one block's difference). With ``storage=dense``
+          K, its eigenvectors and C); held Fac + (NS)²·8 + NS·d·8; transient (n_B + n_max)·a (the
+          correction V c, formed for all blocks at once, and one block's difference). With ``storage=dense``
           (``auto`` picks it when d·n_B·8 ≤ Fac) V is formed at setup (Fac + d·n_B·8 + 3·n_B·8)
-          and the steps hold it as ``samples=0`` does.
+          and the steps hold and use it as with ``samples=0``.
         """
         from aligncollapse.geometry.memory import activation_bytes
 
@@ -135,8 +142,15 @@ class ProjectStatic(Defense):
         inputs = {"n_B": nB, "d": self.d, "samples": self.samples, "N": N, "T": T}
         if not self.samples:
             ncv = min(nB, max(2 * self.d + 1, 20))
-            setup = (ncv + self.d + 4) * nB * 8 + 3 * nB * a + 3 * act + 3 * Bs * T * V * 4
-            return {"setup": setup, "step": self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
+            host = (ncv + self.d + 4) * nB * 8  # ARPACK's arrays live on the host (scipy)
+            setup = host + 3 * nB * a + 3 * act + 3 * Bs * T * V * 4
+            return {
+                "setup": setup,
+                "setup_host": host,
+                "held": self.d * nB * 8,
+                "transient": 2 * n_max * 8,
+                "inputs": inputs,
+            }
         from aligncollapse.geometry.ghost import GhostGradients
 
         NS = N * self.samples
@@ -146,9 +160,9 @@ class ProjectStatic(Defense):
         setup = fac + 2 * act + 2 * Bs * T * V * 8 + 3 * NS * NS * 8
         if storage == "dense":  # V formed from the factors (a column and its pieces at a time), then kept
             setup = max(setup, fac + self.d * nB * 8 + 3 * nB * 8)
-            return {"setup": setup, "step": self.d * nB * 8 + 2 * n_max * 8, "inputs": inputs}
-        step = fac + NS * NS * 8 + NS * self.d * 8 + (nB + n_max) * a
-        return {"setup": setup, "step": step, "inputs": inputs}
+            return {"setup": setup, "held": self.d * nB * 8, "transient": 2 * n_max * 8, "inputs": inputs}
+        held = fac + NS * NS * 8 + NS * self.d * 8
+        return {"setup": setup, "held": held, "transient": (nB + n_max) * a, "inputs": inputs}
 
     def _factor_bytes(self, ghost, sizes: dict | None = None) -> int:
         """The planned bytes of the scores' factors (:func:`~aligncollapse.geometry.memory.factor_bytes`)."""
@@ -178,7 +192,7 @@ class ProjectStatic(Defense):
         fix = self.basis.combine(c)
         return torch.cat([(t - fix[n].to(t) if n in fix else t).reshape(-1) for n, t in parts.items()]).to(delta.dtype)
 
-    def remove(self, before, coefficients) -> None:
+    def remove(self, before, coefficients) -> torch.Tensor:
         """θ ← θ − V·coefficients(Vᵀ(θ − before)), one parameter block at a time."""
         diff = _Difference(self.params, before, self.basis.names, self._dtype())
         c = coefficients(self.basis.coords(diff))

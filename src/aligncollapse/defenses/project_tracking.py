@@ -7,9 +7,9 @@ The update is then projected off span(V_static ∪ V_current): the subspace at �
 rotated to (App B: ‖P(θ) − P(θ*)‖ ≤ 2 L_F ‖θ − θ*‖ / Λ). The measured rotation, the sine of the
 largest principal angle between the initial and the current basis, is recorded.
 
-Memory: the initial and current bases and their union's basis, about 4·d·n_B·8 bytes dense (the QR
-of the n_B × 2d union), or three times the factors (initial, current, their concatenation) and the
-(2NS)² Gram of the union when sampled.
+Memory at a refresh: dense, the initial and current bases, their concatenation and its QR
+(6·d·n_B·8 bytes); factored, the initial and current factors and their concatenation (4·Fac at
+the peak, 3·Fac held after) and the union's Gram. See :meth:`ProjectTracking.memory_terms`.
 """
 
 from __future__ import annotations
@@ -33,19 +33,17 @@ class ProjectTracking(ProjectStatic):
         self.counters["refreshes"] = 0
 
     def memory_terms(self, model, shape, seq_len: int) -> dict:
-        """``project-static``'s terms (static), with the refresh on top of the steps: dense, the initial
-        basis, the current one, their concatenation and its QR (6·d·n_B·8) or, while refreshing, the
-        initial basis and a new setup; factored, the initial and current factors and their
-        concatenation (4·Fac) with the union's Gram (3·(2NS)²·8), or the initial factors and a new setup."""
+        """``project-static``'s terms (held H, setup S), with the refresh: held, the initial basis and the
+        union's (3·H); transient at a refresh, a new setup (S) beside the initial basis, then the current
+        basis, and the concatenation and QR (dense, 3·H more) or the concatenated factors (factored,
+        with the union's Gram, 3·(2NS)²·8)."""
         t = super().memory_terms(model, shape, seq_len)
-        i = t["inputs"]
-        nB, d = i["n_B"], self.d
-        if not self.samples:
-            basis = d * nB * 8
-            t["step"] = max(t["step"] + 5 * basis, t["setup"] + basis)
-        else:
-            fac, NS = i["factor_bytes"], i["N"] * self.samples
-            t["step"] = max(t["step"] + 3 * fac + 3 * (2 * NS) ** 2 * 8, t["setup"] + fac)
+        H = t["held"]
+        extra = (
+            0 if t["inputs"].get("storage", "dense") == "dense" else 3 * (2 * t["inputs"]["N"] * self.samples) ** 2 * 8
+        )
+        t["transient"] = max(t["transient"], t["setup"] - H, 3 * H + extra)
+        t["held"] = 3 * H
         return t
 
     @property

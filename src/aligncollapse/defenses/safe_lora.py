@@ -35,7 +35,7 @@ class SafeLoRA(Defense):
         mats = [p for p in model.parameters() if p.dim() == 2]
         held = sum(p.numel() * p.element_size() for p in mats)
         work = max((4 * p.shape[0] * max(p.shape) * 8 for p in mats), default=0)
-        return {"setup": held, "step": held + work, "inputs": {"matrices": len(mats)}}
+        return {"setup": held, "held": held, "transient": work, "inputs": {"matrices": len(mats)}}
 
     def _C(self, base_name: str):
         aligned = self.theta0.get(base_name)

@@ -371,9 +371,7 @@ class GhostGradients:
         su, sw = u.site, w.site
         res: dict[str, torch.Tensor] = {}
         if su.kind in _FORMED or sw.kind in _FORMED:
-            # The same site, also across two GhostGradients objects over the same model (sites are
-            # rebuilt per object, so identity alone would drop the cross term of a formed site).
-            if su is sw or (su.module == sw.module and su.kind == sw.kind and su.explicit == sw.explicit):
+            if su is sw:  # sites are per object: Gram two sets collected by the same GhostGradients
                 off = 0
                 for n in su.explicit:  # one block per parameter
                     k = self.params[n].numel()

@@ -184,36 +184,44 @@ def finetune_memory_plan(
     snapshot: bool = False,
     eval_tokens: int = 0,
     defense: dict | None = None,
+    accelerator: bool = False,
 ) -> dict:
     """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters).
 
-    * train          W + n·b (gradients) + o·n·b (optimizer) + [snapshot] n·b + act(B) + Ref + D_step
-    * defense_setup  W + Ref + D_setup                                     (with a defense)
+    * train          W + n·b (gradients) + o·n·b (optimizer state) + Trk + D_held
+                     + max(act(B), [snapshot] n·b + o'·n·b + D_transient)
+    * defense_setup  W + D_setup                                           (with a defense)
 
-    o = 3 for AdamW (two moments and the foreach step's √v), 1 for SGD with momentum, plus 1 with
-    weight decay under SGD (foreach's g + λθ); the snapshot is the trainable weights before each step,
-    kept for update-level defenses; Ref is the tracker's KL reference (:func:`reference_bytes` of the
-    evaluation prompts' response tokens, at most 33 each); D_setup and D_step are the defense's own
-    terms (its ``memory_terms``: formulas in each defense's docstring).
+    The activations live until the backward pass ends; the snapshot (the trainable weights before
+    each step, for update-level defenses), the optimiser's temporaries and the defense's own step
+    work come after it. o = 2 for AdamW (two moments), 1 for SGD with momentum; o' = 1 for AdamW
+    (the foreach step's √v) and for SGD with weight decay (g + λθ). Trk is the tracker (with an
+    evaluation set): its KL reference (:func:`reference_bytes` of the evaluation prompts' response
+    tokens, at most 33 each) and θ*'s trainable weights (n·b). D_setup, D_held and D_transient are the
+    defense's terms (its ``memory_terms``: formulas in each defense's docstring). On an
+    ``accelerator`` the defense's host-side setup (``setup_host``: ARPACK's arrays) is left out of the
+    device stages and recorded as ``host_bytes``.
     """
     n, b, T = s.n, s.dtype_bytes, seq_len
     W = s.n_total * b
     if optimizer == "adamw":
-        opt = 3 * n * b
+        state, temp = 2 * n * b, n * b
     else:
-        opt = (n * b if momentum else 0) + (n * b if weight_decay else 0)
-    ref = reference_bytes(eval_tokens, s.vocab, W) if eval_tokens else 0
+        state, temp = (n * b if momentum else 0), (n * b if weight_decay else 0)
+    tracker = reference_bytes(eval_tokens, s.vocab, W) + n * b if eval_tokens else 0
     d = defense or {}
+    after_backward = (n * b if snapshot else 0) + temp + d.get("transient", 0)
     stages = {
-        "train": W + n * b + opt + (n * b if snapshot else 0) + activation_bytes(s, batch_size, T) + ref
-        + d.get("step", 0),
+        "train": W + n * b + state + tracker + d.get("held", 0) + max(activation_bytes(s, batch_size, T), after_backward),
     }  # fmt: skip
+    host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
     if defense is not None:
-        stages["defense_setup"] = W + ref + d.get("setup", 0)
+        stages["defense_setup"] = W + d.get("setup", 0) - host
     peak_stage = max(stages, key=stages.get)
     return {
         "method": "finetune",
         "stages": stages,
+        **({"host_bytes": host} if host else {}),
         "peak_bytes": stages[peak_stage],
         "peak_stage": peak_stage,
         "inputs": {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
