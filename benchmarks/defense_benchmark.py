@@ -16,7 +16,8 @@ memory only across processes (give one defense per process). For each run it pri
   ``peak_rss_bytes``, the process's peak RSS during the run (sampled every 10 ms); the plan assumes
   32 generated tokens per safety prompt (``planned_reference_tokens``) where the run generated
   ``reference_tokens``. With the organism's 407-word tokenizer on a 128,256-token model, the random
-  model's responses decode to almost nothing, so the plan is an upper bound there;
+  model's responses decode to almost nothing, so the plan is an upper bound there, and
+  ``planned_bytes_actual_tokens`` is the same plan computed afterwards with the reference's actual sizes;
 * for a sampled basis, ``dense_plan_bytes``: what the same defense with the exact dense Lanczos basis
   (``samples=0``) plans, computed and not run.
 """
@@ -121,8 +122,16 @@ def main() -> None:
         }  # fmt: skip
         row["setup_floor_ratio"] = round(row["setup_seconds"] / floor, 2)
         if getattr(defense, "ref", None) is not None:  # the plan assumes 32 generated tokens per prompt
-            row["reference_tokens"] = sum(len(it.input_ids) for it in defense.ref.data.items)
+            items = defense.ref.data.items
+            actual = {"N": len(items), "T": max(len(it.input_ids) for it in items),
+                      "tokens": sum(len(it.input_ids) for it in items),
+                      "loss_tokens": sum(sum(1 for t in it.labels if t != -100) for it in items)}  # fmt: skip
+            row["reference_tokens"] = actual["tokens"]
             row["planned_reference_tokens"] = defense.safety_sizes()["tokens"]
+            defense.safety_sizes = lambda actual=actual: actual  # the same plan with the sizes the run had
+            replan = memory_planner(cfg, defense, None, None)(res["model"], EncodedSet(tok, train))
+            row["planned_bytes_actual_tokens"] = replan["peak_bytes"] + plan.get("runtime_bytes", 0)
+            row["planned_actual_over_measured"] = round(row["planned_bytes_actual_tokens"] / row["peak_rss_bytes"], 2)
         row["planned_over_measured"] = round(row["planned_bytes"] / row["peak_rss_bytes"], 2)
         if defense is not None and getattr(defense, "samples", 0):
             dense_spec = re.sub(r",?samples=\d+|,?storage=\w+", "", spec).replace(":,", ":")
