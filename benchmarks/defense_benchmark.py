@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="append the rows here")
+    ap.add_argument("--table", metavar="FILE", help="print FILE's rows as the markdown table of docs/results.md")
     a = ap.parse_args()
+    if a.table:
+        return print_table(a.table)
 
     import psutil
     import torch
@@ -153,6 +156,24 @@ def main() -> None:
             old = []
         with open(a.json, "w") as f:
             json.dump(old + rows, f, indent=1)
+
+
+def print_table(path: str) -> None:
+    """One markdown row per defended run (the undefended runs give the step ratio's denominator)."""
+    with open(path) as f:
+        rows = json.load(f)
+    for r in rows:
+        if r["defense"] == "none":
+            continue
+        size = f"{r['n_parameters'] / 1e9:.2f}B" if r["n_parameters"] >= 1e9 else f"{r['n_parameters'] / 1e6:.0f}M"
+        ft = f"LoRA r = {r['lora_r']} ({r['trainable'] / 1e6:.0f}M)" if r["lora_r"] else "full"
+        actual = r.get("planned_bytes_actual_tokens")
+        plan = f"{r['planned_bytes'] / 1e9:.1f} GB" + (f" ({actual / 1e9:.1f} GB)" if actual else "")
+        dense = f"{r['dense_plan_bytes'] / 1e9:.0f} GB" if r.get("dense_plan_bytes") else "-"
+        print(
+            f"| {size} | {ft} | `{r['defense']}` | {r['setup_seconds']:.0f} s ({r['setup_floor_ratio']:.1f}×) | "
+            f"{r['step_ratio']:.2f}× | {r['peak_rss_bytes'] / 1e9:.1f} GB | {plan} | {dense} |"
+        )
 
 
 if __name__ == "__main__":
