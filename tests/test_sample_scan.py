@@ -404,4 +404,6 @@ def test_sample_scan_does_not_depend_on_the_compute_batch(micro_model_dir, monke
     for k in ("lambda", "g_norm", "Hg_norm", "tail_fraction", "gamma"):
         assert abs(small[k] - full[k]) <= 1e-6 * abs(full[k]), (k, small[k], full[k])
     for k in ("u_Fg", "u_FHg", "h_Fg"):
-        assert _rel(torch.tensor(small["per_example"][k]), torch.tensor(full["per_example"][k])) < 1e-5
+        # 1.5e-5 measured on the 2026-12-05 machine (below 1e-5 on earlier ones, same code and torch):
+        # float32 kernels differ with the batch shape; a wrong per-example product is off by O(1)
+        assert _rel(torch.tensor(small["per_example"][k]), torch.tensor(full["per_example"][k])) < 5e-5
