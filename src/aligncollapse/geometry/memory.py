@@ -98,6 +98,21 @@ def activation_bytes(s: ModelShape, batch: int, seq: int) -> int:
     return layers + batch * seq * s.vocab * (b + 12)
 
 
+def _plan(method: str, stages: dict[str, int], inputs: dict, formulas: str, **extra) -> dict:
+    """A plan: its stages, the peak stage and its bytes, the inputs and where the formulas are."""
+    peak_stage = max(stages, key=stages.get)
+    return {
+        "method": method,
+        **extra,
+        "stages": stages,
+        "peak_bytes": stages[peak_stage],
+        "peak_stage": peak_stage,
+        "inputs": inputs,
+        "note": f"estimate of the tensors allocated (formulas: {formulas}); allocator slack and the framework's "
+        "own memory come on top",
+    }
+
+
 def scan_memory_plan(
     s: ModelShape,
     *,
@@ -127,26 +142,9 @@ def scan_memory_plan(
         "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T),
         "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
     }
-    peak_stage = max(stages, key=stages.get)
-    return {
-        "method": "exact",
-        "stages": stages,
-        "peak_bytes": stages[peak_stage],
-        "peak_stage": peak_stage,
-        "inputs": {
-            **asdict(s),
-            "N": n_safety,
-            "M": M,
-            "T": T,
-            "batch_size": batch_size,
-            "k": k,
-            "ncv": ncv,
-            "chunk_size": chunk_size,
-            "optimizer": optimizer,
-        },  # fmt: skip
-        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory); allocator slack and "
-        "the framework's own memory come on top",
-    }
+    inputs = {**asdict(s), "N": n_safety, "M": M, "T": T, "batch_size": batch_size, "k": k, "ncv": ncv,
+              "chunk_size": chunk_size, "optimizer": optimizer}  # fmt: skip
+    return _plan("exact", stages, inputs, "aligncollapse.geometry.memory")
 
 
 def factor_bytes(
@@ -217,18 +215,10 @@ def finetune_memory_plan(
     host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
     if defense is not None:
         stages["defense_setup"] = W + d.get("setup", 0) - host
-    peak_stage = max(stages, key=stages.get)
-    return {
-        "method": "finetune",
-        "stages": stages,
-        **({"host_bytes": host} if host else {}),
-        "peak_bytes": stages[peak_stage],
-        "peak_stage": peak_stage,
-        "inputs": {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
-                   "eval_tokens": eval_tokens, **({"defense": d.get("inputs", {})} if defense is not None else {})},
-        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.finetune_memory_plan and "
-        "the defense's memory_terms); allocator slack and the framework's own memory come on top",
-    }  # fmt: skip
+    inputs = {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
+              "eval_tokens": eval_tokens, **({"defense": d.get("inputs", {})} if defense is not None else {})}  # fmt: skip
+    return _plan("finetune", stages, inputs, "aligncollapse.geometry.memory.finetune_memory_plan and the defense's "
+                 "memory_terms", **({"host_bytes": host} if host else {}))  # fmt: skip
 
 
 def sample_scan_memory_plan(
@@ -325,29 +315,16 @@ def sample_scan_memory_plan(
         + activation_bytes(s, Bf, T) + work,
         "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T),
     }  # fmt: skip
-    peak_stage = max(stages, key=stages.get)
-    return {
-        "method": "sample",
-        "keeps_finetune_factors": keep_finetune_factors,
-        "stages": stages,
-        "peak_bytes": stages[peak_stage],
-        "peak_stage": peak_stage,
-        "inputs": {
-            **asdict(s),
-            "N": N,
-            "M": M,
-            "T": T,
-            "S": samples,
-            "batch_size": batch_size,
-            "tokens_safety": tokens_safety,
-            "tokens_finetune": tokens_finetune,
-            "factor_floats_per_token": floats_per_token,
-            "explicit_numel": explicit_numel,
-            "optimizer": optimizer,
-        },  # fmt: skip
-        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.sample_scan_memory_plan); "
-        "allocator slack and the framework's own memory come on top",
-    }
+    inputs = {**asdict(s), "N": N, "M": M, "T": T, "S": samples, "batch_size": batch_size,
+              "tokens_safety": tokens_safety, "tokens_finetune": tokens_finetune,
+              "factor_floats_per_token": floats_per_token, "explicit_numel": explicit_numel, "optimizer": optimizer}  # fmt: skip
+    return _plan(
+        "sample",
+        stages,
+        inputs,
+        "aligncollapse.geometry.memory.sample_scan_memory_plan",
+        keeps_finetune_factors=keep_finetune_factors,
+    )
 
 
 def fisher_memory_plan(
@@ -454,28 +431,17 @@ def fisher_memory_plan(
             host["representation"] = factors + per_module
         else:
             stages["representation"] = W + factors + max(capture, per_module)
-    peak_stage = max(stages, key=stages.get)
-    return {
-        "method": method,
-        "stages": stages,
-        "peak_bytes": stages[peak_stage],
-        "peak_stage": peak_stage,
+    inputs = {**asdict(s), "N": N, "T": T, "k": k, "groups": groups, "group_bytes": group_bytes,
+              "linear_modules": len(linear_shapes), "projection": projection if method == "projected" else None,
+              "projection_dim": projection_dim if method == "projected" else None,
+              "representation_tokens": representation_tokens}  # fmt: skip
+    return _plan(
+        method,
+        stages,
+        inputs,
+        "aligncollapse.geometry.memory.fisher_memory_plan",
         **({"host_bytes": host} if host else {}),
-        "inputs": {
-            **asdict(s),
-            "N": N,
-            "T": T,
-            "k": k,
-            "groups": groups,
-            "group_bytes": group_bytes,
-            "linear_modules": len(linear_shapes),
-            "projection": projection if method == "projected" else None,
-            "projection_dim": projection_dim if method == "projected" else None,
-            "representation_tokens": representation_tokens,
-        },  # fmt: skip
-        "note": "estimate of the tensors allocated (formulas: aligncollapse.geometry.memory.fisher_memory_plan); "
-        "allocator slack and the framework's own memory come on top",
-    }
+    )
 
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

@@ -51,7 +51,6 @@ from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.distributed import all_reduce_sum, shard
 from aligncollapse.errors import NonFiniteError
-from aligncollapse.evaluation.metrics import GenerationConfig, generate
 from aligncollapse.geometry.curvature import (
     FinetuneLoss,
     GGNOperator,
@@ -111,9 +110,10 @@ def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSetting
 
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:
     """Safety prompts with the aligned model's own greedy responses (the KL form's y*)."""
-    resp = generate(model, tokenizer, safety, s.template, GenerationConfig(max_new_tokens=32), s.use_chat_template)
-    exs = [Example(prompt=e.prompt, response=r, messages=e.messages, fields=e.fields) for e, r in zip(safety, resp)]
-    return EncodedSet(tokenizer, exs, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
+    from aligncollapse.evaluation.metrics import reference_data as responses_and_data
+
+    return responses_and_data(model, tokenizer, safety, s.template, use_chat_template=s.use_chat_template,
+                              max_length=s.max_length)[1]  # fmt: skip
 
 
 def _ci(samples: np.ndarray, value: float) -> dict:
