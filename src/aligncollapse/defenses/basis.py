@@ -32,15 +32,9 @@ from collections.abc import Mapping
 import torch
 
 from aligncollapse.errors import UserError
+from aligncollapse.geometry.per_sample import unflatten
 
-
-def split(params: Mapping[str, torch.Tensor], v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-    """A flat vector over ``params`` (in order) as per-parameter views."""
-    out, off = OrderedDict(), 0
-    for name, p in params.items():
-        out[name] = v[off : off + p.numel()].view(p.shape)
-        off += p.numel()
-    return out
+split = unflatten  # a flat vector over the parameters as per-parameter views (what the defenses call it)
 
 
 class Basis:

@@ -104,3 +104,12 @@ class PerSampleGradients:
 
 def flatten(params: OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([params[n].reshape(-1) for n in names])
+
+
+def unflatten(params, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    """A flat vector over ``params`` (a name -> tensor mapping, in order) as per-parameter views."""
+    out, off = OrderedDict(), 0
+    for name, p in params.items():
+        out[name] = v[off : off + p.numel()].view(p.shape)
+        off += p.numel()
+    return out

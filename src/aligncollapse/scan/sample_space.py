@@ -51,19 +51,12 @@ from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
 from aligncollapse.geometry.memory import log_and_check, planned_total
+from aligncollapse.geometry.per_sample import unflatten as _unflat
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
 from aligncollapse.progress import log
 from aligncollapse.scan import aic as _aic
 from aligncollapse.scan.verdict import decide_verdict
-
-
-def _unflat(params, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-    out, off = OrderedDict(), 0
-    for name, p in params.items():
-        out[name] = v[off : off + p.numel()].view(p.shape)
-        off += p.numel()
-    return out
 
 
 def _flat(tensors: OrderedDict[str, torch.Tensor]) -> torch.Tensor:
