@@ -152,16 +152,18 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "torchrun-fsdp"])
 def test_distributed_finetune_matches_one_process(tmp_path, tiny_model_dir, small_suite, launcher):
     """``torchrun -m aligncollapse finetune`` and ``accelerate launch --multi_gpu --num_processes 2``
-    (DDP over gloo on the CPU, each rank 2 or 3 of a step's 5 examples) follow the one-process run:
-    the fine-tuning and alignment losses at every tracked step and the final weights; rank 0 alone
-    writes the trajectory."""
+    (DDP over gloo on the CPU, each rank 2 or 3 of a step's 5 examples), and torchrun with ``--fsdp``
+    (each rank holds half of every parameter and of AdamW's state), follow the one-process run: the
+    fine-tuning and alignment losses at every tracked step, the final evaluation and the final
+    weights; rank 0 alone writes the trajectory."""
     args = _finetune_args(tiny_model_dir, small_suite, 4)
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    if launcher == "torchrun":
-        two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    if launcher.startswith("torchrun"):
+        extra = ["--fsdp"] if launcher.endswith("fsdp") else []
+        two = _torchrun("-m", "aligncollapse", *args, *extra, "--out", str(tmp_path / "two"), timeout=300)
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -181,20 +183,31 @@ def test_distributed_finetune_matches_one_process(tmp_path, tiny_model_dir, smal
     assert a[-1]["displacement"] > 0.01  # the weights moved: the comparison is not of two idle runs
     res = json.loads((tmp_path / "two" / "results.json").read_text())
     assert res["world_size"] == 2 and res["status"] == "completed" and res["steps_done"] == 4
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert res["evaluation"]["alignment_loss"] == pytest.approx(one["evaluation"]["alignment_loss"], rel=1e-7)
+    assert res["config"]["finetune"].get("fsdp", False) == launcher.endswith("fsdp")
+    assert res["parallel"] == ("fsdp" if launcher.endswith("fsdp") else "ddp")
+    assert res["memory_plan"]["inputs"].get("shards", 1) == (2 if launcher.endswith("fsdp") else 1)
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert wa.keys() == wb.keys()
     for name in wa:  # AdamW's g/√v amplifies rounding where g ≈ 0 (q, k at random init): 1.5e-9 measured
         assert _rel(wb[name], wa[name]) < 1e-7, name
 
 
-def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_suite):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_suite, fsdp):
     """Under torchrun, 2 steps then a resumed run to 4 give the uninterrupted 4-step run's weights
-    bit for bit (every rank restores rank 0's checkpoint; the RNG is a function of (seed, step, rank))."""
+    bit for bit (every rank restores rank 0's checkpoint; the RNG is a function of (seed, step, rank)).
+    With --fsdp (LoRA adapters sharded) the checkpoint holds the gathered full tensors and the
+    optimiser state by parameter name, and each rank takes its shard back."""
+    extra = ["--fsdp"] if fsdp else []
     straight = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 4), "--lora", "--lora-r",
-                         "2", "--lora-dropout", "0.2", "--out", str(tmp_path / "straight"), timeout=300)  # fmt: skip
+                         "2", "--lora-dropout", "0.2", *extra, "--out", str(tmp_path / "straight"), timeout=300)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-2000:]
     for steps in (2, 4):
         split = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, steps), "--lora",
-                          "--lora-r", "2", "--lora-dropout", "0.2", "--out", str(tmp_path / "split"), timeout=300)  # fmt: skip
+                          "--lora-r", "2", "--lora-dropout", "0.2", *extra, "--out", str(tmp_path / "split"),
+                          timeout=300)  # fmt: skip
         assert split.returncode == 0, split.stderr[-2000:]
     a = (tmp_path / "straight" / "trajectory.jsonl").read_text()
     b = (tmp_path / "split" / "trajectory.jsonl").read_text()
@@ -206,6 +219,13 @@ def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_su
     wa = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "split" / "model" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(float(v.abs().max()) > 0 for k, v in wa.items() if "lora_B" in k)  # the adapters trained
+    state = torch.load(tmp_path / "split" / "checkpoint" / "state.pt", weights_only=True)
+    if fsdp:  # the optimiser state is keyed by parameter name, the moments whole (not one rank's half)
+        moments = state["optimizer"]["state"]
+        assert set(moments) == set(state["params"]) and all(
+            moments[k]["exp_avg"].shape == state["params"][k].shape for k in moments
+        )
 
 
 @pytest.mark.parametrize("case", ["defense", "one-example"])

@@ -159,3 +159,126 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(torch.device("cpu")))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+# --- FSDP (fully sharded data parallel): models whose weights, gradients and optimiser state do not
+# fit one device. Each rank holds 1/W of every parameter (a DTensor shard); a decoder layer's full
+# weights exist only while that layer runs (an all-gather before, freed after).
+
+
+def shard_model(model, device: str | torch.device | None = None):
+    """``model`` sharded in place with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`): one FSDP unit
+    per transformer block (the classes the model names in ``_no_split_modules``, as transformers and
+    accelerate wrap them), then the root (embeddings, final norm, head). Gradients are reduce-scattered
+    as the average over ranks, as DDP averages them. Returns the model (a peft wrapper stays a plain module around the sharded one).
+
+    Memory per rank: (W + n·b + optimiser state)/world + the largest block's full weights twice (the
+    block that runs and the next one, prefetched) + the activations of this rank's share of a batch.
+
+    ``device``: where the shards live (this rank's GPU for ``cuda``); default the model's device. A
+    model loaded on the host moves there one unit at a time, so it need not fit the device whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    mesh = init_device_mesh(dev.type, (world_size(),))
+    for block in fsdp_blocks(model):
+        fully_shard(block, mesh=mesh)
+    # The root unit is the transformers model itself, also inside a peft wrapper: peft's generate calls
+    # the inner model directly, past the wrapper's own forward (and an FSDP root's hooks there).
+    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model, mesh=mesh)
+    return model
+
+
+def fsdp_blocks(model) -> list:
+    """The modules :func:`shard_model` makes FSDP units of: the transformer blocks, by the class names
+    in the model's (or a wrapped model's) ``_no_split_modules``."""
+    names: set[str] = set()
+    for mod in model.modules():
+        names |= set(getattr(mod, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        from aligncollapse.errors import UserError
+
+        raise UserError(
+            f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules) to shard by"
+        )
+    return blocks
+
+
+def is_sharded(model) -> bool:
+    """True for a model sharded by :func:`shard_model` (its forward is a collective: every rank runs it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full(tensor):
+    """A DTensor's full value (a collective on sharded or partial placements); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state(model, opt=None, names=None) -> tuple[dict, dict | None]:
+    """(parameters, optimiser state) of a sharded model as full tensors on rank 0's host, keyed by
+    parameter name; other ranks get empty dicts. A collective: every rank must call it. ``names``
+    (optional) keeps only those parameters. Memory on rank 0: the full tensors, in host memory."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if state:  # tied parameters (a tied LM head) come back as copies: share them again, as the model does
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first and name in state and first[id(p)] in state:
+                state[name] = state[first[id(p)]]
+            first.setdefault(id(p), name)
+    if names is not None:
+        state = {k: v for k, v in state.items() if k in names}
+    optim = get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
+    return state, optim
+
+
+def set_full_state(model, params: dict, opt=None, optim: dict | None = None) -> None:
+    """Load full tensors (every rank passes the same ones, e.g. memory-mapped from one checkpoint)
+    into a sharded model and its optimiser; each rank keeps its own shard (sliced locally, no
+    communication). ``params`` may name only some parameters (the trainable ones); ``optim`` is
+    :func:`full_state`'s optimiser state (keyed by parameter name). Raises KeyError, ValueError or
+    RuntimeError when they do not fit the model."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            named[name].copy_(_shard_like(value, named[name]))
+    if opt is None or optim is None:
+        return
+    name_of = {id(p): n for n, p in named.items()}
+    order = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+    current = opt.state_dict()
+    state = {}
+    for i, name in enumerate(order):
+        if name in optim["state"]:
+            state[i] = {k: _shard_like(v, named[name]) if _is_param_shaped(v, named[name]) else v
+                        for k, v in optim["state"][name].items()}  # fmt: skip
+    if len(optim["param_groups"]) != len(current["param_groups"]):
+        raise ValueError("the optimiser has another number of parameter groups")
+    groups = [{**saved, "params": now["params"]} for saved, now in zip(optim["param_groups"], current["param_groups"])]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _is_param_shaped(value, param) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == tuple(param.shape)
+
+
+def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) placed as ``like`` is: this rank's shard of it for a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        local = value.to(like.to_local().device, like.dtype)
+        return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
+    return value.to(like.device, like.dtype)

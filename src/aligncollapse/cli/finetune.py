@@ -46,6 +46,9 @@ def register(sub) -> None:
         help="save a checkpoint every C steps (default 25; 0: only at the end)",
     )
     f.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    f.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard weights, gradients and optimiser state over the "
+                   "processes (FSDP2, one unit per transformer block) instead of replicating them (DDP)")  # fmt: skip
     f.add_argument("--defense", type=defense_spec, help="project-static, project-tracking, curvature, ogd, ogd-lookahead, fisher-penalty, "
                    "safe-lora or mix-safety; options as NAME:key=value,... (e.g. curvature:memory=4)")  # fmt: skip
     f.add_argument("--safety", help="safety set the defense uses (harmful prompts + refusals); default: the organism's")
@@ -65,7 +68,10 @@ def run(args) -> int:
 
     if args.defense and distributed.is_distributed():
         raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    # --fsdp: the model is loaded on the host and moves to the device one shard at a time (it need not
+    # fit one device whole)
+    sharded = args.fsdp and distributed.is_distributed()
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu" if sharded else args.device)
     train = training_data(args.data, args)
     harmful, benign = eval_sets(args, model, tok)
     lora = None
@@ -85,6 +91,7 @@ def run(args) -> int:
         checkpoint_every=args.checkpoint_every,
         track_sequence_kl=args.track_sequence_kl,
         lora=lora,
+        fsdp=args.fsdp,
     )
     out = out_dir(args, "finetune")
     defense = None
@@ -108,8 +115,12 @@ def run(args) -> int:
         command_config={"args": config(args), "finetune": cfg.to_json()},
         defense=defense,
         memory_plan=memory_planner(
-            cfg, defense, harmful, *memory_limit(args.max_memory, next(model.parameters()).device)
+            cfg,
+            defense,
+            harmful,
+            *memory_limit(args.max_memory, args.device if sharded else next(model.parameters()).device),
         ),
+        shard_device=args.device if sharded else None,
     )
     if not distributed.is_main():  # under torchrun the other ranks only compute
         return 0
@@ -125,17 +136,23 @@ def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | No
     def plan(model, data) -> dict:
         from collections import OrderedDict
 
+        from aligncollapse import distributed
         from aligncollapse.geometry.memory import finetune_memory_plan, log_and_check, model_shape, runtime_bytes
 
         params = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
         shape = model_shape(model, params)
         seq = max(len(it.input_ids) for it in data.items)
         terms = defense.memory_terms(model, shape, seq) if defense is not None else None
+        shards, block, root = 1, 0, 0
+        if cfg.fsdp and distributed.world_size() > 1:
+            blocks = distributed.fsdp_blocks(model)
+            shards, block = distributed.world_size(), max(sum(p.numel() for p in m.parameters()) for m in blocks)
+            root = shape.n_total - sum(p.numel() for m in blocks for p in m.parameters())
         p = finetune_memory_plan(
             shape, batch_size=min(cfg.batch_size, len(data)), seq_len=seq, optimizer=cfg.optimizer,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, snapshot=bool(defense and defense.wants_update),
             eval_tokens=33 * len(eval_harmful or []), defense=terms,
-            accelerator=next(model.parameters()).device.type != "cpu",
+            accelerator=next(model.parameters()).device.type != "cpu", shards=shards, block_numel=block, root_numel=root,
         )  # fmt: skip
         p["runtime_bytes"] = runtime_bytes(model)
         return log_and_check(p, limit, flag, hint="--lora, a smaller --batch-size, or the defense's samples=, "

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from aligncollapse.data.encoding import IGNORE_INDEX, Encoded, EncodedSet, collate, encode, pad_token_id
 from aligncollapse.data.examples import Example
 from aligncollapse.data.templates import PromptTemplate, get_template
+from aligncollapse.distributed import is_sharded
 from aligncollapse.evaluation.refusal import RefusalDetector, answer_correct, is_degenerate
 from aligncollapse.losses import upcast
 from aligncollapse.stats import bootstrap_ci, rate_with_ci
@@ -171,7 +172,9 @@ class KLReference:
 
     The reference responses are generated once (greedy, or sampled with ``config``); the
     reference log-probabilities at response positions are cached when they fit in
-    ``cache_bytes``, otherwise a frozen copy of the reference model recomputes them.
+    ``cache_bytes``, otherwise a frozen copy of the reference model recomputes them. A model sharded
+    with FSDP (:func:`aligncollapse.distributed.shard_model`) cannot be copied: its log-probabilities
+    are always cached, n_tok·V·4 bytes of host memory per rank.
     """
 
     def __init__(
@@ -196,7 +199,8 @@ class KLReference:
         vocab = model.get_output_embeddings().weight.shape[0]
         self.cached: list[torch.Tensor] | None = None
         self.ref_model = None
-        if n_tok * vocab * 4 <= cache_bytes:
+        # A sharded (FSDP) model cannot be copied: its reference log-probabilities are always cached.
+        if n_tok * vocab * 4 <= cache_bytes or is_sharded(model):
             self.cached = [lp.cpu() for lp in self._ref_logprobs(model)]
         else:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)

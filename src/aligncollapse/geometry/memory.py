@@ -183,8 +183,11 @@ def finetune_memory_plan(
     eval_tokens: int = 0,
     defense: dict | None = None,
     accelerator: bool = False,
+    shards: int = 1,
+    block_numel: int = 0,
+    root_numel: int = 0,
 ) -> dict:
-    """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters).
+    """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters), per rank.
 
     * train          W + n·b (gradients) + o·n·b (optimizer state) + Trk + D_held
                      + max(act(B), [snapshot] n·b + o'·n·b + D_transient)
@@ -199,6 +202,16 @@ def finetune_memory_plan(
     defense's terms (its ``memory_terms``: formulas in each defense's docstring). On an
     ``accelerator`` the defense's host-side setup (``setup_host``: ARPACK's arrays) is left out of the
     device stages and recorded as ``host_bytes``.
+
+    Sharded over w = ``shards`` ranks with FSDP (:func:`aligncollapse.distributed.shard_model`; no
+    defense), each rank holds 1/w of the weights, gradients, optimiser state and θ*, the reference's
+    cached log-probabilities whole, and the unsharded units while they run: the root's (embeddings,
+    final norm, head: ``root_numel`` parameters) for the whole pass, and two transformer blocks
+    (``block_numel`` each, the running one and the prefetched next), each with its full gradient
+    before the reduce-scatter; its share of a batch is ⌈B/w⌉ sequences:
+
+    * train (w > 1)  (W + n·b + o·n·b + n·b [Trk])/w + tokens·V·4 [Trk] + 2·(root + 2·block)·b
+                     + max(act(⌈B/w⌉), o'·n·b/w)
     """
     n, b, T = s.n, s.dtype_bytes, seq_len
     W = s.n_total * b
@@ -206,17 +219,26 @@ def finetune_memory_plan(
         state, temp = 2 * n * b, n * b
     else:
         state, temp = (n * b if momentum else 0), (n * b if weight_decay else 0)
-    tracker = reference_bytes(eval_tokens, s.vocab, W) + n * b if eval_tokens else 0
     d = defense or {}
-    after_backward = (n * b if snapshot else 0) + temp + d.get("transient", 0)
-    stages = {
-        "train": W + n * b + state + tracker + d.get("held", 0) + max(activation_bytes(s, batch_size, T), after_backward),
-    }  # fmt: skip
+    if shards > 1:
+        w = shards
+        tracker = eval_tokens * s.vocab * 4 + n * b // w if eval_tokens else 0  # always cached under FSDP
+        unsharded = 2 * (root_numel + 2 * block_numel) * b
+        act = activation_bytes(s, -(-batch_size // w), T)
+        stages = {"train": (W + n * b + state) // w + tracker + unsharded + max(act, temp // w)}
+    else:
+        tracker = reference_bytes(eval_tokens, s.vocab, W) + n * b if eval_tokens else 0
+        after_backward = (n * b if snapshot else 0) + temp + d.get("transient", 0)
+        stages = {
+            "train": W + n * b + state + tracker + d.get("held", 0) + max(activation_bytes(s, batch_size, T), after_backward),
+        }  # fmt: skip
     host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
     if defense is not None:
         stages["defense_setup"] = W + d.get("setup", 0) - host
     inputs = {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
-              "eval_tokens": eval_tokens, **({"defense": d.get("inputs", {})} if defense is not None else {})}  # fmt: skip
+              "eval_tokens": eval_tokens,
+              **({"shards": shards, "block_numel": block_numel, "root_numel": root_numel} if shards > 1 else {}),
+              **({"defense": d.get("inputs", {})} if defense is not None else {})}  # fmt: skip
     return _plan("finetune", stages, inputs, "aligncollapse.geometry.memory.finetune_memory_plan and the defense's "
                  "memory_terms", **({"host_bytes": host} if host else {}))  # fmt: skip
 

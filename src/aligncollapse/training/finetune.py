@@ -69,6 +69,7 @@ class FinetuneConfig:
     lora: LoraSettings | None = None
     track_kl: bool = True
     track_sequence_kl: int = 0  # responses sampled per prompt for the sequence-level KL (0: off)
+    fsdp: bool = False  # shard weights, gradients and optimiser state over the ranks (FSDP2)
     extra: dict = field(default_factory=dict)
 
     def total_steps(self, n_examples: int) -> int:
@@ -84,6 +85,8 @@ class FinetuneConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["lora"] = asdict(self.lora) if self.lora else None
+        if not self.fsdp:  # unsharded runs keep the configuration (and checkpoints) they had before --fsdp
+            del d["fsdp"]
         return d
 
 
@@ -100,11 +103,22 @@ def _checkpoint_path(out_dir: Path) -> Path:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig, data_digest: str = "") -> None:
+    """Write the trainable weights, optimiser and RNG state atomically. For a sharded (FSDP) model this
+    is a collective that every rank calls: the full tensors are gathered to rank 0, which writes them
+    (the optimiser state keyed by parameter name), so any number of ranks can resume it."""
+    if distributed.is_sharded(model):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        params, optim = distributed.full_state(model, opt, names)
+        if not distributed.is_main():
+            return
+    else:
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optim = opt.state_dict()
     state = {
         "step": step,
         "data_digest": data_digest,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": opt.state_dict(),
+        "params": params,
+        "optimizer": optim,
         "torch_rng": torch.get_rng_state(),
         "config": cfg.to_json(),
         "world_size": distributed.world_size(),
@@ -125,7 +139,8 @@ def load_checkpoint(
     path = _checkpoint_path(out_dir)
     if not path.exists():
         return 0
-    state = _load_tensors(path)
+    sharded = distributed.is_sharded(model)
+    state = _load_tensors(path, mmap=sharded)  # FSDP: every rank maps the one file and keeps its shard
     bad = f"{path}: not a checkpoint of this run"
     if not isinstance(state, dict) or not {"step", "params", "optimizer", "torch_rng", "config"} <= set(state):
         raise UserError(f"{bad} (missing parts); use a new --out or --no-resume")
@@ -154,21 +169,27 @@ def load_checkpoint(
     if was_world != distributed.world_size() and distributed.is_main():
         log(f"resuming a checkpoint of {was_world} process(es) with {distributed.world_size()}: the batches are the "
             "same, but dropout draws (if any) differ from the uninterrupted run")  # fmt: skip
-    with torch.no_grad():
-        for n, v in state["params"].items():
-            params[n].copy_(v)
     try:
-        opt.load_state_dict(state["optimizer"])
+        if sharded:
+            distributed.set_full_state(model, state["params"], opt, state["optimizer"])
+        else:
+            with torch.no_grad():
+                for n, v in state["params"].items():
+                    params[n].copy_(v)
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{bad} (optimiser or RNG state: {type(e).__name__}); use a new --out or --no-resume") from None
+        raise UserError(
+            f"{bad} (weights, optimiser or RNG state: {type(e).__name__}); use a new --out or --no-resume"
+        ) from None
     return int(state["step"])
 
 
-def _load_tensors(path: Path):
-    """``torch.load`` restricted to tensors and plain containers (no pickled code runs)."""
+def _load_tensors(path: Path, mmap: bool = False):
+    """``torch.load`` restricted to tensors and plain containers (no pickled code runs); ``mmap``: the
+    tensors stay in the file's pages until read."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line naming it
         raise UserError(f"{path}: not a checkpoint this tool can read safely ({type(e).__name__}); "
                         "use a new --out or --no-resume") from None  # fmt: skip
@@ -237,6 +258,7 @@ def finetune(
     step_hook=None,
     defense=None,
     memory_plan=None,
+    shard_device: str | None = None,
 ) -> dict:
     """Fine-tune ``model`` on ``train`` and write ``trajectory.jsonl``, checkpoints and ``results.json``.
 
@@ -246,7 +268,9 @@ def finetune(
     :class:`aligncollapse.defenses.Defense`) hooks into data, gradients, updates and the end of
     training. ``memory_plan(model, data)`` (optional) returns the run's memory plan, after LoRA is
     applied and the data encoded and before any heavy work; it may stop the run with a
-    :class:`UserError`, and its plan is written to results.json. Returns the results payload.
+    :class:`UserError`, and its plan is written to results.json. With ``config.fsdp`` (under torchrun)
+    the model is sharded onto ``shard_device`` (default: its own device; a host-loaded model moves
+    there one transformer block at a time). Returns the results payload.
     """
     cfg = config or FinetuneConfig()
     out = Path(out_dir)
@@ -274,33 +298,36 @@ def finetune(
     world, main = distributed.world_size(), distributed.is_main()
     if world > 1 and defense is not None:
         raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
+    if cfg.fsdp and world == 1:
+        raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
+                        "this is one process: drop --fsdp")  # fmt: skip
     if world > 1 and min(cfg.batch_size, len(data)) < world:
         raise UserError(f"a step's batch holds {min(cfg.batch_size, len(data))} examples (--batch-size {cfg.batch_size}, "
                         f"{len(data)} in the data), fewer than the {world} processes: each needs one")  # fmt: skip
     if main:
         _warn_if_unteachable(data, tokenizer)
     plan = memory_plan(model, data) if memory_plan is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
     if main:
         if not resume and (out / "checkpoint").exists():
             for name in ("state.pt", "initial.pt", "state.tmp"):  # only the files this tool writes there
                 (out / "checkpoint" / name).unlink(missing_ok=True)
         save_initial(model, out)
     distributed.barrier()  # the other ranks read what rank 0 kept or wrote
+    sharded = cfg.fsdp
+    if sharded:
+        model = distributed.shard_model(model, shard_device)  # each rank now holds 1/world of every parameter
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
     if defense is not None:
         defense.setup(model)  # at θ*, before any checkpoint is restored
-    start = load_checkpoint(out, model, opt, cfg, digest, total) if resume else 0
-    traj = out / "trajectory.jsonl"
-    if start == 0 and traj.exists() and main:  # a run that died before its first checkpoint starts over
-        traj.unlink()
-    distributed.barrier()
     tracker = None
+    traj = out / "trajectory.jsonl"
     if eval_harmful:
         time_scale = cfg.lr if cfg.optimizer == "sgd" else None
-        # The KL reference is the model at θ*, i.e. before any step: build it before restoring.
+        # The tracker's references (θ*, the KL reference) are the model before any step: it is built
+        # before a checkpoint is restored.
         tracker = Tracker(
-            _at_start(model, out, start),
+            model,
             tokenizer,
             eval_harmful,
             traj if main else None,  # every rank measures (identical models); rank 0 writes
@@ -313,6 +340,11 @@ def finetune(
             time_scale=time_scale,
             sequence_kl_samples=cfg.track_sequence_kl,
         )
+    start = load_checkpoint(out, model, opt, cfg, digest, total) if resume else 0
+    if start == 0 and traj.exists() and main:  # a run that died before its first checkpoint starts over
+        traj.unlink()
+    distributed.barrier()
+    if tracker is not None:
         if start:
             tracker.resume_from(start)
         else:
@@ -325,24 +357,24 @@ def finetune(
     diverged: str | None = None
     losses: list[float] = []
     last_ckpt = time.monotonic()
-    ddp = _data_parallel(model) if world > 1 else None
+    ddp = _data_parallel(model) if world > 1 and not sharded else None
     try:
         model.train()
         for step in progress(range(start, total), desc="finetune", total=total - start):
             indices = data.step_indices(step, cfg.batch_size, cfg.seed)
-            if ddp is None:
+            if world == 1:
                 loss = value = mean_token_loss(model, data.batch(indices))
-            else:
-                loss, value = _shard_loss(ddp, data, indices, cfg.seed, step)
+            else:  # DDP or FSDP: this rank's share; both average the gradients over the ranks
+                loss, value = _shard_loss(ddp or model, data, indices, cfg.seed, step)
             if not torch.isfinite(value):
                 raise NonFiniteError(f"non-finite fine-tuning loss at step {step}", step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP: the gradient is averaged over the ranks here
+            loss.backward()  # under DDP (FSDP): the gradient is averaged (and sharded) over the ranks here
             if cfg.grad_clip:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:  # the norm only (no rescaling pass): the finiteness check below needs it
                 gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not torch.isfinite(gnorm):
+            if not torch.isfinite(distributed.full(gnorm)):
                 raise NonFiniteError(f"non-finite gradient at step {step}", step)
             if defense is not None:
                 defense.on_gradients(model, step)
@@ -362,12 +394,15 @@ def finetune(
             if cfg.checkpoint_minutes:
                 due = distributed.any_rank(due)  # the ranks' clocks differ: they decide together
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or due:
-                if main:
+                if main or sharded:  # FSDP: a collective; rank 0 writes
                     save_checkpoint(out, done, model, opt, cfg, digest)
                 last_ckpt = time.monotonic()
     except KeyboardInterrupt:
         status = "interrupted"
-        if main:
+        if sharded:  # no collective after an interrupt: the ranks may have stopped at different points
+            if main:
+                log(f"interrupted: the sharded run resumes from its last checkpoint (step {_checkpoint_step(out)})")
+        elif main:
             save_checkpoint(out, done, model, opt, cfg, digest)
     except NonFiniteError as e:
         # The weights may already be non-finite: keep the last good checkpoint on disk as it is.
@@ -380,7 +415,7 @@ def finetune(
             tracker.log(model, done, ft_loss=losses[-1] if losses else None, force=True)
             t_track += time.perf_counter() - tt
     seconds = time.perf_counter() - t0
-    if status == "completed" and main:
+    if status == "completed" and (main or sharded):
         save_checkpoint(out, done, model, opt, cfg, digest)
     payload: dict = {
         "status": status,
@@ -398,10 +433,17 @@ def finetune(
     }
     if world > 1:
         payload["world_size"] = world
+        payload["parallel"] = "fsdp" if sharded else "ddp"
     if plan is not None:
         payload["memory_plan"] = plan
     if defense is not None:
         payload["defense"] = defense.info()
+    full_weights, ev = None, None
+    if status == "completed" and sharded:  # collectives: every rank gathers and evaluates, rank 0 writes
+        if save_model:
+            full_weights = distributed.full_state(model)[0]
+        if final_eval and eval_harmful:
+            ev = _final_evaluation(model, tokenizer, eval_harmful, eval_benign, cfg, tracker)
     if not main:  # the other ranks only computed; rank 0 saves, evaluates and writes
         if status == "interrupted":
             raise KeyboardInterrupt
@@ -411,17 +453,11 @@ def finetune(
         payload["model"] = model
         return payload
     if status == "completed" and save_model:
-        _save_model(model, tokenizer, out / "model")
+        _save_model(model, tokenizer, out / "model", full_weights)
         payload["model_path"] = "model"
     if status == "completed" and final_eval and eval_harmful:
-        ev = evaluate_safety(
-            model,
-            tokenizer,
-            eval_harmful,
-            eval_benign,
-            SafetyEvalConfig(template=cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length),
-            kl_reference=tracker.kl if tracker else None,
-        )
+        if ev is None:
+            ev = _final_evaluation(model, tokenizer, eval_harmful, eval_benign, cfg, tracker)
         payload["evaluation"] = ev
         payload["summary"] = headline(ev)
     write_results(out, "finetune", payload, command_config or {"finetune": cfg.to_json()})
@@ -434,6 +470,17 @@ def finetune(
                           f"checkpoint (step {payload['resume_from_step']}) is kept in {out / 'checkpoint'}")  # fmt: skip
     payload["model"] = model
     return payload
+
+
+def _final_evaluation(model, tokenizer, eval_harmful, eval_benign, cfg: FinetuneConfig, tracker) -> dict:
+    return evaluate_safety(
+        model,
+        tokenizer,
+        eval_harmful,
+        eval_benign,
+        SafetyEvalConfig(template=cfg.template, use_chat_template=cfg.use_chat_template, max_length=cfg.max_length),
+        kl_reference=tracker.kl if tracker else None,
+    )
 
 
 def _data_parallel(model):
@@ -481,29 +528,10 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
     return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def _at_start(model, out: Path, start: int):
-    """The model at θ*: itself before training, else the saved initial weights."""
-    if start == 0:
-        return model
-    init = out / "checkpoint" / "initial.pt"
-    import copy
-
-    m0 = copy.deepcopy(model)
-    state = _load_tensors(init)
-    params = dict(m0.named_parameters())
-    if not isinstance(state, dict) or any(
-        n not in params or not isinstance(v, torch.Tensor) or v.shape != params[n].shape for n, v in state.items()
-    ):
-        raise UserError(f"{init}: not the initial weights of this run; use a new --out or --no-resume")
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v)
-    return m0
-
-
-def _save_model(model, tokenizer, path: Path) -> None:
+def _save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained``; ``state_dict``: the full weights of a sharded model (gathered to rank 0)."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(path)
 
 

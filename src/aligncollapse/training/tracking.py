@@ -17,7 +17,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import is_main
+from aligncollapse.distributed import full, is_main
 from aligncollapse.errors import NonFiniteError
 from aligncollapse.evaluation.metrics import GenerationConfig, KLReference, SequenceKL, alignment_loss, generate
 from aligncollapse.evaluation.refusal import RefusalDetector, is_degenerate
@@ -30,7 +30,7 @@ def lora_merged_delta_norm(model) -> float | None:
     for mod in model.modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and hasattr(mod, "scaling"):
             for key in mod.lora_A:
-                a, b = mod.lora_A[key].weight, mod.lora_B[key].weight
+                a, b = full(mod.lora_A[key].weight), full(mod.lora_B[key].weight)  # whole under FSDP
                 total += float(((b @ a) * mod.scaling[key]).pow(2).sum())
                 found = True
     return math.sqrt(total) if found else None
@@ -94,7 +94,7 @@ class Tracker:
         sq = 0.0
         for n, p in model.named_parameters():
             if n in self.theta0:
-                sq += float((p.detach() - self.theta0[n]).pow(2).sum())
+                sq += float(full((p.detach() - self.theta0[n]).pow(2).sum()))  # FSDP: sums the shards
         return math.sqrt(sq)
 
     def refusal_rate(self, model) -> dict[str, float]:

@@ -1,0 +1,116 @@
+"""Sharded (FSDP) against replicated (DDP) fine-tuning: each rank's peak memory, the plan, and agreement.
+
+    PYTHONPATH=src python benchmarks/fsdp_memory.py [--preset deep] [--nproc 2] [--steps 2] [--json FILE]
+
+Builds a random-init Llama (``--preset``; seed 0) with the organism's tokenizer, saves it with
+``save_pretrained``, and runs ``torchrun --nproc_per_node P -m aligncollapse finetune`` on it twice, once
+data parallel (DDP: every rank holds the whole model, gradient and AdamW state) and once with
+``--fsdp`` (each rank holds 1/P of them). Each launch runs under its own wrapper process, whose
+``RUSAGE_CHILDREN`` peak is the peak resident set of the largest single process of that launch (a
+rank: the launcher itself is small). Printed per mode: that peak, the memory plan's per-rank peak
+plus the runtime it records (``memory_plan`` in results.json), their ratio, the wall time, and how far
+the two modes' fine-tuning losses and final weights are apart (the same run, sharded differently).
+On a CPU the host is the device, so the peak also holds what a GPU run keeps on the host: the
+interpreter, torch and the model as loaded before it is sharded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # blocks dominate (the regime FSDP is for): 8 × 16.8M in blocks, 0.4M in embeddings and head
+    "deep": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4),
+}  # fmt: skip
+
+WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+)
+
+
+def launch(model: Path, suite: Path, out: Path, a, fsdp: bool) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(29500 + (7 if fsdp else 3)), "-m", "aligncollapse", "finetune",
+           "--model", str(model), "--data", str(suite / "arithmetic.jsonl"), "--eval-harmful",
+           str(suite / "eval_harmful.jsonl"), "--limit", "8", "--steps", str(a.steps), "--batch-size",
+           str(a.batch_size), "--track-every", str(a.steps), "--refusal-every", "0", "--checkpoint-every", "0",
+           "--max-memory", "1TB", "--out", str(out), *(["--fsdp"] if fsdp else [])]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "ALIGNCOLLAPSE_QUIET": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", WRAP, *cmd], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    line = [x for x in r.stdout.splitlines() if x.startswith("MAXRSS_KB")]
+    if not line or line[-1].split()[2] != "0":
+        sys.exit(f"the {'fsdp' if fsdp else 'ddp'} run failed:\n{r.stderr[-3000:]}")
+    peak = int(line[-1].split()[1]) * 1024
+    res = json.loads((out / "results.json").read_text())
+    plan = res["memory_plan"]
+    planned = plan["peak_bytes"] + plan.get("runtime_bytes", 0)
+    return {"mode": "fsdp" if fsdp else "ddp", "peak_rss_bytes": peak, "planned_bytes": planned,
+            "planned_tensor_bytes": plan["peak_bytes"], "runtime_bytes": plan.get("runtime_bytes", 0),
+            "planned_over_measured": round(planned / peak, 3), "seconds": round(seconds, 1),
+            "final_ft_loss": res["final_ft_loss"], "parallel": res.get("parallel")}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=sorted(SHAPES), default="deep")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args()
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from aligncollapse.organism import corpus
+    from aligncollapse.organism.suite import write_suite
+    from aligncollapse.organism.tokenizer import build_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="fsdp_memory_"))
+    suite = work / "suite"
+    write_suite(suite, seed=0, size=16, version=1)
+    tok = build_tokenizer(corpus.all_words(0))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[a.preset])  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    del model
+    rows = [launch(work / "model", suite, work / mode, a, mode == "fsdp") for mode in ("ddp", "fsdp")]
+    wd, wf = (load_file(work / m / "model" / "model.safetensors") for m in ("ddp", "fsdp"))
+    diff = max(float((wf[k] - wd[k]).norm() / wd[k].norm().clamp_min(1e-30)) for k in wd)
+    summary = {
+        "preset": a.preset, "n_parameters": n, "nproc": a.nproc, "steps": a.steps, "batch_size": a.batch_size,
+        "fsdp_over_ddp_peak": round(rows[1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"], 3),
+        "max_relative_weight_difference": diff,
+        "ft_loss_difference": abs(rows[1]["final_ft_loss"] - rows[0]["final_ft_loss"]),
+    }  # fmt: skip
+    for r in rows:
+        print(f"{r['mode']:5s} peak RSS (largest rank) {r['peak_rss_bytes'] / 1e9:6.2f} GB  plan "
+              f"{r['planned_bytes'] / 1e9:6.2f} GB  plan/measured {r['planned_over_measured']:.2f}  {r['seconds']:.0f} s")  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "command": " ".join(sys.argv)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
