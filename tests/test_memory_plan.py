@@ -135,3 +135,26 @@ def test_fisher_over_max_memory_stops_before_heavy_work(tmp_path, tiny_model_dir
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: --max-memory 1MB = 1 MB: the planned peak is ") and "largest stage: " in err
     assert not (out / "results.json").exists()
+
+
+def test_finetune_plan_shards_and_buckets():
+    """FSDP over w ranks divides the weights, gradients, AdamW state and θ* by w and adds the
+    unsharded units; a checkpoint adds rank 0's gathered copy (host memory on a GPU); DDP adds its
+    gradient buckets, n·b. The input on which this fails: a plan that ignores ``shards``."""
+    from aligncollapse.geometry.memory import finetune_memory_plan
+
+    kw = dict(batch_size=8, seq_len=64, optimizer="adamw", eval_tokens=330)
+    one = finetune_memory_plan(SHAPE, **kw)
+    ddp = finetune_memory_plan(SHAPE, ddp=True, **kw)
+    assert ddp["stages"]["train"] - one["stages"]["train"] == SHAPE.n * 4
+    units = dict(block_numel=2 * 10**6, root_numel=10**6)
+    f2 = finetune_memory_plan(SHAPE, shards=2, **units, **kw)
+    f4 = finetune_memory_plan(SHAPE, shards=4, **units, **kw)
+    W, n = SHAPE.n_total * 4, SHAPE.n * 4
+    resident = lambda w: (W + n + 2 * n + n) // w + 330 * SHAPE.vocab * 4  # noqa: E731
+    assert f2["stages"]["checkpoint"] - resident(2) == max(3 * n, W)
+    assert f2["stages"]["train"] - f4["stages"]["train"] > 0.9 * (resident(2) - resident(4))
+    assert f2["stages"]["train"] < one["stages"]["train"]
+    assert f2["inputs"]["shards"] == 2
+    gpu = finetune_memory_plan(SHAPE, shards=2, accelerator=True, **units, **kw)
+    assert gpu["stages"]["checkpoint"] == resident(2) and gpu["host_bytes"] == max(3 * n, W)

@@ -153,6 +153,7 @@ def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | No
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, snapshot=bool(defense and defense.wants_update),
             eval_tokens=33 * len(eval_harmful or []), defense=terms,
             accelerator=next(model.parameters()).device.type != "cpu", shards=shards, block_numel=block, root_numel=root,
+            ddp=distributed.world_size() > 1 and shards == 1,
         )  # fmt: skip
         p["runtime_bytes"] = runtime_bytes(model)
         return log_and_check(p, limit, flag, hint="--lora, a smaller --batch-size, or the defense's samples=, "

@@ -186,6 +186,7 @@ def finetune_memory_plan(
     shards: int = 1,
     block_numel: int = 0,
     root_numel: int = 0,
+    ddp: bool = False,
 ) -> dict:
     """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters), per rank.
 
@@ -212,6 +213,11 @@ def finetune_memory_plan(
 
     * train (w > 1)  (W + n·b + o·n·b + n·b [Trk])/w + tokens·V·4 [Trk] + 2·(root + 2·block)·b
                      + max(act(⌈B/w⌉), o'·n·b/w)
+    * checkpoint     the train stage's shards + max((1 + o)·n·b, W) on rank 0: the full trainable
+                     weights and optimiser state a checkpoint gathers (or the full weights the final
+                     save gathers) in host memory; on an ``accelerator`` that part is ``host_bytes``
+
+    Data parallel (``ddp``, w > 1 unsharded ranks): the train stage adds DDP's gradient buckets, n·b.
     """
     n, b, T = s.n, s.dtype_bytes, seq_len
     W = s.n_total * b
@@ -225,19 +231,28 @@ def finetune_memory_plan(
         tracker = eval_tokens * s.vocab * 4 + n * b // w if eval_tokens else 0  # always cached under FSDP
         unsharded = 2 * (root_numel + 2 * block_numel) * b
         act = activation_bytes(s, -(-batch_size // w), T)
-        stages = {"train": (W + n * b + state) // w + tracker + unsharded + max(act, temp // w)}
+        resident = (W + n * b + state) // w + tracker
+        gathered = max(n * b + state, W)  # rank 0's full copy for a checkpoint or the final save
+        stages = {
+            "train": resident + unsharded + max(act, temp // w),
+            "checkpoint": resident + (0 if accelerator else gathered),
+        }
     else:
         tracker = reference_bytes(eval_tokens, s.vocab, W) + n * b if eval_tokens else 0
         after_backward = (n * b if snapshot else 0) + temp + d.get("transient", 0)
         stages = {
-            "train": W + n * b + state + tracker + d.get("held", 0) + max(activation_bytes(s, batch_size, T), after_backward),
+            "train": W + n * b + state + tracker + d.get("held", 0) + (n * b if ddp else 0)
+            + max(activation_bytes(s, batch_size, T), after_backward),
         }  # fmt: skip
     host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
+    if shards > 1 and accelerator:
+        host = gathered
     if defense is not None:
         stages["defense_setup"] = W + d.get("setup", 0) - host
     inputs = {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,
               "eval_tokens": eval_tokens,
               **({"shards": shards, "block_numel": block_numel, "root_numel": root_numel} if shards > 1 else {}),
+              **({"ddp_buckets": True} if ddp and shards == 1 else {}),
               **({"defense": d.get("inputs", {})} if defense is not None else {})}  # fmt: skip
     return _plan("finetune", stages, inputs, "aligncollapse.geometry.memory.finetune_memory_plan and the defense's "
                  "memory_terms", **({"host_bytes": host} if host else {}))  # fmt: skip
@@ -523,16 +538,21 @@ def _rss() -> int:
         return 0
 
 
+_RSS_AT_IMPORT = _rss()  # the interpreter, torch and transformers, before any model
+
+
 def runtime_bytes(model) -> int:
     """Resident memory that no plan formula counts (the interpreter, torch and the other libraries,
-    Python objects): the process's current RSS minus the model's weights and buffers. For a model
-    on the CPU only, where ``--max-memory`` bounds the process; 0 on an accelerator (its plans count
-    device memory) or where /proc is unavailable. Measured 0.9 GiB for a CLI scan of a 384M model."""
+    Python objects): the process's current RSS minus the model's weights and buffers, and at least
+    the RSS when this module was imported (weights memory-mapped from safetensors are not resident
+    until touched, so the difference alone can be 0). For a model on the CPU only, where
+    ``--max-memory`` bounds the process; 0 on an accelerator (its plans count device memory) or where
+    /proc is unavailable. Measured 0.9 GiB for a CLI scan of a 384M model."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     if any(t.device.type != "cpu" for t in tensors):
         return 0
     rss = _rss()
-    return max(0, rss - sum(t.numel() * t.element_size() for t in tensors)) if rss else 0
+    return max(_RSS_AT_IMPORT, rss - sum(t.numel() * t.element_size() for t in tensors)) if rss else 0
 
 
 def planned_total(plan: dict) -> int:
