@@ -245,3 +245,42 @@ def test_finetune_refusals_under_torchrun(tmp_path, tiny_model_dir, small_suite,
     # each rank exits with status 2 and one line (the traceback after it is torchrun's own report)
     assert r.returncode != 0 and want in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "d" / "trajectory.jsonl").exists()
+
+
+@pytest.mark.parametrize("method", ["exact", "projected", "lanczos"])
+def test_distributed_fisher_matches_one_process(tmp_path, tiny_model_dir, small_suite, method):
+    """``torchrun -m aligncollapse fisher``: each rank computes the per-sample gradients (exact: in
+    parameter groups, two passes) or projections of half the examples and gathers them, or takes half
+    of every Lanczos product's batches; rank 0 draws the sampled responses. The spectra, the saved
+    basis (up to sign) and the nulls match one process; the work was split (``rank_share``)."""
+    args = ["fisher", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety",
+            str(small_suite / "safety.jsonl"), "--limit", "6", "--method", method, "--top-k", "3", "--subspace-d", "2",
+            "--no-representation", "--memory-budget", "0.00002", "--projection", "kronecker",
+            "--projection-dim", "16"]  # fmt: skip
+    if method == "exact":
+        args += ["--shuffled-null", "--n-samples", "2"]
+    a, b, _ = _scan_one_and_two(tmp_path, args)
+    for kind in ("empirical", "sampled"):
+        ea, eb = a["fisher"][kind], b["fisher"][kind]
+        assert ea["n_samples"] == eb["n_samples"]
+        if method != "lanczos":
+            assert ea["rank_share"] == ea["n_samples"] and eb["rank_share"] == ea["n_samples"] // 2
+        if method == "exact":
+            assert ea["passes"] == eb["passes"] == 2  # the groups were split: the lift took a second pass
+            assert eb["null_shuffled"]["effective_rank"] == pytest.approx(
+                ea["null_shuffled"]["effective_rank"], rel=1e-6
+            )
+        if method == "projected":
+            for blk in ea["blocks"]:
+                assert eb["blocks"][blk]["effective_rank"] == pytest.approx(
+                    ea["blocks"][blk]["effective_rank"], rel=1e-6
+                )
+            continue
+        assert eb["global"]["eigenvalues"][:3] == pytest.approx(ea["global"]["eigenvalues"][:3], rel=1e-6)
+        assert eb["global"]["trace"] == pytest.approx(ea["global"]["trace"], rel=1e-6)
+        assert eb["global"]["d"] == ea["global"]["d"]
+        from aligncollapse.geometry.subspace import SafetySubspace
+
+        va = SafetySubspace.load(tmp_path / "one" / ea["subspace_path"]).basis
+        vb = SafetySubspace.load(tmp_path / "two" / eb["subspace_path"]).basis
+        assert torch.allclose((va * vb).sum(0).abs(), (va * va).sum(0), rtol=1e-5)

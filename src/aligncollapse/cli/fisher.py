@@ -14,6 +14,7 @@ from aligncollapse.cli.common import (
     safety_set,
     use_chat,
 )
+from aligncollapse.errors import UserError
 
 
 def register(sub) -> None:
@@ -28,9 +29,9 @@ def register(sub) -> None:
     fi.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"])
     fi.add_argument("--projection-dim", type=positive_int, default=4096)
     fi.add_argument("--top-k", type=positive_int, default=32)
-    fi.add_argument(
-        "--d", type=subspace_d, default="energy:0.9", help="subspace dimension: an integer, energy:F or eigengap"
-    )
+    fi.add_argument("--d", "--subspace-d", dest="d", type=subspace_d, default="energy:0.9",
+                    help="subspace dimension: an integer, energy:F or eigengap (--subspace-d under torchrun, whose "
+                    "parser takes --d for an abbreviation of its own flags)")  # fmt: skip
     fi.add_argument(
         "--memory-budget", type=positive_float, default=1.0, help="GiB for per-sample gradients (default 1)"
     )
@@ -50,12 +51,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.geometry.analysis import FisherSettings, run_fisher
     from aligncollapse.models import load_model
     from aligncollapse.results import write_results
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     safety = safety_set(args, model, tok, primary=True)
+    if len(safety) < distributed.world_size():
+        raise UserError(f"--safety holds {len(safety)} examples, fewer than the {distributed.world_size()} processes: "
+                        "each needs one")  # fmt: skip
     kinds = ("empirical", "sampled") if args.fisher == "both" else (args.fisher,)
     s = FisherSettings(
         kinds=kinds, method=args.method, projection=args.projection, projection_dim=args.projection_dim, top_k=args.top_k,
@@ -66,6 +71,8 @@ def run(args) -> int:
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "fisher")
     payload = run_fisher(model, tok, safety, out, s)
+    if not distributed.is_main():  # under torchrun the other ranks only compute
+        return 0
     write_results(out, "fisher", payload, config(args))
     finish(out)
     from rich.console import Console

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligncollapse.data.examples import Example
+from aligncollapse.distributed import broadcast_object, contiguous_shard, is_distributed, is_main, world_size
 from aligncollapse.errors import UserError
 from aligncollapse.geometry.fisher import (
     exact_fisher,
@@ -45,7 +46,7 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
     line per stage, and a one-line :class:`UserError` when it exceeds ``s.max_memory``, before any
     heavy work. T: the longest safety example, or prompt plus the 32 sampled tokens."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.fisher import _groups
+    from aligncollapse.geometry.fisher import _groups, group_budget
     from aligncollapse.geometry.memory import fisher_memory_plan, log_and_check, model_shape, runtime_bytes
     from aligncollapse.geometry.projection import linear_weights
 
@@ -58,8 +59,10 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
                for e in safety] if sampled else []  # fmt: skip
     T = max([*full, *prompts, 1])
     first = next(iter(params.values()))
-    groups = _groups([p.numel() for p in params.values()], N, first.element_size(), s.memory_budget)
+    groups = _groups([p.numel() for p in params.values()], N, first.element_size(), group_budget(s.memory_budget))
     group_bytes = max(N * sum(list(params.values())[i].numel() for i in g) * first.element_size() for g in groups)
+    if is_distributed():  # the gathered slice beside the ranks' parts (all_gather_rows)
+        group_bytes *= 2
     try:
         shapes = [tuple(w.shape) for w in linear_weights(model, s.blocks).values()]
     except UserError:
@@ -78,11 +81,21 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
 
 
 def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path, s: FisherSettings) -> dict:
+    """Every Fisher of ``s.kinds`` by ``s.method``, saved under ``out_dir``; the payload for results.json.
+
+    Under torchrun every rank runs this: the per-example work is split over the ranks (each method's
+    own docstring says how), rank 0 draws the sampled responses and sends them to the others, and
+    rank 0 alone writes files and runs the representation analysis."""
     out = Path(out_dir)
-    payload: dict = {"fisher": {}, "memory_plan": fisher_plan(model, tokenizer, safety, s)}
+    payload: dict = {"fisher": {}, "memory_plan": fisher_plan(model, tokenizer, safety, s), "world_size": world_size()}
     for kind in s.kinds:
-        exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
+        exs = None
+        if kind == "empirical" or is_main():  # sampled responses: rank 0's, the same on every rank
+            exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
+        exs = broadcast_object(exs)
         entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}
+        if s.method != "lanczos":  # the examples whose per-sample gradients rank 0 computed (the others': gathered)
+            entry["rank_share"] = len(contiguous_shard(len(exs)))
         if s.method == "exact":
             res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, memory_budget=s.memory_budget,
                                template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
@@ -92,7 +105,8 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             entry["null_random"] = null_spectra(res, s.seed)
             entry.update(n_parameters=res.n_parameters, seconds=round(res.seconds, 3), passes=res.passes)
             sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
-            sub.save(out / f"subspace_{kind}")
+            if is_main():
+                sub.save(out / f"subspace_{kind}")
             entry["subspace_path"] = f"subspace_{kind}"
             del res, sub  # saved and summarised: not held beside the next pass (the plan assumes so)
             if s.shuffled_null:
@@ -108,7 +122,8 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
                                   method=s.projection, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
             entry["blocks"] = pf.stats(s.d_rule)
             entry.update(projection=s.projection, projection_dim=pf.k, seconds=round(pf.seconds, 3))
-            pf.save(out / f"projected_{kind}")
+            if is_main():
+                pf.save(out / f"projected_{kind}")
             entry["projected_path"] = f"projected_{kind}"
             del pf
         elif s.method == "lanczos":
@@ -118,13 +133,14 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
                 sub.eigenvalues, d=choose_d(sub.eigenvalues, s.d_rule), total=info["trace_estimate"]
             )
             entry.update(info)
-            sub.save(out / f"subspace_{kind}")
+            if is_main():
+                sub.save(out / f"subspace_{kind}")
             entry["subspace_path"] = f"subspace_{kind}"
             del sub
         else:
             raise UserError(f"--method must be exact, projected or lanczos, got {s.method!r}")
         payload["fisher"][kind] = entry
-    if s.representation and "empirical" in s.kinds:
+    if s.representation and "empirical" in s.kinds and is_main():
         from aligncollapse.geometry.representation import representation_structure
 
         payload["representation"] = representation_structure(model, tokenizer, safety, s.blocks, template=s.template,

@@ -15,6 +15,11 @@ of F, and eigenvectors lift as v_j = Gᵀ u_j / sqrt(N λ_j). When N·n·bytes e
 ``memory_budget`` the parameters are split into groups whose gradient slices fit, K is accumulated
 group by group, and eigenvectors are lifted in a second pass: memory O(N² + budget + n·k), never
 the N×n matrix.
+
+Under torchrun (:mod:`aligncollapse.distributed`) each rank computes the per-sample gradients of a
+contiguous block of the examples and the group's rows are gathered in rank order, so every rank
+forms the same K; the groups are then sized to half the budget (the gathered slice and the
+ranks' parts exist together).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aligncollapse import distributed
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.errors import UserError
@@ -104,6 +110,20 @@ def _groups(sizes: list[int], n_rows: int, itemsize: int, budget: int) -> list[l
     return groups
 
 
+def group_budget(memory_budget: int) -> int:
+    """The bytes one group's [N, n_group] slice may take: half the budget under torchrun, where the
+    gathered slice and the ranks' parts coexist."""
+    return memory_budget // 2 if distributed.is_distributed() else memory_budget
+
+
+def _rows(ps: PerSampleGradients, data: EncodedSet) -> torch.Tensor:
+    """G for ``ps``'s parameters over ``data``: under torchrun this rank's contiguous block of the
+    examples, gathered in rank order (the one-process matrix on every rank)."""
+    if not distributed.is_distributed():
+        return ps.matrix(data)
+    return distributed.all_gather_rows(ps.matrix(data.subset(list(distributed.contiguous_shard(len(data))))))
+
+
 def _lift(G: torch.Tensor, Uk: torch.Tensor, dtype, cols: int = 1 << 16) -> torch.Tensor:
     """Gᵀ U in ``dtype``, converting G a column slice at a time."""
     out = torch.empty(G.shape[1], Uk.shape[1], dtype=dtype, device=G.device)
@@ -137,7 +157,7 @@ def exact_fisher(
     names = list(params)
     sizes = [p.numel() for p in params.values()]
     itemsize = next(iter(params.values())).element_size()
-    groups = _groups(sizes, N, itemsize, memory_budget)
+    groups = _groups(sizes, N, itemsize, group_budget(memory_budget))
     dtype = torch.float64
     dev = next(iter(params.values())).device  # G's rows live there (PerSampleGradients.matrix)
     K = torch.zeros(N, N, dtype=dtype, device=dev)
@@ -147,7 +167,7 @@ def exact_fisher(
     for gi in groups:
         sub = OrderedDict((names[i], params[names[i]]) for i in gi)
         ps = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method)
-        G = ps.matrix(data)
+        G = _rows(ps, data)
         # Per-block Grams in float64, one block slice at a time (no float64 copy of G); K is their sum.
         for name, sl in ps.block_slices().items():
             Kb = torch.zeros(N, N, dtype=dtype, device=dev)
@@ -176,7 +196,7 @@ def exact_fisher(
         off = 0
         for gi in groups:
             sub = OrderedDict((names[i], params[names[i]]) for i in gi)
-            G = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method).matrix(data)
+            G = _rows(PerSampleGradients(model, sub, chunk_size=chunk_size, method=method), data)
             V[off : off + G.shape[1]] = _lift(G, Uk.to(dev), dtype, cols=1 << 13).cpu()
             off += G.shape[1]
             del G

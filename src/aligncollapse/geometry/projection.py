@@ -234,10 +234,15 @@ def projected_fisher(
     use_chat_template=None,
     max_length: int = 512,
 ) -> ProjectedFisher:
-    """Projected block-wise Fisher over the linear modules in ``selection``."""
+    """Projected block-wise Fisher over the linear modules in ``selection``. Under torchrun each rank
+    projects the gradients of a contiguous block of the examples and the k-dimensional rows are
+    gathered in rank order (N·k floats per block, the one-process result)."""
+    from aligncollapse.distributed import all_gather_rows, contiguous_shard
+
     t0 = time.perf_counter()
     weights = linear_weights(model, selection)
     data = EncodedSet(tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length)
+    data = data.subset(list(contiguous_shard(len(data))))
     projs: OrderedDict[str, RademacherProjector | KroneckerProjector] = OrderedDict()
     for n, w in weights.items():
         if method == "rademacher":
@@ -271,5 +276,5 @@ def projected_fisher(
             io.close()
             model.zero_grad(set_to_none=True)
             model.train(was)
-    blocks = OrderedDict((n, ProjectedBlock(n, projs[n], torch.cat(rows[n]))) for n in weights)
+    blocks = OrderedDict((n, ProjectedBlock(n, projs[n], all_gather_rows(torch.cat(rows[n])))) for n in weights)
     return ProjectedFisher(blocks, kind, blocks[next(iter(blocks))].projector.k, seed, method, time.perf_counter() - t0)
