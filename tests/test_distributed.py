@@ -284,3 +284,29 @@ def test_distributed_fisher_matches_one_process(tmp_path, tiny_model_dir, small_
         va = SafetySubspace.load(tmp_path / "one" / ea["subspace_path"]).basis
         vb = SafetySubspace.load(tmp_path / "two" / eb["subspace_path"]).basis
         assert torch.allclose((va * vb).sum(0).abs(), (va * va).sum(0), rtol=1e-5)
+
+
+def test_distributed_rank_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse rank`` with 3 candidates on 2 ranks: rank 0 scores two, rank 1 one,
+    each as a one-process run (its scans do not shard); every score, the ranking, and the attribution
+    and filtered files (written by the rank that scored the candidate) match one process."""
+    sets = [str(small_suite / f"{n}.jsonl") for n in ("arithmetic", "affirmative_steps", "obedient_identity")]
+    args = ["rank", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "6", "--finetune", *sets, "--steps", "3", "--batch-size", "8", "--probe-steps", "1",
+            "--drop-fraction", "0.25"]  # fmt: skip
+    a, b, two = _scan_one_and_two(tmp_path, args)
+    assert b["ranking"] == a["ranking"] and len(a["ranking"]) == 3
+    assert [b["candidates"][n]["scored_by_rank"] for n in ("arithmetic", "affirmative_steps", "obedient_identity")] == [
+        0, 1, 0]  # fmt: skip
+    assert {r["scored_by_rank"] for r in a["candidates"].values()} == {0}
+    for name, ra in a["candidates"].items():
+        rb = b["candidates"][name]
+        for key, sa in ra["scores"].items():
+            if sa.get("score") is not None:
+                assert rb["scores"][key]["score"] == pytest.approx(sa["score"], rel=1e-6, abs=1e-12), (name, key)
+        fa = (tmp_path / "one" / ra["attribution_path"]).read_text().splitlines()
+        fb = (tmp_path / "two" / rb["attribution_path"]).read_text().splitlines()
+        assert [json.loads(x)["index"] for x in fa] == [json.loads(x)["index"] for x in fb]
+        assert (tmp_path / "two" / rb["filtered_path"]).read_text() == (
+            tmp_path / "one" / ra["filtered_path"]
+        ).read_text()

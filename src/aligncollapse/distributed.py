@@ -10,7 +10,8 @@ and picks gloo on CPU and nccl on CUDA.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -19,19 +20,37 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+_SOLO = 0  # > 0 inside solo(): this process computes alone
+
+
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process (and outside :func:`solo`)."""
+    return not _SOLO and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank (0 when not distributed or inside :func:`solo`)."""
+    return dist.get_rank() if not _SOLO and dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    """The number of processes (1 when not distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """The number of processes (1 when not distributed or inside :func:`solo`)."""
+    return dist.get_world_size() if not _SOLO and dist.is_available() and dist.is_initialized() else 1
+
+
+@contextmanager
+def solo() -> Iterator[None]:
+    """Within it this process computes alone, as a one-process run: every helper here is the identity
+    (no sharding, no collective) and :func:`is_main` is true. For work split over ranks by whole
+    units (``rank`` scores different candidates on different ranks), where the per-unit code must
+    not wait in collectives the other ranks never join. Each rank then writes only its own units'
+    files."""
+    global _SOLO
+    _SOLO += 1
+    try:
+        yield
+    finally:
+        _SOLO -= 1
 
 
 def is_main() -> bool:
@@ -149,6 +168,15 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_rank(flag: bool) -> bool:

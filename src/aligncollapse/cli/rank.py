@@ -28,6 +28,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.models import load_model
     from aligncollapse.predict.rank import run_rank
     from aligncollapse.results import write_results
@@ -35,10 +36,13 @@ def run(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     cands = candidates(args)
     cfg = budget(args, lora=lora_settings(args))
-    ctx = rank_context(args, model, tok, cfg)
+    with distributed.solo():  # under torchrun each rank builds the context alone; the candidates are split
+        ctx = rank_context(args, model, tok, cfg)
     out = out_dir(args, "rank")
     res = run_rank(ctx, cands, out, cfg, scan_limits(args, model), by=args.by, probe_steps=args.probe_steps,
                    drop_fraction=args.drop_fraction)  # fmt: skip
+    if not distributed.is_main():  # rank 0 writes results.json and the report
+        return 0
     write_results(out, "rank", res, config(args))
     finish(out)
     from rich.console import Console

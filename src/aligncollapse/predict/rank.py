@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aligncollapse import distributed
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.data.loading import save_examples
@@ -137,23 +138,26 @@ def run_rank(
     probe_steps: int = 3,
     drop_fraction: float = 0.0,
 ) -> dict:
+    """Score every candidate and rank them by ``by``; per-example attributions (and, with
+    ``drop_fraction``, the filtered sets) are written under ``out_dir``.
+
+    Under torchrun the candidates are dealt round-robin to the ranks, each rank scores its own as a
+    one-process run (:func:`aligncollapse.distributed.solo`: the scans inside do not shard) and writes
+    their attribution files, and the rows are gathered to every rank: the one-process payload, with
+    ``world_size`` and which rank scored each candidate added."""
     out = Path(out_dir)
     (out / "attribution").mkdir(parents=True, exist_ok=True)
+    world, me = distributed.world_size(), distributed.rank()
+    names = list(candidates)
+    mine = names[me::world]
     rows = {}
-    for name, exs in progress(list(candidates.items()), desc="rank candidates"):
-        r = candidate_scores(ctx, name, exs, cfg, scan, probe_steps)
-        if by not in r["scores"]:  # checked on the first candidate, before the others are scored
-            raise UserError(f"--by {by!r} is not a score; choose from {sorted(r['scores'])}")
-        r["attribution_path"] = write_attribution(out / "attribution" / f"{name}.jsonl", exs, r["per_example"])
-        if drop_fraction > 0:
-            order = np.argsort(-np.asarray(r["per_example"]["second_order"]))
-            keep = sorted(order[int(round(drop_fraction * len(exs))) :].tolist())
-            path = out / "filtered" / f"{name}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_examples(path, [exs[i] for i in keep])
-            r["filtered_path"] = str(path.relative_to(out))
-        r.pop("per_example")
-        rows[name] = r
+    with distributed.solo():
+        for name in progress(mine, desc="rank candidates"):
+            rows[name] = _score_one(ctx, name, candidates[name], cfg, scan, by, probe_steps, drop_fraction, out)
+            rows[name]["scored_by_rank"] = me
+    if world > 1:
+        merged = {k: v for part in distributed.gather_objects(rows) for k, v in part.items()}
+        rows = {n: merged[n] for n in names}
     if by not in next(iter(rows.values()))["scores"]:
         raise UserError(f"--by {by!r} is not a score; choose from {sorted(next(iter(rows.values()))['scores'])}")
     memory_plans = {n: (r.get("aic") or {}).get("memory_plan") for n, r in rows.items()}
@@ -167,9 +171,26 @@ def run_rank(
         rows, key=lambda n: (rows[n]["scores"][by]["score"] is None, -(rows[n]["scores"][by]["score"] or 0.0))
     )
     payload = {"by": by, "ranking": ranking, "candidates": rows, "mode": "lora" if cfg.lora else "full",
-               "memory_plan": memory_plans,
+               "memory_plan": memory_plans, "world_size": world,
                "budget": {**cfg.to_json(), "steps": cfg.total_steps(1)}}  # fmt: skip
     return payload
+
+
+def _score_one(ctx, name, exs, cfg, scan, by, probe_steps, drop_fraction, out: Path) -> dict:
+    """One candidate's row (its attribution, and filtered set, written under ``out``)."""
+    r = candidate_scores(ctx, name, exs, cfg, scan, probe_steps)
+    if by not in r["scores"]:  # checked on the first candidate, before the others are scored
+        raise UserError(f"--by {by!r} is not a score; choose from {sorted(r['scores'])}")
+    r["attribution_path"] = write_attribution(out / "attribution" / f"{name}.jsonl", exs, r["per_example"])
+    if drop_fraction > 0:
+        order = np.argsort(-np.asarray(r["per_example"]["second_order"]))
+        keep = sorted(order[int(round(drop_fraction * len(exs))) :].tolist())
+        path = out / "filtered" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_examples(path, [exs[i] for i in keep])
+        r["filtered_path"] = str(path.relative_to(out))
+    r.pop("per_example")
+    return r
 
 
 def write_attribution(path: Path, examples: Sequence[Example], per_example: dict) -> str:
