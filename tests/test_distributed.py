@@ -310,3 +310,31 @@ def test_distributed_rank_matches_one_process(tmp_path, tiny_model_dir, small_su
         assert (tmp_path / "two" / rb["filtered_path"]).read_text() == (
             tmp_path / "one" / ra["filtered_path"]
         ).read_text()
+
+
+def test_distributed_validate_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse validate``: the scan's and checkpoints' operators split their batches,
+    the SGD fine-tuning is data parallel; the measured trajectory, the Fisher drift, the subspace
+    rotation and the exponent match one process."""
+    args = ["validate", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety",
+            str(small_suite / "safety.jsonl"), "--limit", "6", "--finetune", str(small_suite / "arithmetic.jsonl"),
+            "--max-d", "3", "--n-boot", "20", "--steps", "4", "--lr", "0.05", "--batch-size", "0",
+            "--sequence-kl", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert a["scan"]["world_size"] == 1 and b["scan"]["world_size"] == 2
+    for ra, rb in zip(a["comparison"], b["comparison"], strict=True):
+        assert rb["measured"] == pytest.approx(ra["measured"], rel=1e-6) and rb["forecast"] == pytest.approx(
+            ra["forecast"], rel=1e-4
+        )
+    for ra, rb in zip(a["drift"], b["drift"], strict=True):
+        assert rb["fisher_drift"] == pytest.approx(ra["fisher_drift"], rel=1e-5), ra["step"]
+    for ra, rb in zip(a["rotation"], b["rotation"], strict=True):
+        assert rb["subspace_rotation"] == pytest.approx(ra["subspace_rotation"], rel=1e-4, abs=1e-8)
+    assert b["exponent"]["exponent"] == pytest.approx(a["exponent"]["exponent"], rel=1e-5)
+    assert [r["sequence_kl"] for r in b["sequence_kl"]["rows"]] == pytest.approx(
+        [r["sequence_kl"] for r in a["sequence_kl"]["rows"]], rel=1e-6)  # fmt: skip
+    assert a["comparison"][-1]["measured"] > 0  # the model moved: not a comparison of two idle runs

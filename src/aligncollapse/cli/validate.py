@@ -27,6 +27,7 @@ def register(sub, scan_parser) -> None:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.models import load_model
     from aligncollapse.results import write_results
     from aligncollapse.scan.validate import run_validate
@@ -42,6 +43,8 @@ def run(args) -> int:
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "validate")
     res = run_validate(model, tok, safety, finetune, out, s, label=args.finetune, sequence_kl_samples=args.sequence_kl)
+    if not distributed.is_main():  # under torchrun the other ranks only compute
+        return 0
     write_results(out, "validate", res, config(args))
     finish(out)
     ex = res["exponent"] or {}

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aligncollapse.distributed import barrier
 from aligncollapse.geometry.curvature import CurvatureOperator, GGNOperator, top_eigenpairs
 from aligncollapse.geometry.subspace import SafetySubspace
 from aligncollapse.scan.aic import ScanSettings, reference_data
@@ -67,11 +68,15 @@ def run_validate(
 ) -> dict:
     """Scan, fine-tune with tracking, compare. With ``sequence_kl_samples`` > 0, Lemma 3.2's
     sequence-level KL (Monte Carlo, :class:`SequenceKL` sampled once at θ*) is measured at the
-    checkpoints next to the greedy-path Δu the forecast is about (``sequence_kl``)."""
+    checkpoints next to the greedy-path Δu the forecast is about (``sequence_kl``).
+
+    Under torchrun every rank runs this: the scan's and the checkpoints' operators split their batches
+    over the ranks, and the fine-tuning is data parallel (each rank in its own temporary directory)."""
     from aligncollapse.evaluation.metrics import SequenceKL
 
     out = Path(out_dir)
     scan = run_scan(model, tokenizer, safety, finetune_set, out / "scan", s, label)
+    barrier()  # under torchrun rank 0 wrote the subspace every rank reads
     Bd = SafetySubspace.load(out / "scan" / "subspace").basis
     lam = torch.tensor(scan["eigenvalues"][: scan["d"]], dtype=torch.float64)
     params = s.blocks.select(model)
