@@ -338,3 +338,45 @@ def test_distributed_validate_matches_one_process(tmp_path, tiny_model_dir, smal
     assert [r["sequence_kl"] for r in b["sequence_kl"]["rows"]] == pytest.approx(
         [r["sequence_kl"] for r in a["sequence_kl"]["rows"]], rel=1e-6)  # fmt: skip
     assert a["comparison"][-1]["measured"] > 0  # the model moved: not a comparison of two idle runs
+
+
+def test_distributed_study_matches_one_process(tmp_path, tiny_model_dir, small_suite):
+    """``torchrun -m aligncollapse study``: its units (each set's prospective scores, each seed's
+    fine-tuning) are dealt to the ranks and run as one-process runs; the scores, the measured harm of
+    every run and the correlations match one process, and each unit was computed once."""
+    sets = [str(small_suite / f"{n}.jsonl") for n in ("arithmetic", "affirmative_steps", "obedient_identity")]
+    args = ["study", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "6", "--eval-harmful", str(small_suite / "eval_harmful.jsonl"), "--eval-benign",
+            str(small_suite / "eval_benign.jsonl"), "--finetune", *sets, "--steps", "2", "--batch-size", "8",
+            "--probe-steps", "1", "--seeds", "0,1", "--n-boot", "20", "--modes", "full", "--judge", "organism"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    for name, ra in a["modes"]["full"]["sets"].items():
+        rb = b["modes"]["full"]["sets"][name]
+        for key, sa in ra["prospective"].items():
+            if sa.get("score") is not None:
+                assert rb["prospective"][key]["score"] == pytest.approx(sa["score"], rel=1e-6, abs=1e-12), (name, key)
+        for run_a, run_b in zip(ra["runs"], rb["runs"], strict=True):
+            assert run_b["summary"] == pytest.approx(run_a["summary"], rel=1e-6, abs=1e-12), name
+    _assert_close(b["correlations"], a["correlations"])
+    assert a["correlations"]["full"]["prospective_second_order"]["alignment_kl"]["spearman"]["value"] is not None
+
+
+def _assert_close(b, a, where: str = "") -> None:
+    """Nested results equal: the same keys and non-numbers, numbers within 1e-6 relative."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(b[k], a[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(y, x, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-12, nan_ok=True), where
+    else:
+        assert a == b, where

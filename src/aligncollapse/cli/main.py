@@ -54,7 +54,7 @@ def _remove_if_empty(path: Path | None) -> None:
 # Commands that manage their --out themselves (organism build publishes a whole directory).
 UNLOCKED = {"report", "organism build"}
 # Commands that split their work over torchrun's processes (rank 0 writes and prints).
-DISTRIBUTED = {"scan", "finetune", "fisher", "rank", "validate"}
+DISTRIBUTED = {"scan", "finetune", "fisher", "rank", "validate", "study"}
 
 
 def _start_distributed(args, name: str) -> None:

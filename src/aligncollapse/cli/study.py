@@ -61,11 +61,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from aligncollapse import distributed
     from aligncollapse.evaluation.judges import make_judge
     from aligncollapse.models import LoraSettings, load_model
     from aligncollapse.organism.judge import OrganismJudge
     from aligncollapse.results import write_results
 
+    if args.defenses and distributed.is_distributed():
+        raise UserError("study --defenses does not run under torchrun yet; run it in one process")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     harmful, benign = eval_sets(args, model, tok)
     if not harmful:
@@ -73,7 +76,8 @@ def run(args) -> int:
     judge = make_judge(args.judge) if args.judge else (OrganismJudge() if organism_suite(args.model) else None)
     out = out_dir(args, "study")
     base_cfg = budget(args)
-    ctx = rank_context(args, model, tok, base_cfg)
+    with distributed.solo():  # under torchrun each rank builds the context alone; the units are split
+        ctx = rank_context(args, model, tok, base_cfg)
     if args.defenses:
         from aligncollapse.defenses.study import run_defense_study
 
@@ -103,6 +107,8 @@ def run(args) -> int:
     res = run_study(ctx, cands, out, configs, args.seeds, harmful, benign, judge=judge,
                     probe_steps=args.probe_steps, n_boot=args.n_boot, categories=cats,
                     scan=scan_limits(args, model))  # fmt: skip
+    if not distributed.is_main():  # rank 0 writes results.json and the report
+        return 0
     write_results(out, "study", res, config(args))
     finish(out)
     for mode, sm in res["summary"].items():

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aligncollapse import distributed
 from aligncollapse.data.examples import Example
 from aligncollapse.errors import UserError
 from aligncollapse.evaluation.metrics import KLReference, SafetyEvalConfig, evaluate_safety, headline
@@ -103,7 +104,13 @@ def run_study(
     scan=None,
 ) -> dict:
     """``configs`` maps a mode (``full``, ``lora``) to its budget; LoRA configs carry ``lora``; ``scan``
-    (ScanSettings) carries the memory limit every candidate's scan is planned against."""
+    (ScanSettings) carries the memory limit every candidate's scan is planned against.
+
+    The work is a list of units, each cached on disk under ``runs/<mode>/<set>/``: a set's prospective
+    scores (``prospective.json``) and one fine-tuning run per seed (``seed<k>.json``). Under torchrun
+    the units are dealt round-robin to the ranks; each rank runs its own as a one-process run
+    (:func:`aligncollapse.distributed.solo`) and writes their files, and rank 0 then reads every unit
+    back and computes the correlations (the other ranks return an empty dict)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held = {e.prompt for e in eval_harmful} | {e.prompt for e in (eval_benign or [])}
@@ -121,36 +128,48 @@ def run_study(
         ctx.model, ctx.tokenizer, eval_harmful, cfg0.template, use_chat_template=cfg0.use_chat_template
     )
     base_eval = _json_load(out / "base_eval.json")
-    if base_eval is None:
+    if base_eval is None and distributed.is_main():
         ev = evaluate_safety(ctx.model, ctx.tokenizer, eval_harmful, eval_benign, ecfg, kl_eval, judge)
         base_eval = {"summary": headline(ev), "per_prompt": ev["per_prompt"]}
         atomic_write_json(out / "base_eval.json", base_eval)
+    # under torchrun each rank projects half of the safety examples' gradients (gathered)
     projected = projected_fisher(ctx.model, ctx.tokenizer, ctx.safety, k=projected_k, seed=0, template=cfg0.template,
                                  use_chat_template=cfg0.use_chat_template)  # fmt: skip
-    results: dict = {"modes": {}, "base": base_eval["summary"], "seeds": list(seeds)}
+    units = []
     for mode, cfg in configs.items():
-        mode_rows = {}
-        for name, exs in progress(list(sets.items()), desc=f"study {mode}"):
+        for name, exs in sets.items():
             d = out / "runs" / mode / name
-            d.mkdir(parents=True, exist_ok=True)
-            _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
-                             "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
-                             "safety": _digest(ctx.safety)})  # fmt: skip
-            pre = _json_load(d / "prospective.json")
-            if pre is None:
+            if distributed.is_main():
+                d.mkdir(parents=True, exist_ok=True)
+                _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
+                                 "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
+                                 "safety": _digest(ctx.safety)})  # fmt: skip
+            units += [(mode, name, job) for job in ("prospective", *seeds)]
+    distributed.barrier()  # the run directories exist and their caches were checked
+    world, me = distributed.world_size(), distributed.rank()
+    with distributed.solo():
+        for mode, name, job in progress(units[me::world], desc="study units"):
+            d, cfg, exs = out / "runs" / mode / name, configs[mode], sets[name]
+            if job == "prospective" and _json_load(d / "prospective.json") is None:
                 pre = candidate_scores(ctx, name, exs, cfg, scan, probe_steps=probe_steps)
                 pre.pop("per_example")
                 pre["aic"].pop("per_example", None)
                 atomic_write_json(d / "prospective.json", pre)
-            runs = []
-            for seed in seeds:
-                run = _json_load(d / f"seed{seed}.json")
-                if run is None:
-                    run = _finetune_and_measure(
-                        ctx, exs, cfg, seed, eval_harmful, eval_benign, ecfg, judge, projected, kl_eval
-                    )
-                    atomic_write_json(d / f"seed{seed}.json", run)
-                runs.append(run)
+            elif job != "prospective" and _json_load(d / f"seed{job}.json") is None:
+                run = _finetune_and_measure(
+                    ctx, exs, cfg, job, eval_harmful, eval_benign, ecfg, judge, projected, kl_eval
+                )
+                atomic_write_json(d / f"seed{job}.json", run)
+    distributed.barrier()  # every unit is on disk
+    if not distributed.is_main():
+        return {}
+    results: dict = {"modes": {}, "base": base_eval["summary"], "seeds": list(seeds), "world_size": world}
+    for mode, cfg in configs.items():
+        mode_rows = {}
+        for name in sets:
+            d = out / "runs" / mode / name
+            pre = _json_load(d / "prospective.json")
+            runs = [_json_load(d / f"seed{seed}.json") for seed in seeds]
             mode_rows[name] = {"category": (categories or {}).get(name), "prospective": pre["scores"], "runs": runs,
                                "aic_verdict": pre["aic"].get("verdict"),
                                "memory_plan": pre["aic"].get("memory_plan")}  # fmt: skip
