@@ -230,12 +230,12 @@ def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_su
 
 @pytest.mark.parametrize("case", ["defense", "one-example"])
 def test_finetune_refusals_under_torchrun(tmp_path, tiny_model_dir, small_suite, case):
-    """--defense, and a step batch smaller than the number of processes (a rank would get no
-    example and the others would wait for it), stop every rank with one line before any step."""
+    """--defense with --fsdp, and a step batch smaller than the number of processes (a rank would get
+    no example and the others would wait for it), stop every rank with one line before any step."""
     args = _finetune_args(tiny_model_dir, small_suite, 2)
     if case == "defense":
-        args += ["--defense", "ogd"]
-        want = "error: --defense does not run under torchrun"
+        args += ["--defense", "ogd", "--fsdp"]
+        want = "error: --defense does not run with --fsdp"
     else:
         one = tmp_path / "one.jsonl"
         one.write_text((small_suite / "arithmetic.jsonl").read_text().splitlines()[0] + "\n")
@@ -380,3 +380,32 @@ def _assert_close(b, a, where: str = "") -> None:
         assert b == pytest.approx(a, rel=1e-6, abs=1e-12, nan_ok=True), where
     else:
         assert a == b, where
+
+
+@pytest.mark.parametrize(
+    "spec", ["project-tracking:d=4,refresh_every=2", "project-static:d=4,samples=2", "curvature:d=4"]
+)
+def test_distributed_defended_finetune_matches_one_process(tmp_path, tiny_model_dir, small_suite, spec):
+    """Defended fine-tuning under torchrun (DDP): the defense's setup splits its products (Lanczos) or
+    its factors (samples=) over the ranks; every rank applies the same projection or curvature step to
+    the same averaged gradient; the trajectory, the defense's counters and the weights match one
+    process."""
+    args = [*_finetune_args(tiny_model_dir, small_suite, 3), "--safety", str(small_suite / "safety.jsonl"),
+            "--defense", spec]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "trajectory.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "trajectory.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ("ft_loss", "alignment_kl", "displacement"):
+            if key in ra:  # step 0 has no fine-tuning loss
+                assert rb[key] == pytest.approx(ra[key], rel=1e-7, abs=1e-12), (ra["step"], key)
+    da = json.loads((tmp_path / "one" / "results.json").read_text())["defense"]
+    db = json.loads((tmp_path / "two" / "results.json").read_text())["defense"]
+    _assert_close({k: v for k, v in db.items() if "seconds" not in k}, {k: v for k, v in da.items() if "seconds" not in k})
+    assert any(isinstance(v, (int, float)) and v > 0 for k, v in da.items() if "removed" in k or "norm" in k), da
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in wa:
+        assert _rel(wb[name], wa[name]) < 1e-7, name

@@ -66,8 +66,8 @@ def run(args) -> int:
     from aligncollapse.models import LoraSettings, load_model
     from aligncollapse.training.finetune import FinetuneConfig, finetune
 
-    if args.defense and distributed.is_distributed():
-        raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
+    if args.defense and args.fsdp:
+        raise UserError("--defense does not run with --fsdp yet: drop --fsdp (data parallel) or run in one process")
     # --fsdp: the model is loaded on the host and moves to the device one shard at a time (it need not
     # fit one device whole)
     sharded = args.fsdp and distributed.is_distributed()

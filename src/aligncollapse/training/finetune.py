@@ -296,8 +296,8 @@ def finetune(
     if total > 10**9:
         raise UserError(f"the budget is {total:,} steps; give --steps or a smaller --epochs")
     world, main = distributed.world_size(), distributed.is_main()
-    if world > 1 and defense is not None:
-        raise UserError("--defense does not run under torchrun yet; run defended fine-tuning in one process")
+    if cfg.fsdp and defense is not None:
+        raise UserError("--defense does not run with --fsdp yet: drop --fsdp (data parallel) or run in one process")
     if cfg.fsdp and world == 1:
         raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
                         "this is one process: drop --fsdp")  # fmt: skip
