@@ -106,8 +106,9 @@ def main() -> None:
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         t0 = time.perf_counter()
-        res = finetune(model, tok, train, tempfile.mkdtemp(), cfg, resume=False, save_model=False, final_eval=False,
-                       defense=defense, memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
+        with tempfile.TemporaryDirectory() as run_dir:  # its final checkpoint holds the whole model: not kept
+            res = finetune(model, tok, train, run_dir, cfg, resume=False, save_model=False, final_eval=False,
+                           defense=defense, memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
         wall = time.perf_counter() - t0
         done.set()
         th.join()

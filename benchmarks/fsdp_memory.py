@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def launch(model: Path, suite: Path, out: Path, a, fsdp: bool) -> dict:
     planned = plan["peak_bytes"] + plan.get("runtime_bytes", 0)
     return {"mode": "fsdp" if fsdp else "ddp", "peak_rss_bytes": peak, "planned_bytes": planned,
             "planned_tensor_bytes": plan["peak_bytes"], "runtime_bytes": plan.get("runtime_bytes", 0),
+            "plan_stages": plan["stages"], "fsdp": res.get("fsdp"),
             "planned_over_measured": round(planned / peak, 3), "seconds": round(seconds, 1),
             "final_ft_loss": res["final_ft_loss"], "parallel": res.get("parallel")}  # fmt: skip
 
@@ -74,16 +76,24 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
 
+    sys.path.insert(0, str(ROOT / "src"))
+
+    work = Path(tempfile.mkdtemp(prefix="fsdp_memory_"))
+    try:
+        run(a, work)
+    finally:
+        shutil.rmtree(work)  # two saved models and their checkpoints
+
+
+def run(a, work: Path) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "src"))
     from aligncollapse.organism import corpus
     from aligncollapse.organism.suite import write_suite
     from aligncollapse.organism.tokenizer import build_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="fsdp_memory_"))
     suite = work / "suite"
     write_suite(suite, seed=0, size=16, version=1)
     tok = build_tokenizer(corpus.all_words(0))

@@ -103,9 +103,10 @@ def main() -> None:
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         t0 = time.perf_counter()
-        res = tracked("train", run_finetune)(model.train(), tok, finetune, tempfile.mkdtemp(), cfg, resume=False,
-                                            save_model=False, final_eval=False, defense=defense,
-                                            memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
+        with tempfile.TemporaryDirectory() as run_dir:  # its final checkpoint holds the whole model: not kept
+            res = tracked("train", run_finetune)(model.train(), tok, finetune, run_dir, cfg, resume=False,
+                                                save_model=False, final_eval=False, defense=defense,
+                                                memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
         done.set()
         th.join()
         _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
@@ -129,7 +130,8 @@ def main() -> None:
         method = "projected" if a.fisher in ("kronecker", "rademacher") else a.fisher
         fs = FisherSettings(kinds=("sampled", "empirical"), method=method, projection=a.fisher if method == "projected" else "rademacher",
                             top_k=8, memory_budget=int(a.memory_budget * 2**30))  # fmt: skip
-        res = run_fisher(model, tok, safety, tempfile.mkdtemp(), fs)
+        with tempfile.TemporaryDirectory() as run_dir:
+            res = run_fisher(model, tok, safety, run_dir, fs)
         done.set()
         th.join()
         _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total, f"N={len(safety)} safety examples", t0)

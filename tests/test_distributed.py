@@ -188,26 +188,30 @@ def test_distributed_finetune_matches_one_process(tmp_path, tiny_model_dir, smal
     assert res["config"]["finetune"].get("fsdp", False) == launcher.endswith("fsdp")
     assert res["parallel"] == ("fsdp" if launcher.endswith("fsdp") else "ddp")
     assert res["memory_plan"]["inputs"].get("shards", 1) == (2 if launcher.endswith("fsdp") else 1)
+    if launcher.endswith("fsdp"):  # rank 0 held about half of every parameter (FSDP pads dim 0 to a multiple of 2)
+        f = res["fsdp"]
+        assert f["units"] == 2 and f["parameters"] // 2 <= f["parameters_on_this_rank"] <= f["parameters"] // 2 + 64
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert wa.keys() == wb.keys()
     for name in wa:  # AdamW's g/√v amplifies rounding where g ≈ 0 (q, k at random init): 1.5e-9 measured
         assert _rel(wb[name], wa[name]) < 1e-7, name
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_suite, fsdp):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-full"])
+def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_suite, mode):
     """Under torchrun, 2 steps then a resumed run to 4 give the uninterrupted 4-step run's weights
     bit for bit (every rank restores rank 0's checkpoint; the RNG is a function of (seed, step, rank)).
-    With --fsdp (LoRA adapters sharded) the checkpoint holds the gathered full tensors and the
-    optimiser state by parameter name, and each rank takes its shard back."""
-    extra = ["--fsdp"] if fsdp else []
-    straight = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 4), "--lora", "--lora-r",
-                         "2", "--lora-dropout", "0.2", *extra, "--out", str(tmp_path / "straight"), timeout=300)  # fmt: skip
+    With --fsdp (LoRA adapters, or every parameter, sharded) the checkpoint holds the gathered full
+    tensors and the optimiser state by parameter name, and each rank takes its shard back; the
+    tracker's forward before the restore must leave the root unit sharded."""
+    extra = [] if mode == "fsdp-full" else ["--lora", "--lora-r", "2", "--lora-dropout", "0.2"]
+    extra += ["--fsdp"] if mode.startswith("fsdp") else []
+    straight = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, 4), *extra, "--out",
+                         str(tmp_path / "straight"), timeout=300)  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-2000:]
     for steps in (2, 4):
-        split = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, steps), "--lora",
-                          "--lora-r", "2", "--lora-dropout", "0.2", *extra, "--out", str(tmp_path / "split"),
-                          timeout=300)  # fmt: skip
+        split = _torchrun("-m", "aligncollapse", *_finetune_args(tiny_model_dir, small_suite, steps), *extra, "--out",
+                          str(tmp_path / "split"), timeout=300)  # fmt: skip
         assert split.returncode == 0, split.stderr[-2000:]
     a = (tmp_path / "straight" / "trajectory.jsonl").read_text()
     b = (tmp_path / "split" / "trajectory.jsonl").read_text()
@@ -216,12 +220,15 @@ def test_distributed_finetune_resumes_exactly(tmp_path, tiny_model_dir, small_su
     ]
     from safetensors.torch import load_file
 
-    wa = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
-    wb = load_file(tmp_path / "split" / "model" / "adapter_model.safetensors")
+    file = "model.safetensors" if mode == "fsdp-full" else "adapter_model.safetensors"
+    wa = load_file(tmp_path / "straight" / "model" / file)
+    wb = load_file(tmp_path / "split" / "model" / file)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert any(float(v.abs().max()) > 0 for k, v in wa.items() if "lora_B" in k)  # the adapters trained
+    if mode != "fsdp-full":
+        assert any(float(v.abs().max()) > 0 for k, v in wa.items() if "lora_B" in k)  # the adapters trained
     state = torch.load(tmp_path / "split" / "checkpoint" / "state.pt", weights_only=True)
-    if fsdp:  # the optimiser state is keyed by parameter name, the moments whole (not one rank's half)
+    # the optimiser state is keyed by parameter name, the moments whole (not one rank's half)
+    if mode.startswith("fsdp"):
         moments = state["optimizer"]["state"]
         assert set(moments) == set(state["params"]) and all(
             moments[k]["exp_avg"].shape == state["params"][k].shape for k in moments
@@ -404,8 +411,17 @@ def test_distributed_defended_finetune_matches_one_process(tmp_path, tiny_model_
                 assert rb[key] == pytest.approx(ra[key], rel=1e-7, abs=1e-12), (ra["step"], key)
     da = json.loads((tmp_path / "one" / "results.json").read_text())["defense"]
     db = json.loads((tmp_path / "two" / "results.json").read_text())["defense"]
-    _assert_close({k: v for k, v in db.items() if "seconds" not in k}, {k: v for k, v in da.items() if "seconds" not in k})
+    _assert_close(
+        {k: v for k, v in db.items() if "seconds" not in k}, {k: v for k, v in da.items() if "seconds" not in k}
+    )
     assert any(isinstance(v, (int, float)) and v > 0 for k, v in da.items() if "removed" in k or "norm" in k), da
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in wa:
         assert _rel(wb[name], wa[name]) < 1e-7, name
+
+
+def test_fsdp_in_one_process_is_refused(tmp_path, tiny_model_dir, small_suite, capsys):
+    """--fsdp without torchrun stops with one line before the model is loaded."""
+    code = main([*_finetune_args(tiny_model_dir, small_suite, 2), "--fsdp", "--out", str(tmp_path / "f")])
+    assert code == 2 and "drop --fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "f" / "trajectory.jsonl").exists()

@@ -213,9 +213,25 @@ def shard_model(model, device: str | torch.device | None = None):
     for block in fsdp_blocks(model):
         fully_shard(block, mesh=mesh)
     # The root unit is the transformers model itself, also inside a peft wrapper: peft's generate calls
-    # the inner model directly, past the wrapper's own forward (and an FSDP root's hooks there).
-    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model, mesh=mesh)
+    # the inner model directly, past the wrapper's own forward (and an FSDP root's hooks there). It
+    # reshards after every forward: FSDP2 keeps a root whole after a forward with no backward (the
+    # tracker's and the evaluation's), and its parameters would then not be the optimiser's shards.
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
     return model
+
+
+def shard_counts(model) -> dict:
+    """How a sharded model is spread: its FSDP units, its parameters, and those this rank holds."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return {
+        "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+        "parameters": sum(p.numel() for p in params),
+        "parameters_on_this_rank": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+    }
 
 
 def fsdp_blocks(model) -> list:
@@ -248,17 +264,18 @@ def full(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_state(model, opt=None, names=None) -> tuple[dict, dict | None]:
+def full_state(model, opt=None, trainable_only: bool = False) -> tuple[dict, dict | None]:
     """(parameters, optimiser state) of a sharded model as full tensors on rank 0's host, keyed by
-    parameter name; other ranks get empty dicts. A collective: every rank must call it. ``names``
-    (optional) keeps only those parameters. Memory on rank 0: the full tensors, in host memory."""
+    parameter name; other ranks get empty dicts. A collective: every rank must call it.
+    ``trainable_only``: the frozen parameters (a LoRA base model) are not gathered. Memory on rank 0:
+    the full tensors gathered, in host memory."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
     if state:  # tied parameters (a tied LM head) come back as copies: share them again, as the model does
         first: dict[int, str] = {}
@@ -266,8 +283,6 @@ def full_state(model, opt=None, names=None) -> tuple[dict, dict | None]:
             if id(p) in first and name in state and first[id(p)] in state:
                 state[name] = state[first[id(p)]]
             first.setdefault(id(p), name)
-    if names is not None:
-        state = {k: v for k, v in state.items() if k in names}
     optim = get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
     return state, optim
 

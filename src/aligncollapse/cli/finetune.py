@@ -66,6 +66,9 @@ def run(args) -> int:
     from aligncollapse.models import LoraSettings, load_model
     from aligncollapse.training.finetune import FinetuneConfig, finetune
 
+    if args.fsdp and not distributed.is_distributed():  # before the model is loaded whole onto one device
+        raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
+                        "this is one process: drop --fsdp")  # fmt: skip
     if args.defense and args.fsdp:
         raise UserError("--defense does not run with --fsdp yet: drop --fsdp (data parallel) or run in one process")
     # --fsdp: the model is loaded on the host and moves to the device one shard at a time (it need not
@@ -119,6 +122,7 @@ def run(args) -> int:
             defense,
             harmful,
             *memory_limit(args.max_memory, args.device if sharded else next(model.parameters()).device),
+            device=args.device if sharded else None,
         ),
         shard_device=args.device if sharded else None,
     )
@@ -129,12 +133,15 @@ def run(args) -> int:
     return 0
 
 
-def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | None = None):
+def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | None = None, device: str | None = None):
     """``finetune``'s ``memory_plan`` hook: the plan of :func:`aligncollapse.geometry.memory.finetune_memory_plan`
-    with the defense's terms, logged one line per stage and checked against ``limit`` bytes."""
+    with the defense's terms, logged one line per stage and checked against ``limit`` bytes. ``device``:
+    where the model will run when it is not there yet (``--fsdp`` loads it on the host first)."""
 
     def plan(model, data) -> dict:
         from collections import OrderedDict
+
+        import torch
 
         from aligncollapse import distributed
         from aligncollapse.geometry.memory import finetune_memory_plan, log_and_check, model_shape, runtime_bytes
@@ -143,6 +150,7 @@ def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | No
         shape = model_shape(model, params)
         seq = max(len(it.input_ids) for it in data.items)
         terms = defense.memory_terms(model, shape, seq) if defense is not None else None
+        accelerator = torch.device(device or next(model.parameters()).device).type != "cpu"
         shards, block, root = 1, 0, 0
         if cfg.fsdp and distributed.world_size() > 1:
             blocks = distributed.fsdp_blocks(model)
@@ -152,10 +160,10 @@ def memory_planner(cfg, defense, eval_harmful, limit: int | None, flag: str | No
             shape, batch_size=min(cfg.batch_size, len(data)), seq_len=seq, optimizer=cfg.optimizer,
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, snapshot=bool(defense and defense.wants_update),
             eval_tokens=33 * len(eval_harmful or []), defense=terms,
-            accelerator=next(model.parameters()).device.type != "cpu", shards=shards, block_numel=block, root_numel=root,
+            accelerator=accelerator, shards=shards, block_numel=block, root_numel=root,
             ddp=distributed.world_size() > 1 and shards == 1,
         )  # fmt: skip
-        p["runtime_bytes"] = runtime_bytes(model)
+        p["runtime_bytes"] = 0 if accelerator else runtime_bytes(model)  # host memory is not the device's
         return log_and_check(p, limit, flag, hint="--lora, a smaller --batch-size, or the defense's samples=, "
                              "first_layer=, last_layer= or modules= options")  # fmt: skip
 

@@ -213,9 +213,12 @@ def finetune_memory_plan(
 
     * train (w > 1)  (W + n·b + o·n·b + n·b [Trk])/w + tokens·V·4 [Trk] + 2·(root + 2·block)·b
                      + max(act(⌈B/w⌉), o'·n·b/w)
-    * checkpoint     the train stage's shards + max((1 + o)·n·b, W) on rank 0: the full trainable
-                     weights and optimiser state a checkpoint gathers (or the full weights the final
-                     save gathers) in host memory; on an ``accelerator`` that part is ``host_bytes``
+    * checkpoint     the train stage's shards + max((1 + o)·n·b, S) on rank 0: the full trainable
+                     weights and optimiser state a checkpoint gathers, or what the final save gathers
+                     (S = W for full fine-tuning, n·b for LoRA's adapter), in host memory
+
+    On an ``accelerator`` the host-side parts (the gathered copy, the KL reference's cached
+    log-probabilities tokens·V·4) are left out of the device stages and recorded as ``host_bytes``.
 
     Data parallel (``ddp``, w > 1 unsharded ranks): the train stage adds DDP's gradient buckets, n·b.
     """
@@ -228,11 +231,14 @@ def finetune_memory_plan(
     d = defense or {}
     if shards > 1:
         w = shards
-        tracker = eval_tokens * s.vocab * 4 + n * b // w if eval_tokens else 0  # always cached under FSDP
+        cache = eval_tokens * s.vocab * 4  # the KL reference's log-probabilities: always cached under FSDP
+        host_side = cache if accelerator else 0
+        tracker = cache - host_side + n * b // w if eval_tokens else 0
         unsharded = 2 * (root_numel + 2 * block_numel) * b
         act = activation_bytes(s, -(-batch_size // w), T)
         resident = (W + n * b + state) // w + tracker
-        gathered = max(n * b + state, W)  # rank 0's full copy for a checkpoint or the final save
+        # rank 0's full copy for a checkpoint, or for the final save (the adapter alone for LoRA)
+        gathered = max(n * b + state, W if n == s.n_total else n * b)
         stages = {
             "train": resident + unsharded + max(act, temp // w),
             "checkpoint": resident + (0 if accelerator else gathered),
@@ -246,7 +252,7 @@ def finetune_memory_plan(
         }  # fmt: skip
     host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
     if shards > 1 and accelerator:
-        host = gathered
+        host = gathered + host_side
     if defense is not None:
         stages["defense_setup"] = W + d.get("setup", 0) - host
     inputs = {**asdict(s), "T": T, "batch_size": batch_size, "optimizer": optimizer, "snapshot": snapshot,

@@ -107,8 +107,9 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: FinetuneConfig, d
     is a collective that every rank calls: the full tensors are gathered to rank 0, which writes them
     (the optimiser state keyed by parameter name), so any number of ranks can resume it."""
     if distributed.is_sharded(model):
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        params, optim = distributed.full_state(model, opt, names)
+        params, optim = distributed.full_state(model, opt, trainable_only=True)
+        names = {n for n, p in model.named_parameters() if p.requires_grad}  # a tied head once, as the model has it
+        params = {k: v for k, v in params.items() if k in names}
         if not distributed.is_main():
             return
     else:
@@ -154,7 +155,8 @@ def load_checkpoint(
     saved = {k: v for k, v in state["config"].items() if k not in skip}
     now = {k: v for k, v in json.loads(json.dumps(cfg.to_json())).items() if k not in skip}
     if saved != now:
-        raise UserError(f"{path}: checkpoint was made with a different configuration; use a new --out or --no-resume")
+        raise UserError(f"{path}: checkpoint was made with a different configuration ({_differing(saved, now)}); "
+                        "use a new --out or --no-resume")  # fmt: skip
     if state.get("data_digest", "") != data_digest:
         raise UserError(
             f"{path}: checkpoint was made with other training or evaluation data; use a new --out or --no-resume"
@@ -213,12 +215,22 @@ def _finished(out: Path, cfg: FinetuneConfig, data_digest: str) -> dict | None:
     now = json.loads(json.dumps(cfg.to_json()))
     budget = ("steps", "epochs", "checkpoint_every", "checkpoint_minutes")
     if {k: v for k, v in was.items() if k not in budget} != {k: v for k, v in now.items() if k not in budget}:
-        raise UserError(f"{out} holds a finished run with another configuration; use a new --out or --no-resume")
+        diff = _differing(
+            {k: v for k, v in was.items() if k not in budget}, {k: v for k, v in now.items() if k not in budget}
+        )
+        raise UserError(
+            f"{out} holds a finished run with another configuration ({diff}); use a new --out or --no-resume"
+        )
     if saved.get("data_digest") != data_digest:
         raise UserError(f"{out} holds a finished run on other data; use a new --out or --no-resume")
     if (was.get("steps"), was.get("epochs")) != (now.get("steps"), now.get("epochs")):
         return None  # another budget: continue from the checkpoint (a shorter one is refused there)
     return saved
+
+
+def _differing(a: dict, b: dict) -> str:
+    """The settings two configurations disagree on, for an error message (e.g. ``fsdp, lr``)."""
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
 
 
 def data_digest(train: Sequence[Example], eval_harmful: Sequence[Example] | None) -> str:
@@ -309,13 +321,15 @@ def finetune(
     plan = memory_plan(model, data) if memory_plan is not None else None
     if main:
         if not resume and (out / "checkpoint").exists():
-            for name in ("state.pt", "initial.pt", "state.tmp"):  # only the files this tool writes there
+            # only the files this tool writes (or wrote: initial.pt, before the tracker was built
+            # ahead of the restore) there
+            for name in ("state.pt", "initial.pt", "state.tmp"):
                 (out / "checkpoint" / name).unlink(missing_ok=True)
-        save_initial(model, out)
-    distributed.barrier()  # the other ranks read what rank 0 kept or wrote
+    distributed.barrier()  # the other ranks read what rank 0 kept
     sharded = cfg.fsdp
     if sharded:
         model = distributed.shard_model(model, shard_device)  # each rank now holds 1/world of every parameter
+        fsdp_info = {**distributed.shard_counts(model), "rank": distributed.rank()}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     if defense is not None:
@@ -434,14 +448,16 @@ def finetune(
     if world > 1:
         payload["world_size"] = world
         payload["parallel"] = "fsdp" if sharded else "ddp"
+        if sharded:
+            payload["fsdp"] = fsdp_info
     if plan is not None:
         payload["memory_plan"] = plan
     if defense is not None:
         payload["defense"] = defense.info()
     full_weights, ev = None, None
     if status == "completed" and sharded:  # collectives: every rank gathers and evaluates, rank 0 writes
-        if save_model:
-            full_weights = distributed.full_state(model)[0]
+        if save_model:  # a peft model saves its adapter only: the frozen base is not gathered
+            full_weights = distributed.full_state(model, trainable_only=is_peft(model))[0]
         if final_eval and eval_harmful:
             ev = _final_evaluation(model, tokenizer, eval_harmful, eval_benign, cfg, tracker)
     if not main:  # the other ranks only computed; rank 0 saves, evaluates and writes
@@ -533,12 +549,3 @@ def _save_model(model, tokenizer, path: Path, state_dict: dict | None = None) ->
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(path)
-
-
-def save_initial(model, out_dir: str | Path) -> None:
-    """Keep the trainable weights at θ* so a resumed run can rebuild its KL reference."""
-    path = Path(out_dir) / "checkpoint" / "initial.pt"
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, path)
