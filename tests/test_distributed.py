@@ -47,9 +47,20 @@ def _env() -> dict:
 
 
 def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """torchrun with 2 processes; on a timeout its whole process group (the workers too) is killed."""
+    import signal
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), *args]  # fmt: skip
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -267,6 +278,7 @@ def test_distributed_fisher_matches_one_process(tmp_path, tiny_model_dir, small_
     if method == "exact":
         args += ["--shuffled-null", "--n-samples", "2"]
     a, b, _ = _scan_one_and_two(tmp_path, args)
+    assert a["world_size"] == 1 and b["world_size"] == 2
     for kind in ("empirical", "sampled"):
         ea, eb = a["fisher"][kind], b["fisher"][kind]
         assert ea["n_samples"] == eb["n_samples"]
@@ -333,6 +345,7 @@ def test_distributed_validate_matches_one_process(tmp_path, tiny_model_dir, smal
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["scan"]["world_size"] == 1 and b["scan"]["world_size"] == 2
+    assert a["world_size"] == 1 and (b["world_size"], b["parallel"]) == (2, "ddp")  # the fine-tuning was split
     for ra, rb in zip(a["comparison"], b["comparison"], strict=True):
         assert rb["measured"] == pytest.approx(ra["measured"], rel=1e-6) and rb["forecast"] == pytest.approx(
             ra["forecast"], rel=1e-4
@@ -362,6 +375,18 @@ def test_distributed_study_matches_one_process(tmp_path, tiny_model_dir, small_s
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    # the 9 units (3 sets × prospective, seed 0, seed 1) were dealt round-robin: 0, 1, 0, 1, ...
+    units = [(n, j) for n in ("arithmetic", "affirmative_steps", "obedient_identity") for j in ("prospective", 0, 1)]
+    for i, (name, job) in enumerate(units):
+        path = (
+            tmp_path
+            / "two"
+            / "runs"
+            / "full"
+            / name
+            / ("prospective.json" if job == "prospective" else f"seed{job}.json")
+        )
+        assert json.loads(path.read_text())["computed_by_rank"] == i % 2, (name, job)
     for name, ra in a["modes"]["full"]["sets"].items():
         rb = b["modes"]["full"]["sets"][name]
         for key, sa in ra["prospective"].items():
@@ -409,8 +434,10 @@ def test_distributed_defended_finetune_matches_one_process(tmp_path, tiny_model_
         for key in ("ft_loss", "alignment_kl", "displacement"):
             if key in ra:  # step 0 has no fine-tuning loss
                 assert rb[key] == pytest.approx(ra[key], rel=1e-7, abs=1e-12), (ra["step"], key)
+    res_b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (res_b["world_size"], res_b["parallel"]) == (2, "ddp")
     da = json.loads((tmp_path / "one" / "results.json").read_text())["defense"]
-    db = json.loads((tmp_path / "two" / "results.json").read_text())["defense"]
+    db = res_b["defense"]
     _assert_close(
         {k: v for k, v in db.items() if "seconds" not in k}, {k: v for k, v in da.items() if "seconds" not in k}
     )

@@ -69,6 +69,10 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     Backend: nccl when ``device`` is a CUDA device, gloo otherwise. On CUDA each rank is pinned to
     ``cuda:LOCAL_RANK``. Returns True when a group of more than one process is (now) active; does
     nothing outside torchrun or when a group already exists.
+
+    Collectives time out after ``ALIGNCOLLAPSE_DIST_TIMEOUT_MINUTES`` (default 720): commands that
+    deal whole units to the ranks (``rank``, ``study``) wait at a barrier for the slowest rank's
+    share, which can be several fine-tuning runs, far beyond torch's default 10 minutes on nccl.
     """
     if not launched_by_torchrun() or not dist.is_available():
         return is_distributed()
@@ -76,7 +80,18 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
         cuda = device is not None and torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+        from datetime import timedelta
+
+        minutes = os.environ.get("ALIGNCOLLAPSE_DIST_TIMEOUT_MINUTES", "720")
+        try:
+            timeout = timedelta(minutes=float(minutes))
+        except ValueError:
+            from aligncollapse.errors import UserError
+
+            raise UserError(
+                f"ALIGNCOLLAPSE_DIST_TIMEOUT_MINUTES must be a number of minutes, got {minutes!r}"
+            ) from None
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", timeout=timeout)
     return is_distributed()
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import broadcast_object, contiguous_shard, is_distributed, is_main, world_size
+from aligncollapse.distributed import broadcast_object, is_distributed, is_main, world_size
 from aligncollapse.errors import UserError
 from aligncollapse.geometry.fisher import (
     exact_fisher,
@@ -61,8 +61,8 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
     first = next(iter(params.values()))
     groups = _groups([p.numel() for p in params.values()], N, first.element_size(), group_budget(s.memory_budget))
     group_bytes = max(N * sum(list(params.values())[i].numel() for i in g) * first.element_size() for g in groups)
-    if is_distributed():  # the gathered slice beside the ranks' parts (all_gather_rows)
-        group_bytes *= 2
+    if is_distributed():  # all_gather_rows: this rank's block, the ranks' parts and their concatenation
+        group_bytes = group_bytes * (2 * world_size() + 1) // world_size()
     try:
         shapes = [tuple(w.shape) for w in linear_weights(model, s.blocks).values()]
     except UserError:
@@ -94,8 +94,6 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
         exs = broadcast_object(exs)
         entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}
-        if s.method != "lanczos":  # the examples whose per-sample gradients rank 0 computed (the others': gathered)
-            entry["rank_share"] = len(contiguous_shard(len(exs)))
         if s.method == "exact":
             res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, memory_budget=s.memory_budget,
                                template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
@@ -104,6 +102,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             entry["blocks"] = res.blocks
             entry["null_random"] = null_spectra(res, s.seed)
             entry.update(n_parameters=res.n_parameters, seconds=round(res.seconds, 3), passes=res.passes)
+            entry["rank_share"] = res.extra["rows_computed_here"]  # this rank's examples (the others': gathered)
             sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
             if is_main():
                 sub.save(out / f"subspace_{kind}")
@@ -122,6 +121,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
                                   method=s.projection, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
             entry["blocks"] = pf.stats(s.d_rule)
             entry.update(projection=s.projection, projection_dim=pf.k, seconds=round(pf.seconds, 3))
+            entry["rank_share"] = pf.rows_computed_here  # this rank's examples (the others': gathered)
             if is_main():
                 pf.save(out / f"projected_{kind}")
             entry["projected_path"] = f"projected_{kind}"

@@ -116,12 +116,14 @@ def group_budget(memory_budget: int) -> int:
     return memory_budget // 2 if distributed.is_distributed() else memory_budget
 
 
-def _rows(ps: PerSampleGradients, data: EncodedSet) -> torch.Tensor:
-    """G for ``ps``'s parameters over ``data``: under torchrun this rank's contiguous block of the
-    examples, gathered in rank order (the one-process matrix on every rank)."""
+def _rows(ps: PerSampleGradients, data: EncodedSet) -> tuple[torch.Tensor, int]:
+    """(G for ``ps``'s parameters over ``data``, the rows this rank computed): under torchrun this
+    rank's contiguous block of the examples, gathered in rank order (the one-process matrix on every
+    rank)."""
     if not distributed.is_distributed():
-        return ps.matrix(data)
-    return distributed.all_gather_rows(ps.matrix(data.subset(list(distributed.contiguous_shard(len(data))))))
+        return ps.matrix(data), len(data)
+    mine = ps.matrix(data.subset(list(distributed.contiguous_shard(len(data)))))
+    return distributed.all_gather_rows(mine), mine.shape[0]
 
 
 def _lift(G: torch.Tensor, Uk: torch.Tensor, dtype, cols: int = 1 << 16) -> torch.Tensor:
@@ -167,7 +169,7 @@ def exact_fisher(
     for gi in groups:
         sub = OrderedDict((names[i], params[names[i]]) for i in gi)
         ps = PerSampleGradients(model, sub, chunk_size=chunk_size, method=method)
-        G = _rows(ps, data)
+        G, computed = _rows(ps, data)
         # Per-block Grams in float64, one block slice at a time (no float64 copy of G); K is their sum.
         for name, sl in ps.block_slices().items():
             Kb = torch.zeros(N, N, dtype=dtype, device=dev)
@@ -196,7 +198,7 @@ def exact_fisher(
         off = 0
         for gi in groups:
             sub = OrderedDict((names[i], params[names[i]]) for i in gi)
-            G = _rows(PerSampleGradients(model, sub, chunk_size=chunk_size, method=method), data)
+            G = _rows(PerSampleGradients(model, sub, chunk_size=chunk_size, method=method), data)[0]
             V[off : off + G.shape[1]] = _lift(G, Uk.to(dev), dtype, cols=1 << 13).cpu()
             off += G.shape[1]
             del G
@@ -209,7 +211,17 @@ def exact_fisher(
         {"blocks": blocks.__dict__ if hasattr(blocks, "__dict__") else {}},
     )  # fmt: skip
     return FisherResult(
-        kind, evals, U, sub, blocks_out, N, sum(sizes), time.perf_counter() - t0, passes, sq_norms.sqrt()
+        kind,
+        evals,
+        U,
+        sub,
+        blocks_out,
+        N,
+        sum(sizes),
+        time.perf_counter() - t0,
+        passes,
+        sq_norms.sqrt(),
+        {"rows_computed_here": computed},
     )
 
 

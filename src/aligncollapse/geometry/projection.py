@@ -158,6 +158,7 @@ class ProjectedFisher:
         self, blocks: OrderedDict[str, ProjectedBlock], kind: str, k: int, seed: int, method: str, seconds: float = 0.0
     ):
         self.blocks, self.kind, self.k, self.seed, self.method, self.seconds = blocks, kind, k, seed, method, seconds
+        self.rows_computed_here: int | None = None  # under torchrun, the examples this rank projected
 
     def overlap_score(self, delta: dict[str, torch.Tensor]) -> dict[str, float]:
         """The paper's OS per module: (R vec ΔW)ᵀ F̂ (R vec ΔW) for every module in ``delta``."""
@@ -242,7 +243,8 @@ def projected_fisher(
     t0 = time.perf_counter()
     weights = linear_weights(model, selection)
     data = EncodedSet(tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length)
-    data = data.subset(list(contiguous_shard(len(data))))
+    N = len(data)
+    data = data.subset(list(contiguous_shard(N)))
     projs: OrderedDict[str, RademacherProjector | KroneckerProjector] = OrderedDict()
     for n, w in weights.items():
         if method == "rademacher":
@@ -277,4 +279,6 @@ def projected_fisher(
             model.zero_grad(set_to_none=True)
             model.train(was)
     blocks = OrderedDict((n, ProjectedBlock(n, projs[n], all_gather_rows(torch.cat(rows[n])))) for n in weights)
-    return ProjectedFisher(blocks, kind, blocks[next(iter(blocks))].projector.k, seed, method, time.perf_counter() - t0)
+    pf = ProjectedFisher(blocks, kind, blocks[next(iter(blocks))].projector.k, seed, method, time.perf_counter() - t0)
+    pf.rows_computed_here = len(data)
+    return pf

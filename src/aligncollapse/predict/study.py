@@ -119,6 +119,9 @@ def run_study(
     )
     if leak:
         raise UserError(f"evaluation prompts also appear in {leak}: predictors and harm must use disjoint prompts")
+    if len(ctx.safety) < distributed.world_size():  # the projected Fisher splits the safety examples
+        raise UserError(f"--safety holds {len(ctx.safety)} examples, fewer than the {distributed.world_size()} "
+                        "processes: each needs one")  # fmt: skip
     cfg0 = next(iter(configs.values()))
     ecfg = SafetyEvalConfig(
         template=cfg0.template, use_chat_template=cfg0.use_chat_template, max_length=cfg0.max_length
@@ -141,35 +144,39 @@ def run_study(
             d = out / "runs" / mode / name
             if distributed.is_main():
                 d.mkdir(parents=True, exist_ok=True)
-                _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
-                                 "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
-                                 "safety": _digest(ctx.safety)})  # fmt: skip
+            # every rank checks (so a mismatch stops all of them with one line); rank 0 records
+            _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
+                             "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
+                             "safety": _digest(ctx.safety)}, record=distributed.is_main())  # fmt: skip
             units += [(mode, name, job) for job in ("prospective", *seeds)]
-    distributed.barrier()  # the run directories exist and their caches were checked
+    # the units not cached yet, as rank 0 sees them (the same list on every rank), dealt round-robin
+    todo = distributed.broadcast_object([u for u in units if _json_load(_unit_path(out, *u)) is None])
     world, me = distributed.world_size(), distributed.rank()
+    done: dict[tuple, dict] = {}
     with distributed.solo():
-        for mode, name, job in progress(units[me::world], desc="study units"):
-            d, cfg, exs = out / "runs" / mode / name, configs[mode], sets[name]
-            if job == "prospective" and _json_load(d / "prospective.json") is None:
-                pre = candidate_scores(ctx, name, exs, cfg, scan, probe_steps=probe_steps)
-                pre.pop("per_example")
-                pre["aic"].pop("per_example", None)
-                atomic_write_json(d / "prospective.json", pre)
-            elif job != "prospective" and _json_load(d / f"seed{job}.json") is None:
-                run = _finetune_and_measure(
+        for mode, name, job in progress(todo[me::world], desc="study units"):
+            cfg, exs = configs[mode], sets[name]
+            if job == "prospective":
+                unit = candidate_scores(ctx, name, exs, cfg, scan, probe_steps=probe_steps)
+                unit.pop("per_example")
+                unit["aic"].pop("per_example", None)
+            else:
+                unit = _finetune_and_measure(
                     ctx, exs, cfg, job, eval_harmful, eval_benign, ecfg, judge, projected, kl_eval
                 )
-                atomic_write_json(d / f"seed{job}.json", run)
-    distributed.barrier()  # every unit is on disk
+            unit["computed_by_rank"] = me
+            atomic_write_json(_unit_path(out, mode, name, job), unit)
+            done[(mode, name, job)] = unit
+    # every rank's new units, sent to rank 0 (not read back from a file another node may not see yet)
+    done = {k: v for part in distributed.gather_objects(done) for k, v in part.items()}
     if not distributed.is_main():
         return {}
     results: dict = {"modes": {}, "base": base_eval["summary"], "seeds": list(seeds), "world_size": world}
     for mode, cfg in configs.items():
         mode_rows = {}
         for name in sets:
-            d = out / "runs" / mode / name
-            pre = _json_load(d / "prospective.json")
-            runs = [_json_load(d / f"seed{seed}.json") for seed in seeds]
+            pre, *runs = (done.get(u) or _json_load(_unit_path(out, *u)) for u in [(mode, name, "prospective"),
+                                                                                 *((mode, name, s) for s in seeds)])  # fmt: skip
             mode_rows[name] = {"category": (categories or {}).get(name), "prospective": pre["scores"], "runs": runs,
                                "aic_verdict": pre["aic"].get("verdict"),
                                "memory_plan": pre["aic"].get("memory_plan")}  # fmt: skip
@@ -349,8 +356,14 @@ def _digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_cache(d: Path, fingerprint: dict) -> None:
-    """Cached per-set runs are reused only when they were made with the same data and budget."""
+def _unit_path(out: Path, mode: str, name: str, job) -> Path:
+    """Where one study unit is cached: a set's prospective scores, or one seed's run."""
+    return out / "runs" / mode / name / ("prospective.json" if job == "prospective" else f"seed{job}.json")
+
+
+def _check_cache(d: Path, fingerprint: dict, record: bool = True) -> None:
+    """Cached per-set runs are reused only when they were made with the same data and budget;
+    ``record``: write the fingerprint when there is none yet (rank 0 under torchrun)."""
     fp = json.loads(json.dumps(fingerprint))
     path = d / "config.json"
     if path.exists():
@@ -360,7 +373,7 @@ def _check_cache(d: Path, fingerprint: dict) -> None:
             raise UserError(f"{d}: cached runs were made with another {', '.join(diff)}; use a new --out")
     elif any(d.glob("seed*.json")) or (d / "prospective.json").exists():
         raise UserError(f"{d}: cached runs without a recorded configuration; use a new --out")
-    else:
+    elif record:
         atomic_write_json(path, fp)
 
 

@@ -188,6 +188,8 @@ def run_validate(
     informative = [d for d in in_window if not d["vacuous"]]
     payload = {
         "label": label,
+        "world_size": res.get("world_size", 1),  # the fine-tuning's processes (data parallel when > 1)
+        "parallel": res.get("parallel"),
         "scan": scan,
         "trajectory": traj,
         "comparison": rows,
