@@ -83,7 +83,7 @@ def run_one(a) -> dict:
     model = LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype).eval()
     n = sum(p.numel() for p in model.parameters())
     s = ScanSettings(n_boot=a.n_boot, max_d=a.max_d, hutchinson=8, batch_size=8, method=a.method,
-                     fisher_samples=a.fisher_samples, blocks=BlockSelection(trainable_only=True))  # fmt: skip
+                     fisher_samples=a.fisher_samples if a.fisher_samples == "auto" else int(a.fisher_samples), blocks=BlockSelection(trainable_only=True))  # fmt: skip
     row = {"n_parameters": n, "config": kw, "device": a.device, "dtype": a.dtype, "N": len(safety), "M": len(finetune)}
     from aligncollapse.geometry.memory import available_memory
     from aligncollapse.scan.aic import resolve_method
@@ -196,6 +196,7 @@ def _scan_fields(m: dict) -> dict:
         "planned_peak_gb": plan["peak_bytes"] / 2**30,
         "planned_runtime_gb": plan.get("runtime_bytes", 0) / 2**30,  # interpreter, libraries
         "plan_method": plan.get("method"),
+        "fisher_samples": m.get("fisher_samples"),  # label draws per prompt the scan used (sample method)
         "memory_plan_stages_gb": {k: v / 2**30 for k, v in plan["stages"].items()},
         "max_memory": plan.get("limit_bytes"),
         "lambda": m["lambda"], "gamma": m["gamma"], "d": m["d"], "per_example_hvp": m.get("per_example_hvp"),
@@ -222,7 +223,7 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--max-d", type=int, default=16)
     ap.add_argument("--method", default="auto", choices=["auto", "exact", "sample"], help="the scan method")
-    ap.add_argument("--fisher-samples", type=int, default=4, help="sample method: label draws per safety prompt")
+    ap.add_argument("--fisher-samples", default="auto", help="sample method: label draws per safety prompt (or auto)")
     ap.add_argument("--skip-floor", action="store_true", help="do not time the floor (saves its time on big models)")
     ap.add_argument("--cli", action="store_true", help="run `aligncollapse scan` on the saved model (a child process)")
     ap.add_argument("--max-memory", default="auto", help="--cli: the scan's --max-memory")

@@ -278,6 +278,46 @@ def test_sample_scan_agrees_with_exact_scan(micro_model_dir):
         assert _rel(torch.tensor(kept["per_example"][k]), torch.tensor(sa["per_example"][k])) < 1e-12
 
 
+def test_fisher_samples_auto_takes_the_most_draws_that_fit(micro_model_dir, monkeypatch):
+    """``--fisher-samples auto``: 4 draws without a limit; under a limit between the plans at 2 and 3
+    draws, 2 (logged and recorded); an explicit count is kept even when it does not fit (the plan check
+    then stops the scan with its one-line error)."""
+    from dataclasses import replace
+
+    import aligncollapse.geometry.memory as memory
+    from aligncollapse.errors import UserError
+    from aligncollapse.geometry.memory import planned_total
+    from aligncollapse.scan.aic import fit_fisher_samples
+    from aligncollapse.scan.sample_space import plan_memory_sample
+
+    monkeypatch.setattr(memory, "runtime_bytes", lambda model: 0)  # the plan without this process's RSS
+    model, tok = _model(micro_model_dir, tied=True)
+    exs = micro_examples()[:6]
+    # Batch size 1: no smaller compute batch can make a plan fit instead of fewer draws.
+    common = dict(method="sample", max_d=3, d=2, n_boot=20, hutchinson=2, batch_size=1, blocks=BlockSelection())
+    s = ScanSettings(**common)
+    assert s.fisher_samples == "auto"
+    params = s.blocks.select(model)
+    ft = EncodedSet(tok, exs, s.template, max_length=s.max_length)
+    ghost = GhostGradients(model, params)
+    peak = {S: planned_total(plan_memory_sample(model, tok, params, ghost, exs, ft, replace(s, fisher_samples=S),
+                                                quiet=True)) for S in (1, 2, 3, 4)}  # fmt: skip
+    assert peak[1] < peak[2] < peak[3] < peak[4]  # a limit between two plans is possible
+    assert fit_fisher_samples(s, peak.get).fisher_samples == 4  # no limit
+    assert fit_fisher_samples(replace(s, max_memory=peak[3] - 1), peak.get).fisher_samples == 2
+    assert fit_fisher_samples(replace(s, max_memory=peak[1] - 1), peak.get).fisher_samples == 1  # none fits
+    assert fit_fisher_samples(replace(s, fisher_samples=3, max_memory=1), peak.get).fisher_samples == 3
+    with pytest.raises(UserError, match="--fisher-samples"):
+        fit_fisher_samples(replace(s, fisher_samples=0), peak.get)
+    # End to end: the scan resolves auto under the limit and records both the request and the choice.
+    res = measure_aic(model, tok, exs, exs, replace(s, max_memory=peak[3] - 1))
+    assert res["fisher_samples"] == 2 and res["fisher_samples_requested"] == "auto"
+    assert res["memory_plan"]["inputs"]["S"] == 2 and res["fisher_rank"] <= 2 * len(exs)
+    assert measure_aic(model, tok, exs, exs, s)["fisher_samples"] == 4
+    with pytest.raises(UserError, match="--max-memory"):
+        measure_aic(model, tok, exs, exs, replace(s, fisher_samples=4, max_memory=10**4))
+
+
 def test_sample_plan_has_no_n_times_k_or_m_terms():
     """Doubling n adds at most the weights and a handful of n-vectors to the sample plan's peak, while
     the exact plan grows by (k + M)·n·8."""

@@ -49,6 +49,11 @@ nonneg_int = int_at_least(0)
 SEED_MAX = 2**31 - 1
 
 
+def int_or_auto(text: str) -> int | str:
+    """``auto`` or an integer >= 1 (``--fisher-samples``)."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2^31 − 1]."""
     v = _int(text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aligncollapse.cli.args import device as args_device
 from aligncollapse.cli.args import dtype as args_dtype
-from aligncollapse.cli.args import fraction, memory_size, nonneg_int, positive_float, positive_int, seed
+from aligncollapse.cli.args import fraction, int_or_auto, memory_size, nonneg_int, positive_float, positive_int, seed
 from aligncollapse.errors import UserError
 
 
@@ -349,9 +349,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fisher-samples",
-        type=positive_int,
-        default=4,
-        help="sample method: label draws per safety prompt (the sampled Fisher's rank is at most N × this)",
+        type=int_or_auto,
+        default="auto",
+        help="sample method: label draws per safety prompt (the sampled Fisher's rank is at most N × this); auto: "
+        "4, fewer (down to 1) when the memory plan at 4 does not fit --max-memory",
     )
 
 

@@ -50,7 +50,7 @@ import torch
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
 from aligncollapse.distributed import all_reduce_sum, shard
-from aligncollapse.errors import NonFiniteError
+from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import (
     FinetuneLoss,
     GGNOperator,
@@ -89,7 +89,9 @@ class ScanSettings:
     max_memory: int | None = None  # bytes the planned peak may reach (None: no check)
     max_memory_flag: str | None = None  # how the user gave it (for the error message)
     method: str = "auto"  # exact (Lanczos on the exact GGN) | sample (sample space) | auto (see resolve_method)
-    fisher_samples: int = 4  # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S)
+    # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S); "auto": AUTO_FISHER_SAMPLES,
+    # fewer (down to 1) when that plan does not fit max_memory (fit_fisher_samples)
+    fisher_samples: int | str = "auto"
 
 
 def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSettings:
@@ -106,6 +108,31 @@ def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSetting
     if b != s.batch_size and not quiet and peak_at(b) <= s.max_memory:
         log(f"[memory plan] compute batch size {s.batch_size} -> {b} to fit the limit")
     return replace(s, batch_size=b)
+
+
+AUTO_FISHER_SAMPLES = 4  # the sample scan's label draws per safety prompt when memory allows
+
+
+def fit_fisher_samples(s: ScanSettings, peak_at) -> ScanSettings:
+    """``s`` with ``fisher_samples`` resolved: an integer is kept (its plan is checked later, a one-line
+    error when it does not fit); ``auto`` takes the largest S from ``AUTO_FISHER_SAMPLES`` down to 1
+    whose plan ``peak_at(S)`` (planned bytes, at the batch size that fits) fits ``s.max_memory``, and
+    1 when none fits (the plan check then reports the smallest plan). Fewer draws change no
+    expectation, only the sampled Fisher's variance and rank (≤ N·S); the choice is logged and recorded."""
+    from aligncollapse.progress import log
+
+    if s.fisher_samples != "auto":
+        if not isinstance(s.fisher_samples, int) or isinstance(s.fisher_samples, bool) or s.fisher_samples < 1:
+            raise UserError(f"--fisher-samples must be 'auto' or an integer >= 1, got {s.fisher_samples!r}")
+        return s
+    S = AUTO_FISHER_SAMPLES
+    if s.max_memory is not None:
+        while S > 1 and peak_at(S) > s.max_memory:
+            S -= 1
+        if S < AUTO_FISHER_SAMPLES and peak_at(S) <= s.max_memory:
+            log(f"[memory plan] --fisher-samples auto: {AUTO_FISHER_SAMPLES} label draws per prompt do not fit the "
+                f"limit; {S} do")  # fmt: skip
+    return replace(s, fisher_samples=S)
 
 
 def reference_data(model, tokenizer, safety: Sequence[Example], s: ScanSettings) -> EncodedSet:

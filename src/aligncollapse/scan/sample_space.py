@@ -46,7 +46,14 @@ import torch.nn.functional as F
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import all_gather_rows, broadcast_from_main, contiguous_shard, world_size
+from aligncollapse.distributed import (
+    all_gather_rows,
+    broadcast_from_main,
+    broadcast_object,
+    contiguous_shard,
+    is_distributed,
+    world_size,
+)
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
@@ -214,8 +221,6 @@ def measure_aic_sample(
             f"torchrun: {world_size()} processes for {len(safety)} safety prompts and {len(finetune)} fine-tuning "
             "examples; use at most as many processes as the smaller set"
         )
-    if s.fisher_samples < 1:
-        raise UserError("--fisher-samples must be at least 1")
     params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
     if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -227,12 +232,27 @@ def measure_aic_sample(
     # site adds at most its numel × 4 bytes per resident example to any stage.
     limit = s.max_memory if s.max_memory is not None else 8 * 2**30
     factored = GhostGradients(model, params)
+
+    def fitted(s_: _aic.ScanSettings) -> _aic.ScanSettings:  # the largest compute batch size that fits
+        return _aic.fit_batch_size(
+            s_, lambda b: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s_, batch_size=b), quiet=True)),
+            quiet=True,
+        )  # fmt: skip
+
+    requested = s.fisher_samples
+    s = _aic.fit_fisher_samples(
+        s, lambda S: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, fitted(replace(s, fisher_samples=S)), quiet=True))
+    )  # fmt: skip
     s = _aic.fit_batch_size(
         s, lambda b: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s, batch_size=b), quiet=True))
     )  # fmt: skip
-    bare = plan_memory_sample(model, tokenizer, params, factored, safety, ft, s, quiet=True)
-    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens,
-                           formed_budget=max(0, limit - planned_total(bare)),
+    budget = max(
+        0, limit - planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, s, quiet=True))
+    )
+    if is_distributed():  # the ranks' free memory and runtime differ: every rank takes rank 0's choices
+        S, b, budget = broadcast_object((s.fisher_samples, s.batch_size, budget))
+        s = replace(s, fisher_samples=S, batch_size=b)
+    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=budget,
                            examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
@@ -363,6 +383,7 @@ def measure_aic_sample(
         f"prompt (rank ≤ {fisher.count}), eigenpairs by the Gram trick over factored per-example gradients; exact GGN "
         "for the forecast's quadratic forms",
         "fisher_samples": s.fisher_samples,
+        "fisher_samples_requested": requested,
         "fisher_rank": rank,
         "delta_u_form": "greedy-path KL: Σ_t KL(π_θ*(·|x,y*<t) ‖ π_θ(·|x,y*<t)) along θ*'s greedy responses y*; equal to "
         "Lemma 3.2's sequence-level KL only when π_θ* is deterministic (`eval --reference` measures both)",
