@@ -2,6 +2,7 @@
 
     python benchmarks/scale_benchmark.py --sizes 0.4M,1M,4M [--json FILE]       # (a) CPU sizes
     python benchmarks/scale_benchmark.py --llama1b-2layer [--json FILE]          # (b) plan (and run if it fits)
+    python benchmarks/scale_benchmark.py --llama1b-2layer --plan-draws           # (b) the sample plan at S = 1..4
     python benchmarks/scale_benchmark.py --llama3b --device cuda --dtype bfloat16  # (c) a GPU machine
 
 Each size runs in its own subprocess (so peak RSS is that model's). Per model:
@@ -83,8 +84,21 @@ def run_one(a) -> dict:
     model = LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype).eval()
     n = sum(p.numel() for p in model.parameters())
     s = ScanSettings(n_boot=a.n_boot, max_d=a.max_d, hutchinson=8, batch_size=8, method=a.method,
-                     fisher_samples=a.fisher_samples if a.fisher_samples == "auto" else int(a.fisher_samples), blocks=BlockSelection(trainable_only=True))  # fmt: skip
+                     fisher_samples=a.fisher_samples, blocks=BlockSelection(trainable_only=True))  # fmt: skip
     row = {"n_parameters": n, "config": kw, "device": a.device, "dtype": a.dtype, "N": len(safety), "M": len(finetune)}
+    if a.plan_draws:  # the sample scan's planned peak (tensors only) at S = 1..4 draws, nothing run
+        from dataclasses import replace
+
+        from aligncollapse.scan.sample_space import plan_memory_sample, planning_ghost
+
+        params = s.blocks.select(model)
+        ft = EncodedSet(tok, finetune, s.template, max_length=s.max_length)
+        ghost = planning_ghost(model, params, ft)
+        row["planned_peak_bytes_by_draws"] = {
+            S: plan_memory_sample(model, tok, params, ghost, safety, ft, replace(s, fisher_samples=S), quiet=True)["peak_bytes"]
+            for S in (1, 2, 3, 4)
+        }  # fmt: skip
+        return row
     from aligncollapse.geometry.memory import available_memory
     from aligncollapse.scan.aic import resolve_method
 
@@ -223,7 +237,10 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=100)
     ap.add_argument("--max-d", type=int, default=16)
     ap.add_argument("--method", default="auto", choices=["auto", "exact", "sample"], help="the scan method")
-    ap.add_argument("--fisher-samples", default="auto", help="sample method: label draws per safety prompt (or auto)")
+    from aligncollapse.cli.args import int_or_auto
+
+    ap.add_argument("--fisher-samples", type=int_or_auto, default="auto", help="sample method: label draws per prompt")
+    ap.add_argument("--plan-draws", action="store_true", help="only plan the sample scan at 1-4 label draws")
     ap.add_argument("--skip-floor", action="store_true", help="do not time the floor (saves its time on big models)")
     ap.add_argument("--cli", action="store_true", help="run `aligncollapse scan` on the saved model (a child process)")
     ap.add_argument("--max-memory", default="auto", help="--cli: the scan's --max-memory")
@@ -242,6 +259,7 @@ def main() -> None:
                "--finetune", str(a.finetune), "--n-boot", str(a.n_boot), "--max-d", str(a.max_d),
                "--method", a.method, "--fisher-samples", str(a.fisher_samples)]  # fmt: skip
         cmd += ["--skip-floor"] if a.skip_floor else []
+        cmd += ["--plan-draws"] if a.plan_draws else []
         cmd += ["--cli", "--max-memory", a.max_memory] if a.cli else []
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ALIGNCOLLAPSE_QUIET": "1"})
         if out.returncode != 0:
@@ -249,6 +267,10 @@ def main() -> None:
         else:
             rows.append({"size": val, **json.loads(out.stdout.strip().splitlines()[-1])})
         r = rows[-1]
+        if "planned_peak_bytes_by_draws" in r:
+            print(f"{val}: sample plan (tensors) " + ", ".join(f"S = {S}: {b / 1e9:.2f} GB" for S, b in
+                                                            r["planned_peak_bytes_by_draws"].items()), flush=True)  # fmt: skip
+            continue
         print(f"{val:>14s}  n = {r.get('n_parameters', 0):>12,}  scan {r.get('scan_seconds', float('nan')):8.1f} s  "
               f"floor {r.get('floor_seconds', float('nan')):7.1f} s  ratio {r.get('ratio_scan_to_floor', float('nan')):6.1f}  "
               f"peak RSS {r.get('peak_rss_gb', float('nan')):6.2f} GB  plan {r.get('planned_peak_gb', float('nan')):8.2f} GB"

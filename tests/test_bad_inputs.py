@@ -88,7 +88,7 @@ FLAG_CASES = [
     ("scan-n-boot", _with(SCAN, "--n-boot", "0"), "--n-boot"),
     ("scan-max-d", _with(SCAN, "--max-d", "0"), "--max-d"),
     ("scan-fisher-samples", _with(SCAN, "--fisher-samples", "0"), "--fisher-samples"),
-    ("scan-fisher-samples-word", _with(SCAN, "--fisher-samples", "many"), "--fisher-samples"),
+    ("scan-fisher-samples-word", _with(SCAN, "--fisher-samples", "many"), "'auto' or an integer"),
     ("scan-batch-negative", _with(SCAN, "--batch-size", "-1"), "--batch-size"),
     ("scan-limit-zero", _with(SCAN, "--limit", "0"), "--limit"),
     ("eval-limit-zero", _with(EVAL, "--limit", "0"), "--limit"),

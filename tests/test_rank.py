@@ -319,6 +319,24 @@ def test_rank_cli(tmp_path, tiny_model_dir, small_suite):
     assert (out / "report.html").exists() and (out / "ranking.png").exists()
 
 
+def test_rank_takes_one_draw_count_for_every_candidate(tmp_path, tiny_model_dir, small_suite, monkeypatch):
+    """``--fisher-samples auto`` in ``rank``: the fewest draws any candidate's plan allows, for all of
+    them (the per-set choice is stubbed to differ: 3, 2, 4), recorded at the top and in every row."""
+    import aligncollapse.scan.sample_space as sample_space
+
+    choices = iter([3, 2, 4])
+    monkeypatch.setattr(sample_space, "auto_fisher_samples", lambda *a: next(choices))
+    out = tmp_path / "rank"
+    code = main(["rank", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
+                 "--finetune", *_files(tmp_path, small_suite), "--steps", "2", "--batch-size", "4", "--probe-steps", "1",
+                 "--scan-method", "sample", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["fisher_samples"] == 2 and len(res["candidates"]) == 3
+    for row in res["candidates"].values():
+        assert row["aic"]["scan_method"] == "sample" and row["aic"]["fisher_samples"] == 2
+
+
 def test_rank_cli_bad_score_name(tmp_path, tiny_model_dir, small_suite, capsys):
     code = main(["rank", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
                  "--finetune", str(small_suite / "arithmetic.jsonl"), "--steps", "2", "--probe-steps", "0",

@@ -280,15 +280,15 @@ def test_sample_scan_agrees_with_exact_scan(micro_model_dir):
 
 def test_fisher_samples_auto_takes_the_most_draws_that_fit(micro_model_dir, monkeypatch):
     """``--fisher-samples auto``: 4 draws without a limit; under a limit between the plans at 2 and 3
-    draws, 2 (logged and recorded); an explicit count is kept even when it does not fit (the plan check
-    then stops the scan with its one-line error)."""
+    draws, 2 (logged and recorded); 4 at a smaller compute batch when that fits (the limit equal to its
+    plan); an explicit count is kept even when it does not fit (the plan check then stops the scan)."""
     from dataclasses import replace
 
     import aligncollapse.geometry.memory as memory
     from aligncollapse.errors import UserError
     from aligncollapse.geometry.memory import planned_total
     from aligncollapse.scan.aic import fit_fisher_samples
-    from aligncollapse.scan.sample_space import plan_memory_sample
+    from aligncollapse.scan.sample_space import fit_sample_settings, plan_memory_sample, planning_ghost
 
     monkeypatch.setattr(memory, "runtime_bytes", lambda model: 0)  # the plan without this process's RSS
     model, tok = _model(micro_model_dir, tied=True)
@@ -299,9 +299,13 @@ def test_fisher_samples_auto_takes_the_most_draws_that_fit(micro_model_dir, monk
     assert s.fisher_samples == "auto"
     params = s.blocks.select(model)
     ft = EncodedSet(tok, exs, s.template, max_length=s.max_length)
-    ghost = GhostGradients(model, params)
-    peak = {S: planned_total(plan_memory_sample(model, tok, params, ghost, exs, ft, replace(s, fisher_samples=S),
-                                                quiet=True)) for S in (1, 2, 3, 4)}  # fmt: skip
+    base = planning_ghost(model, params, ft)  # the layout S is fitted on
+
+    def total(S, b=1):
+        return planned_total(plan_memory_sample(model, tok, params, base, exs, ft, replace(s, fisher_samples=S,
+                                                                                           batch_size=b), quiet=True))  # fmt: skip
+
+    peak = {S: total(S) for S in (1, 2, 3, 4)}
     assert peak[1] < peak[2] < peak[3] < peak[4]  # a limit between two plans is possible
     assert fit_fisher_samples(s, peak.get).fisher_samples == 4  # no limit
     assert fit_fisher_samples(replace(s, max_memory=peak[3] - 1), peak.get).fisher_samples == 2
@@ -309,13 +313,19 @@ def test_fisher_samples_auto_takes_the_most_draws_that_fit(micro_model_dir, monk
     assert fit_fisher_samples(replace(s, fisher_samples=3, max_memory=1), peak.get).fisher_samples == 3
     with pytest.raises(UserError, match="--fisher-samples"):
         fit_fisher_samples(replace(s, fisher_samples=0), peak.get)
+    # Batch size before draws: at a limit equal to 4 draws' plan at batch 1, a requested batch of 4
+    # shrinks to 1 and S stays 4 (only when the batch-4 plan does not fit, else the case is void).
+    assert total(4, 4) > peak[4]
+    fit, _ = fit_sample_settings(model, tok, params, exs, ft, replace(s, batch_size=4, max_memory=peak[4]))
+    assert (fit.fisher_samples, fit.batch_size) == (4, 1)
     # End to end: the scan resolves auto under the limit and records both the request and the choice.
     res = measure_aic(model, tok, exs, exs, replace(s, max_memory=peak[3] - 1))
     assert res["fisher_samples"] == 2 and res["fisher_samples_requested"] == "auto"
     assert res["memory_plan"]["inputs"]["S"] == 2 and res["fisher_rank"] <= 2 * len(exs)
+    assert res["memory_plan"]["peak_bytes"] <= peak[3] - 1
     assert measure_aic(model, tok, exs, exs, s)["fisher_samples"] == 4
-    with pytest.raises(UserError, match="--max-memory"):
-        measure_aic(model, tok, exs, exs, replace(s, fisher_samples=4, max_memory=10**4))
+    with pytest.raises(UserError, match="--max-memory"):  # the same limit, 4 draws asked for
+        measure_aic(model, tok, exs, exs, replace(s, fisher_samples=4, max_memory=peak[3] - 1))
 
 
 def test_sample_plan_has_no_n_times_k_or_m_terms():
@@ -426,7 +436,7 @@ def test_sample_scan_does_not_depend_on_the_compute_batch(micro_model_dir, monke
     # which drifts between calls (tested in test_memory_plan.py).
     monkeypatch.setattr("aligncollapse.geometry.memory.runtime_bytes", lambda model: 0)
 
-    from aligncollapse.scan.sample_space import plan_memory_sample
+    from aligncollapse.scan.sample_space import plan_memory_sample, planning_ghost
 
     model, tok = _model(micro_model_dir, tied=True)
     exs = micro_examples()[:8]
@@ -434,7 +444,7 @@ def test_sample_scan_does_not_depend_on_the_compute_batch(micro_model_dir, monke
                      blocks=BlockSelection())  # fmt: skip
     params = s.blocks.select(model)
     ft = EncodedSet(tok, exs, s.template)
-    bare = GhostGradients(model, params)
+    bare = planning_ghost(model, params, ft)  # the layout the scan fits its batch size with
     peaks = {b: plan_memory_sample(model, tok, params, bare, exs, ft, replace(s, batch_size=b), quiet=True)["peak_bytes"]
              for b in (2, 4, 8)}  # fmt: skip
     assert peaks[2] < peaks[4] < peaks[8]

@@ -51,7 +51,12 @@ SEED_MAX = 2**31 - 1
 
 def int_or_auto(text: str) -> int | str:
     """``auto`` or an integer >= 1 (``--fisher-samples``)."""
-    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {text!r}") from None
 
 
 def seed(text: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from aligncollapse.geometry.curvature import FinetuneLoss
 from aligncollapse.models import apply_lora
 from aligncollapse.predict.baselines import baseline_scores
 from aligncollapse.predict.overlap import BlockFisher, state_of
-from aligncollapse.predict.prospective import prospective_scores
+from aligncollapse.predict.prospective import prospective_scores, scan_settings_for
 from aligncollapse.progress import progress
 from aligncollapse.results import atomic_write_text
 from aligncollapse.scan.aic import ScanSettings
@@ -127,6 +127,35 @@ def candidate_scores(
     }
 
 
+def shared_fisher_samples(
+    ctx: RankContext, sets: dict[str, Sequence[Example]], cfgs: Sequence[FinetuneConfig], scan: ScanSettings | None
+) -> ScanSettings:
+    """``scan`` with ``--fisher-samples auto`` resolved once for every candidate set and budget: the
+    fewest label draws any set's sample-space plan allows, so every set's λ, γ and scores come from the
+    same estimator. An integer, or sets that all take the exact scan, leave ``scan`` as it is. Under
+    torchrun rank 0 plans (with its memory limit, which every rank then uses) and every rank takes its
+    choice. Planning only: a LoRA budget plans on one adapter-wrapped copy of the model."""
+    from aligncollapse.scan.aic import resolve_method
+    from aligncollapse.scan.sample_space import auto_fisher_samples
+
+    s = scan or ScanSettings()
+    if s.fisher_samples != "auto":
+        return s
+    s = replace(s, max_memory=distributed.broadcast_object(s.max_memory))
+    draws: list[int] = []
+    if distributed.is_main():
+        with distributed.solo():
+            for cfg in cfgs:
+                m = lora_copy(ctx.model, cfg) if cfg.lora is not None else ctx.model
+                for exs in sets.values():
+                    si = scan_settings_for(cfg, len(exs), s)
+                    if resolve_method(m, ctx.tokenizer, ctx.safety, exs, si) == "sample":
+                        draws.append(auto_fisher_samples(m, ctx.tokenizer, ctx.safety, exs, si))
+                del m
+    S = distributed.broadcast_object(min(draws) if draws else None)
+    return s if S is None else replace(s, fisher_samples=S)
+
+
 def run_rank(
     ctx: RankContext,
     candidates: dict[str, Sequence[Example]],
@@ -147,6 +176,7 @@ def run_rank(
     ``world_size`` and which rank scored each candidate added."""
     out = Path(out_dir)
     (out / "attribution").mkdir(parents=True, exist_ok=True)
+    scan = shared_fisher_samples(ctx, candidates, [cfg], scan)
     world, me = distributed.world_size(), distributed.rank()
     names = list(candidates)
     mine = names[me::world]
@@ -171,7 +201,7 @@ def run_rank(
         rows, key=lambda n: (rows[n]["scores"][by]["score"] is None, -(rows[n]["scores"][by]["score"] or 0.0))
     )
     payload = {"by": by, "ranking": ranking, "candidates": rows, "mode": "lora" if cfg.lora else "full",
-               "memory_plan": memory_plans, "world_size": world,
+               "memory_plan": memory_plans, "world_size": world, "fisher_samples": scan.fisher_samples,
                "budget": {**cfg.to_json(), "steps": cfg.total_steps(1)}}  # fmt: skip
     return payload
 

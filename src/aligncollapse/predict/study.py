@@ -39,7 +39,7 @@ from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.projection import projected_fisher
 from aligncollapse.predict.intruder import intruder_report
 from aligncollapse.predict.overlap import overlap_scores, weight_delta
-from aligncollapse.predict.rank import RankContext, candidate_scores, lora_copy
+from aligncollapse.predict.rank import RankContext, candidate_scores, lora_copy, shared_fisher_samples
 from aligncollapse.progress import progress
 from aligncollapse.results import atomic_write_json
 from aligncollapse.stats import rank_correlations
@@ -139,6 +139,11 @@ def run_study(
     projected = projected_fisher(ctx.model, ctx.tokenizer, ctx.safety, k=projected_k, seed=0, template=cfg0.template,
                                  use_chat_template=cfg0.use_chat_template)  # fmt: skip
     units = []
+    scan = shared_fisher_samples(ctx, sets, list(configs.values()), scan)  # one estimator for every set
+    # The scan's estimator in the cache's fingerprint, left out at the settings that made every earlier
+    # cache (auto method, 4 draws) so those stay valid.
+    est = {"scan_method": scan.method, "fisher_samples": scan.fisher_samples}
+    est = {} if est["scan_method"] == "auto" and est["fisher_samples"] in ("auto", 4) else est
     for mode, cfg in configs.items():
         for name, exs in sets.items():
             d = out / "runs" / mode / name
@@ -147,7 +152,7 @@ def run_study(
             # every rank checks (so a mismatch stops all of them with one line); rank 0 records
             _check_cache(d, {"budget": cfg.to_json(), "probe_steps": probe_steps, "projected_k": projected_k,
                              "data": _digest(exs), "eval": _digest(list(eval_harmful) + list(eval_benign or [])),
-                             "safety": _digest(ctx.safety)}, record=distributed.is_main())  # fmt: skip
+                             "safety": _digest(ctx.safety), **est}, record=distributed.is_main())  # fmt: skip
             units += [(mode, name, job) for job in ("prospective", *seeds)]
     # the units not cached yet, as rank 0 sees them (the same list on every rank), dealt round-robin
     todo = distributed.broadcast_object([u for u in units if _json_load(_unit_path(out, *u)) is None])
@@ -171,7 +176,8 @@ def run_study(
     done = {k: v for part in distributed.gather_objects(done) for k, v in part.items()}
     if not distributed.is_main():
         return {}
-    results: dict = {"modes": {}, "base": base_eval["summary"], "seeds": list(seeds), "world_size": world}
+    results: dict = {"modes": {}, "base": base_eval["summary"], "seeds": list(seeds), "world_size": world,
+                     "fisher_samples": scan.fisher_samples}  # fmt: skip
     for mode, cfg in configs.items():
         mode_rows = {}
         for name in sets:

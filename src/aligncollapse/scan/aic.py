@@ -49,7 +49,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import all_reduce_sum, shard
+from aligncollapse.distributed import all_reduce_sum, broadcast_object, is_distributed, shard
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import (
     FinetuneLoss,
@@ -92,6 +92,9 @@ class ScanSettings:
     # sample method: label draws per safety prompt (the sampled Fisher's rank ≤ N·S); "auto": AUTO_FISHER_SAMPLES,
     # fewer (down to 1) when that plan does not fit max_memory (fit_fisher_samples)
     fisher_samples: int | str = "auto"
+    # bytes outside the plan's tensors (interpreter, libraries); None: this process's (runtime_bytes).
+    # Under torchrun measure_aic sets rank 0's, with rank 0's max_memory, so every rank plans alike.
+    runtime_bytes: int | None = None
 
 
 def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSettings:
@@ -161,6 +164,15 @@ def measure_aic(
     results.
     """
     s = s or ScanSettings()
+    if is_distributed():
+        # Every memory decision (method, draws, batch size, formed layers, kept factors, the check)
+        # must agree across ranks: all plan with rank 0's limit and runtime.
+        from aligncollapse.geometry.memory import runtime_bytes
+
+        limit, runtime = broadcast_object(
+            (s.max_memory, runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes)
+        )
+        s = replace(s, max_memory=limit, runtime_bytes=runtime)
     if resolve_method(model, tokenizer, safety, finetune, s) == "sample":
         from aligncollapse.scan.sample_space import measure_aic_sample
 
@@ -346,7 +358,8 @@ def plan_memory(
         model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=seq,
         batch_size=s.batch_size, k=k, optimizer=s.optimizer,
     )  # fmt: skip
-    plan["batch_size"], plan["runtime_bytes"] = s.batch_size, runtime_bytes(model)
+    plan["batch_size"] = s.batch_size
+    plan["runtime_bytes"] = runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes
     if quiet:
         return plan
     return log_and_check(plan, s.max_memory, s.max_memory_flag)

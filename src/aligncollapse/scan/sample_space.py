@@ -46,14 +46,7 @@ import torch.nn.functional as F
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import (
-    all_gather_rows,
-    broadcast_from_main,
-    broadcast_object,
-    contiguous_shard,
-    is_distributed,
-    world_size,
-)
+from aligncollapse.distributed import all_gather_rows, broadcast_from_main, contiguous_shard, world_size
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
@@ -169,6 +162,22 @@ class SampledFisher:
         for v_jᵀF v_j given v_j, and Σ_{j≤d} of them is, in expectation, at most the true top-d sum:
         a conservative tail. With v_j = U_A w_j/√(μ_j |A|):
         v_jᵀF̂_B v_j = ‖K[B, A] w_j‖² / (μ_j |A| |B|)."""
+        halves = self._halves()
+        vals = torch.zeros(d, dtype=torch.float64)
+        for A_, B_ in (halves, halves[::-1]):
+            mu, W = torch.linalg.eigh(self.K_raw[A_][:, A_] / len(A_))
+            order = torch.argsort(mu, descending=True)[:d]
+            mu, W = mu[order].clamp_min(1e-300), W[:, order]
+            proj = self.K_raw[B_][:, A_] @ W  # [|B|, d]
+            vals += (proj**2).sum(0) / (mu * len(A_) * len(B_)) / 2
+        return {"rayleigh": vals, "split": "draws" if self.S >= 2 else "prompts"}
+
+    def held_out_rank(self) -> int:
+        """The most held-out quotients :meth:`cross_validated` can give: the smaller half's size."""
+        return min(len(h) for h in self._halves())
+
+    def _halves(self) -> list[torch.Tensor]:
+        """The two halves of the scores: the draws' first and second halves (S ≥ 2), else the prompts'."""
         prompt_of = torch.tensor(self.prompt_of)
         if self.S >= 2:
             draw_index = torch.zeros(self.count, dtype=torch.long)  # which draw of its prompt each score is
@@ -179,15 +188,7 @@ class SampledFisher:
             first = draw_index < self.S // 2
         else:
             first = prompt_of < self.N // 2
-        halves = [torch.nonzero(first).view(-1), torch.nonzero(~first).view(-1)]
-        vals = torch.zeros(d, dtype=torch.float64)
-        for A_, B_ in (halves, halves[::-1]):
-            mu, W = torch.linalg.eigh(self.K_raw[A_][:, A_] / len(A_))
-            order = torch.argsort(mu, descending=True)[:d]
-            mu, W = mu[order].clamp_min(1e-300), W[:, order]
-            proj = self.K_raw[B_][:, A_] @ W  # [|B|, d]
-            vals += (proj**2).sum(0) / (mu * len(A_) * len(B_)) / 2
-        return {"rayleigh": vals, "split": "draws" if self.S >= 2 else "prompts"}
+        return [torch.nonzero(first).view(-1), torch.nonzero(~first).view(-1)]
 
     def per_prompt_blocks(self) -> torch.Tensor:
         """A_k = Vᵀ F̂_k V ([N, d, d]) with F̂_k = (1/S) Σ_s s_{k,s} s_{k,s}ᵀ, so mean_k A_k = Λ_d."""
@@ -205,6 +206,47 @@ def _nll_batches(ft: EncodedSet, batch_size: int, dev, indices: Sequence[int] | 
     for s in range(0, len(idx), batch_size):
         b = ft.batch(idx[s : s + batch_size])
         yield {k: v.to(dev) for k, v in b.items()}, loss
+
+
+def planning_ghost(model, params, ft: EncodedSet) -> GhostGradients:
+    """The factored-gradient layout the memory fit plans with (:func:`fit_sample_settings`): only the
+    layers that are always formed (at most twice their factors' memory), at the fine-tuning set's mean length."""
+    mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
+    return GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=0)
+
+
+def fit_sample_settings(
+    model, tokenizer, params, safety: Sequence[Example], ft: EncodedSet, s: _aic.ScanSettings
+) -> tuple[_aic.ScanSettings, GhostGradients]:
+    """``s`` with ``fisher_samples`` resolved (:func:`aligncollapse.scan.aic.fit_fisher_samples`) and the
+    compute batch size fitted to ``s.max_memory``, and the factored-gradient layout to collect with.
+
+    Small layers whose formed per-example gradient takes at most twice their factors' memory are
+    always formed; the plans that choose S and the batch size use that layout. Other layers are
+    formed (cheaper Grams) only within the headroom that plan leaves under the limit (8 GiB when none
+    is given): forming a site adds at most its numel × 4 bytes per resident example to any stage, so
+    the final plan stays within the limit whenever the fitted one does."""
+    mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
+    base = planning_ghost(model, params, ft)
+
+    def total(s_: _aic.ScanSettings) -> int:
+        return planned_total(plan_memory_sample(model, tokenizer, params, base, safety, ft, s_, quiet=True))
+
+    def fitted(s_: _aic.ScanSettings) -> _aic.ScanSettings:  # at the largest compute batch size that fits
+        return _aic.fit_batch_size(s_, lambda b: total(replace(s_, batch_size=b)), quiet=True)
+
+    s = _aic.fit_fisher_samples(s, lambda S: total(fitted(replace(s, fisher_samples=S))))
+    s = _aic.fit_batch_size(s, lambda b: total(replace(s, batch_size=b)))
+    limit = s.max_memory if s.max_memory is not None else 8 * 2**30
+    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=max(0, limit - total(s)),
+                           examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
+    return s, ghost
+
+
+def auto_fisher_samples(model, tokenizer, safety: Sequence[Example], finetune: Sequence[Example], s) -> int:
+    """The label draws per prompt that :func:`measure_aic_sample` would take for these sets (planning only)."""
+    ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
+    return fit_sample_settings(model, tokenizer, s.blocks.select(model), safety, ft, s)[0].fisher_samples
 
 
 def measure_aic_sample(
@@ -226,34 +268,8 @@ def measure_aic_sample(
     if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
-    mean_tokens = sum(len(it.input_ids) for it in ft.items) / max(len(ft), 1)
-    # Formed per-example gradients (cheaper Grams for small layers) only within the headroom that the
-    # plan with every layer factored leaves under the limit (8 GiB when none is given): forming a
-    # site adds at most its numel × 4 bytes per resident example to any stage.
-    limit = s.max_memory if s.max_memory is not None else 8 * 2**30
-    factored = GhostGradients(model, params)
-
-    def fitted(s_: _aic.ScanSettings) -> _aic.ScanSettings:  # the largest compute batch size that fits
-        return _aic.fit_batch_size(
-            s_, lambda b: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s_, batch_size=b), quiet=True)),
-            quiet=True,
-        )  # fmt: skip
-
     requested = s.fisher_samples
-    s = _aic.fit_fisher_samples(
-        s, lambda S: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, fitted(replace(s, fisher_samples=S)), quiet=True))
-    )  # fmt: skip
-    s = _aic.fit_batch_size(
-        s, lambda b: planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, replace(s, batch_size=b), quiet=True))
-    )  # fmt: skip
-    budget = max(
-        0, limit - planned_total(plan_memory_sample(model, tokenizer, params, factored, safety, ft, s, quiet=True))
-    )
-    if is_distributed():  # the ranks' free memory and runtime differ: every rank takes rank 0's choices
-        S, b, budget = broadcast_object((s.fisher_samples, s.batch_size, budget))
-        s = replace(s, fisher_samples=S, batch_size=b)
-    ghost = GhostGradients(model, params, tokens_per_example=mean_tokens, formed_budget=budget,
-                           examples_resident=len(safety) * s.fisher_samples + len(ft) + 3 * s.batch_size + s.max_d)  # fmt: skip
+    s, ghost = fit_sample_settings(model, tokenizer, params, safety, ft, s)
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
     first = next(iter(params.values()))
@@ -272,7 +288,11 @@ def measure_aic_sample(
         if not str(s.d).startswith("energy:")
         else _aic._energy_d(lam[:-1], trace, float(str(s.d).split(":")[1]))
     )
-    d = max(1, min(d, rank))
+    if fisher.held_out_rank() == 0:
+        raise UserError("the sample-space scan with one label draw per prompt (--fisher-samples) needs at least 2 "
+                        "safety prompts: property 1's held-out eigenvalues split the prompts")  # fmt: skip
+    # d at most the rank, and at most what each held-out half can estimate (only tiny N·S bind it)
+    d = max(1, min(d, rank, fisher.held_out_rank()))
     fisher.set_d(d)
     lam_d = lam[:d]
     cv = fisher.cross_validated(d)
@@ -567,7 +587,7 @@ def plan_memory_sample(
             logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
         )  # fmt: skip
 
-    runtime = runtime_bytes(model)
+    runtime = runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes
     if quiet:
         return {**planned(False), "runtime_bytes": runtime}
     # Keep the fine-tuning factors to the end (one pass fewer) when that plan fits the limit.
