@@ -6,13 +6,6 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint format clean
 
-# The same numbers on every x86 CPU: torch's, MKL's and oneDNN's kernels pinned to AVX2. Without this,
-# an AVX-512/AMX machine rounds differently and trains a different organism (held-out refusal 0.917
-# instead of 1.00 on one, below the tests' 0.95 bar). Override on the command line, e.g. ATEN_CPU_CAPABILITY=default.
-export ATEN_CPU_CAPABILITY ?= avx2
-export MKL_CBWR ?= AVX2
-export ONEDNN_MAX_CPU_ISA ?= AVX2
-
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
