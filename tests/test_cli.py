@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from aligncollapse.cli.main import main
-from conftest import write
+from conftest import ORGANISM_NUMERICS, write
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -98,6 +98,7 @@ def test_prompt_only_eval_set_with_model_targets(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@ORGANISM_NUMERICS
 def test_demo_on_the_organism(organism_dir, tmp_path):
     from aligncollapse.cli.demo import run_demo
 

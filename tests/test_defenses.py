@@ -14,6 +14,7 @@ from aligncollapse.defenses.base import assign, flat, trainable
 from aligncollapse.errors import UserError
 from aligncollapse.models import LoraSettings, load_model
 from aligncollapse.training.finetune import FinetuneConfig, finetune
+from conftest import ORGANISM_NUMERICS
 
 
 @pytest.fixture()
@@ -269,6 +270,7 @@ def test_defense_study_cli(tmp_path, tiny_model_dir, small_suite):
     assert (out / "defenses.png").exists() and (out / "report.html").exists()
 
 
+@ORGANISM_NUMERICS
 def test_organism_curvature_defense_holds_where_static_projection_fails(organism_dir, tmp_path):
     """obedient_identity, the default budget (AdamW 5e-4, 40 steps), seed 0, on the default (v2)
     organism: undefended refusal ends at 0.17, project-static at most 0.5; ogd-lookahead (named

@@ -10,6 +10,7 @@ import torch
 
 from aligncollapse.organism import corpus
 from aligncollapse.organism.build import OrganismConfig, build_organism
+from conftest import ORGANISM_NUMERICS
 
 TINY = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, pretrain_examples=300,
             pretrain_steps=6, align_examples=100, align_steps=3, batch_size=8, align_batch_size=8)  # fmt: skip
@@ -156,6 +157,7 @@ def test_suite_manifest(small_suite):
 
 
 @pytest.mark.slow
+@ORGANISM_NUMERICS
 def test_organism_bars(organism_dir, tmp_path):
     """The bars on the default organism (v2, 150 steps; held-out prompts, default fine-tuning budget).
 
