@@ -116,6 +116,13 @@ def fit_batch_size(s: ScanSettings, peak_at, quiet: bool = False) -> ScanSetting
 AUTO_FISHER_SAMPLES = 4  # the sample scan's label draws per safety prompt when memory allows
 
 
+def planned_runtime(model, s: ScanSettings) -> int:
+    """The runtime a plan adds: ``s.runtime_bytes`` when set (rank 0's under torchrun), else this process's."""
+    from aligncollapse.geometry.memory import runtime_bytes
+
+    return runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes
+
+
 def fit_fisher_samples(s: ScanSettings, peak_at) -> ScanSettings:
     """``s`` with ``fisher_samples`` resolved: an integer is kept (its plan is checked later, a one-line
     error when it does not fit); ``auto`` takes the largest S from ``AUTO_FISHER_SAMPLES`` down to 1
@@ -130,9 +137,11 @@ def fit_fisher_samples(s: ScanSettings, peak_at) -> ScanSettings:
         return s
     S = AUTO_FISHER_SAMPLES
     if s.max_memory is not None:
-        while S > 1 and peak_at(S) > s.max_memory:
+        fits = peak_at(S) <= s.max_memory
+        while S > 1 and not fits:
             S -= 1
-        if S < AUTO_FISHER_SAMPLES and peak_at(S) <= s.max_memory:
+            fits = peak_at(S) <= s.max_memory
+        if S < AUTO_FISHER_SAMPLES and fits:
             log(f"[memory plan] --fisher-samples auto: {AUTO_FISHER_SAMPLES} label draws per prompt do not fit the "
                 f"limit; {S} do")  # fmt: skip
     return replace(s, fisher_samples=S)
@@ -167,11 +176,7 @@ def measure_aic(
     if is_distributed():
         # Every memory decision (method, draws, batch size, formed layers, kept factors, the check)
         # must agree across ranks: all plan with rank 0's limit and runtime.
-        from aligncollapse.geometry.memory import runtime_bytes
-
-        limit, runtime = broadcast_object(
-            (s.max_memory, runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes)
-        )
+        limit, runtime = broadcast_object((s.max_memory, planned_runtime(model, s)))
         s = replace(s, max_memory=limit, runtime_bytes=runtime)
     if resolve_method(model, tokenizer, safety, finetune, s) == "sample":
         from aligncollapse.scan.sample_space import measure_aic_sample
@@ -347,7 +352,7 @@ def plan_memory(
     T is the longest fine-tuning sequence or safety prompt plus the 32 generated tokens. ``quiet``:
     the plan only, neither logged nor checked."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.memory import log_and_check, model_shape, runtime_bytes, scan_memory_plan
+    from aligncollapse.geometry.memory import log_and_check, model_shape, scan_memory_plan
 
     prompt_lens = [
         len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
@@ -359,7 +364,7 @@ def plan_memory(
         batch_size=s.batch_size, k=k, optimizer=s.optimizer,
     )  # fmt: skip
     plan["batch_size"] = s.batch_size
-    plan["runtime_bytes"] = runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes
+    plan["runtime_bytes"] = planned_runtime(model, s)
     if quiet:
         return plan
     return log_and_check(plan, s.max_memory, s.max_memory_flag)

@@ -565,7 +565,6 @@ def plan_memory_sample(
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.memory import (
         model_shape,
-        runtime_bytes,
         sample_scan_memory_plan,
     )
 
@@ -587,7 +586,7 @@ def plan_memory_sample(
             logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
         )  # fmt: skip
 
-    runtime = runtime_bytes(model) if s.runtime_bytes is None else s.runtime_bytes
+    runtime = _aic.planned_runtime(model, s)
     if quiet:
         return {**planned(False), "runtime_bytes": runtime}
     # Keep the fine-tuning factors to the end (one pass fewer) when that plan fits the limit.
