@@ -169,3 +169,43 @@ def test_finetune_plan_shards_and_buckets():
     gpu = finetune_memory_plan(SHAPE, shards=2, accelerator=True, **units, **kw)
     assert gpu["stages"]["checkpoint"] == resident(2) - cache and gpu["host_bytes"] == 3 * n + cache
     assert W > 3 * n  # (the shape the LoRA-like case needs)
+
+
+def _llama(tied: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=32)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def test_model_shape_counts_a_selected_tied_embedding():
+    from aligncollapse.geometry.memory import model_shape
+
+    tied, untied = _llama(True), _llama(False)
+    assert model_shape(tied, dict(tied.named_parameters())).tied == 96 * 16
+    assert model_shape(untied, dict(untied.named_parameters())).tied == 0
+    no_embedding = {k: p for k, p in tied.named_parameters() if "embed" not in k}
+    assert model_shape(tied, no_embedding).tied == 0  # not differentiated: no transient
+
+
+def test_tied_gradient_transient_is_in_the_gradient_stages_only():
+    from aligncollapse.geometry.memory import sample_scan_memory_plan
+
+    tied = ModelShape(**{**SHAPE.__dict__, "tied": 32000 * 256})
+    extra = 2 * 32000 * 256 * 4
+    a, b = (
+        scan_memory_plan(tied, **{"n_safety": 32, "n_finetune": 64, "seq_len": 128, "batch_size": 16, "k": 17}),
+        _plan(),
+    )
+    assert {k: a["stages"][k] - b["stages"][k] for k in a["stages"]} == {
+        "generate": 0, "lanczos": extra, "per_sample": 16 * extra, "hessian": extra, "statistics": 0}  # fmt: skip
+    kw = dict(n_safety=8, n_finetune=16, seq_len=64, batch_size=2, samples=2, tokens_safety=400, tokens_finetune=800,
+              floats_per_token=5000, explicit_numel=1000)  # fmt: skip
+    a, b = sample_scan_memory_plan(tied, **kw), sample_scan_memory_plan(SHAPE, **kw)
+    moved = {k for k in a["stages"] if a["stages"][k] != b["stages"][k]}
+    assert moved == {"hessian", "fisher_products", "null"}
+    assert all(a["stages"][k] - b["stages"][k] == extra for k in moved)
+

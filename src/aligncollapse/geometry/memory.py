@@ -14,18 +14,20 @@ Building blocks:
   keeps for its backward (projections, norms, residuals; the MLP's gate, up, activation and
   product; attention scores and probabilities in float32), plus the logits (in the model's dtype,
   upcast to float32, log-softmax and its gradient).
+* t_g      = 2·V·h·b when a tied input/output embedding is selected, else 0 (:func:`tied_gradient_bytes`):
+  added to every stage that differentiates the weights (a gradient, a vjp, a double backward).
 
 Stages, in the scan's order (each includes W; from the Lanczos stage on, the k·n·8 eigenvector basis
 stays resident, and from the fine-tuning side on, R = 12·n·8 for g, H g, H²g, F g, F Hg and their
 float64 copies):
 
 * generate   W + 2·L·B·T·h·b + B·T·V·4                      (KV cache and one step's logits)
-* lanczos    W + (ncv + k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4
+* lanczos    W + (ncv + k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4 + t_g
              (ARPACK's basis, Ritz vectors and workspace; the GGN product's tangents, output and
              pulled-back gradient; jvp keeps primal and tangent activations, vjp its own; p, Jv, H Jv)
-* per_sample W + k·n·8 + M·n·(b + 8) + c·n·b + 2·c·act(1)   (G in the model's dtype and its float64
+* per_sample W + k·n·8 + M·n·(b + 8) + c·n·b + 2·c·act(1) + c·t_g   (G in the model's dtype and its float64
              copy, alive together while converting; one chunk's vmapped gradients and activations)
-* hessian    W + k·n·8 + R + M·n·8 + 6·n·a + 3·act(B)       (G is resident while H g, H²g and the
+* hessian    W + k·n·8 + R + M·n·8 + 6·n·a + 3·act(B) + t_g (G is resident while H g, H²g and the
              bootstrap's per-example H_n g are computed; double backward keeps the first backward's
              graph, about three forward passes' worth; v, Hv, the gradients)
 * statistics W + k·n·8 + R + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4
@@ -60,6 +62,8 @@ class ModelShape:
     heads: int
     vocab: int
     dtype_bytes: int
+    # numel of a selected weight shared by the input embedding and the output head (tied), else 0
+    tied: int = 0
 
 
 def _cfg(cfg, *names: str, default: int | None = None) -> int:
@@ -79,6 +83,9 @@ def model_shape(model, params) -> ModelShape:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden = _cfg(cfg, "hidden_size", "n_embd", "d_model")
     first = next(iter(params.values()))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    ew, hw = getattr(emb, "weight", None), getattr(head, "weight", None)
+    tied = ew is not None and ew is hw and any(p is ew for p in params.values())
     return ModelShape(
         n=sum(p.numel() for p in params.values()),
         n_total=sum(p.numel() for p in model.parameters()),
@@ -88,7 +95,16 @@ def model_shape(model, params) -> ModelShape:
         heads=_cfg(cfg, "num_attention_heads", "n_head", "num_heads"),
         vocab=_cfg(cfg, "vocab_size", default=emb.weight.shape[0] if emb is not None else None),
         dtype_bytes=first.element_size(),
+        tied=ew.numel() if tied else 0,
     )
+
+
+def tied_gradient_bytes(s: ModelShape) -> int:
+    """What a backward pass that differentiates a tied embedding holds beyond the gradient itself:
+    autograd computes the head's and the lookup's V × h gradients separately and sums them out of
+    place, so two more V × h tensors exist at once (measured on CPU, torch 2.13: 1.96 GiB at a
+    128,256-row float32 embedding, about 2 such tensors at h = 512 and 1024). 2·V·h·b when the tied weight is selected, else 0."""
+    return 2 * s.tied * s.dtype_bytes
 
 
 def activation_bytes(s: ModelShape, batch: int, seq: int) -> int:
@@ -135,11 +151,12 @@ def scan_memory_plan(
     R = 12 * n * 8
     Bs, Bf = max(1, min(batch_size, n_safety)), max(1, min(batch_size, M))
     c = max(1, min(chunk_size, M))
+    tg = tied_gradient_bytes(s)
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
-        "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4,
-        "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T),
-        "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T),
+        "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4 + tg,
+        "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T) + c * tg,
+        "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T) + tg,
         "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
     }
     inputs = {**asdict(s), "N": n_safety, "M": M, "T": T, "batch_size": batch_size, "k": k, "ncv": ncv,
@@ -191,7 +208,7 @@ def finetune_memory_plan(
     """Peak bytes of :func:`aligncollapse.training.finetune.finetune` (n = trainable parameters), per rank.
 
     * train          W + n·b (gradients) + o·n·b (optimizer state) + Trk + D_held
-                     + max(act(B), [snapshot] n·b + o'·n·b + D_transient)
+                     + max(act(B) + t_g, [snapshot] n·b + o'·n·b + D_transient)
     * defense_setup  W + D_setup                                           (with a defense)
 
     The activations live until the backward pass ends; the snapshot (the trainable weights before
@@ -212,7 +229,7 @@ def finetune_memory_plan(
     before the reduce-scatter; its share of a batch is ⌈B/w⌉ sequences:
 
     * train (w > 1)  (W + n·b + o·n·b + n·b [Trk])/w + tokens·V·4 [Trk] + 2·(root + 2·block)·b
-                     + max(act(⌈B/w⌉), o'·n·b/w)
+                     + max(act(⌈B/w⌉) + t_g, o'·n·b/w)
     * checkpoint     the train stage's shards + max((1 + o)·n·b, S) on rank 0: the full trainable
                      weights and optimiser state a checkpoint gathers, or what the final save gathers
                      (S = W for full fine-tuning, n·b for LoRA's adapter), in host memory
@@ -240,7 +257,7 @@ def finetune_memory_plan(
         # rank 0's full copy for a checkpoint, or for the final save (the adapter alone for LoRA)
         gathered = max(n * b + state, W if n == s.n_total else n * b)
         stages = {
-            "train": resident + unsharded + max(act, temp // w),
+            "train": resident + unsharded + max(act + tied_gradient_bytes(s), temp // w),
             "checkpoint": resident + (0 if accelerator else gathered),
         }
     else:
@@ -248,7 +265,7 @@ def finetune_memory_plan(
         after_backward = (n * b if snapshot else 0) + temp + d.get("transient", 0)
         stages = {
             "train": W + n * b + state + tracker + d.get("held", 0) + (n * b if ddp else 0)
-            + max(activation_bytes(s, batch_size, T), after_backward),
+            + max(activation_bytes(s, batch_size, T) + tied_gradient_bytes(s), after_backward),
         }  # fmt: skip
     host = d.get("setup_host", 0) if accelerator else 0  # on a GPU, host memory is not the device's
     if shards > 1 and accelerator:
@@ -300,11 +317,11 @@ def sample_scan_memory_plan(
     * finetune   W + Fac_S + Fac_M + act(B) + n·a + 36·chunk + P·(NS + M)·M·8
                  (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
                  product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
-    * hessian    W + Fac_S + v_H·n·a + 3·act(r₄)                   (g, H g, the product, the double
+    * hessian    W + Fac_S + v_H·n·a + 3·act(r₄) + t_g             (g, H g, the product, the double
                  backward's gradient and H v; then H(Hg) by differences: g, H g, the weights'
                  backup, the difference's accumulator and a batch's gradients; v_H = 5 for SGD, 8
                  with AdamW's D, D g and the second product H g, which shares D g's pass)
-    * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L             (g, H g, F g, F Hg, the vjp's output
+    * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L + t_g       (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
     * expansion  W + Fac_S + v_E·n·a + 4·act(r₈) + 14·r₈·T·V·8     (F g, F Hg and the forms in one pass:
                  g, H g, both accumulators, the vjp's output; jvps of the logits, the shared vjp's
@@ -313,7 +330,7 @@ def sample_scan_memory_plan(
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
                  and their difference (both sets' rows);
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
-    * null       W + Fac_S + v_N·n·a + act(B)                     (g, H g kept for the result; the shuffled
+    * null       W + Fac_S + v_N·n·a + act(B) + t_g               (g, H g kept for the result; the shuffled
                  set's g', the weights' backup, the difference's accumulator and a batch's
                  gradients; v_N = 6, 8 with AdamW's D and raw g)
 
@@ -346,17 +363,18 @@ def sample_scan_memory_plan(
     r8 = min(Bs, max(1, logits_chunk_bytes // (T * V * 8)))
     L = r4s * T * V * 4
     kept = fac_m if keep_finetune_factors else 0
+    tg = tied_gradient_bytes(s)  # the stages whose passes differentiate the weights
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
         "scores": W + fac_s + act + 2 * Bs * T * V * 8,
         "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
         + n_param_blocks * (N * samples + M) * M * 8,
-        "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T),
-        "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L,
+        "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T) + tg,
+        "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L + tg,
         "expansion": W + fac_v + kept + (7 if adam else 5) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
-        "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T),
+        "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T) + tg,
     }  # fmt: skip
     inputs = {**asdict(s), "N": N, "M": M, "T": T, "S": samples, "batch_size": batch_size,
               "tokens_safety": tokens_safety, "tokens_finetune": tokens_finetune,
@@ -436,6 +454,7 @@ def fisher_memory_plan(
         n_g = group_bytes // max(1, N * b)
         grams = (n_blocks + 2) * N * N * 8
         chunk = 2 * c * n_g * b + 2 * activation_bytes(s, c, T)  # vmapped per-parameter gradients and their cat
+        chunk += c * tied_gradient_bytes(s)
         stages["exact"] = W + group_bytes + chunk + grams + 2 * N * 8192 * 8 + n * k * 8
         if groups > 1:
             stages["lift"] = W + group_bytes + chunk + n * k * 8 + n_g * k * 8
@@ -443,7 +462,12 @@ def fisher_memory_plan(
         B = max(1, min(batch_size, N))
         ncv = min(n, max(2 * k + 1, 20))
         stages["lanczos"] = (
-            W + (ncv + 2 * k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, B, T) + 3 * B * T * V * 4
+            W
+            + (ncv + 2 * k + 4) * n * 8
+            + 3 * n * a
+            + 3 * activation_bytes(s, B, T)
+            + 3 * B * T * V * 4
+            + tied_gradient_bytes(s)
         )
     elif method == "projected":
         c = max(1, min(projection_chunk, N))
@@ -455,7 +479,9 @@ def fisher_memory_plan(
             )  # as the projector
             k_in = max(1, projection_dim // k_out)
             factors = sum((k_out * d_out + k_in * d_in) * 8 for d_out, d_in in linear_shapes)
-            stages["projected"] = W + s.n_total * b + activation_bytes(s, c, T) + hooked + rows + factors
+            stages["projected"] = (
+                W + s.n_total * b + activation_bytes(s, c, T) + tied_gradient_bytes(s) + hooked + rows + factors
+            )
         else:
             d_max = max((o * i for o, i in linear_shapes), default=0)
             block = projector_chunk_bytes * max(b, 4) // 4  # 64 MB of float32 columns, in the gradients' dtype
@@ -466,7 +492,7 @@ def fisher_memory_plan(
     if representation_tokens:
         B, R = max(1, min(batch_size, N)), representation_tokens
         factors = 8 * R * sum(d_in + d_out for d_out, d_in in linear_shapes)
-        capture = s.n_total * b + activation_bytes(s, B, T)
+        capture = s.n_total * b + activation_bytes(s, B, T) + tied_gradient_bytes(s)
         per_module = max(16 * R * min(R, o) + 8 * o * o + 24 * o * i for o, i in linear_shapes)
         per_module += 40 * min(gram_chunk, R * R)
         if representation_on_host:  # the factors and the analysis live in host RAM, not on the accelerator
