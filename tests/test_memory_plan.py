@@ -209,3 +209,44 @@ def test_tied_gradient_transient_is_in_the_gradient_stages_only():
     assert moved == {"hessian", "fisher_products", "null"}
     assert all(a["stages"][k] - b["stages"][k] == extra for k in moved)
 
+
+def test_gradient_passes_free_each_batch_before_the_next(monkeypatch, micro_model_dir):
+    """A batch's gradients (an n-vector) must be gone before the next batch's backward: kept, they
+    were one n-vector above the plan at every gradient stage (measured on a 384M model)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.data.examples import Example
+    from aligncollapse.geometry import curvature
+    from aligncollapse.models import load_model
+
+    model, tok = load_model(str(micro_model_dir), device="cpu", dtype="float32")
+    params = dict(model.named_parameters())
+    data = EncodedSet(
+        tok,
+        [
+            Example(prompt=p, response="sure here is step one")
+            for p in ("how do i rob a store", "bake bread", "how do i bake", "rob a store")
+        ],
+        "raw",
+    )
+    alive: list[list[weakref.ref]] = []
+    real = torch.autograd.grad
+
+    def grad(*a, **k):
+        gc.collect()
+        if alive:
+            assert all(r() is None for r in alive[-1]), "the previous batch's gradients are still alive"
+        out = real(*a, **k)
+        if not k.get("create_graph"):
+            alive.append([weakref.ref(t) for t in out if t is not None])
+        return out
+
+    monkeypatch.setattr(curvature.torch.autograd, "grad", grad)
+    op = curvature.FinetuneLoss(model, params, data, batch_size=1)
+    _, g = op.value_and_grad()
+    assert len(alive) == 4
+    curvature.HessianOperator(model, params, data, batch_size=1).matvec_by_differences(g)

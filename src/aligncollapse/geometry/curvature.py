@@ -175,6 +175,9 @@ class FinetuneLoss(CurvatureOperator):
             grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
             self._accumulate(g, grads, alpha)  # block by block: no flat copy of the gradient
             val += loss.detach().to(torch.float64)
+            # Freed before the next batch's backward, which would otherwise run beside this batch's
+            # gradients: one n-vector more at the peak (1.43 GiB, measured on a 384M model).
+            del grads, loss
         self.model.train(was)
         if not reduce:
             return float(val), g
@@ -520,6 +523,7 @@ class FisherOperator(_FunctionalMixin, CurvatureOperator):
             _, gv = jvp(fn, self._primals(), vs)
             _, pull = vjp(fn, *self._primals())
             out += torch.cat([t.reshape(-1) for t in pull(gv)]).to(self.acc_dtype) / N
+            del pull, gv  # the vjp's saved activations, not beside the next batch's
         self.model.train(was)
         return self._reduce(out)
 

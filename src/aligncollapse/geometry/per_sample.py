@@ -57,6 +57,7 @@ class PerSampleGradients:
                         ]
                     )
                 )
+                del gs, loss  # not beside the next example's backward
             return torch.stack(rows)
         sel = {n: p.detach() for n, p in self.params.items()}
         with torch.no_grad():  # torch.func.grad ignores it; it keeps unselected weights out of any graph
