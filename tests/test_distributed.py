@@ -100,6 +100,29 @@ def test_distributed_products_match_one_process(tmp_path, micro_model_dir):
     assert torch.all(overlap > 1 - 1e-5), overlap
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "micro_model_dir"])
+def test_distributed_fsdp_factors_match_the_whole_model(tmp_path, request, model):
+    """The factored per-example gradients of a model sharded with FSDP2 over 2 processes give the whole
+    model's Gram (every parameter: a tied embedding and head for the tiny model, norm gains gathered
+    whole): the base a sharded sample-space scan builds on."""
+    two = _torchrun(str(TESTS / "distributed_sharded_ghost.py"), str(request.getfixturevalue(model)), str(tmp_path))
+    assert two.returncode == 0, two.stderr[-2000:]
+    r0, r1 = (torch.load(tmp_path / f"gram{r}.pt") for r in (0, 1))
+    assert r0["world_size"] == 2 and r0["units"] >= 2
+    total = sum(p.numel() for p in _load(request.getfixturevalue(model)).parameters())
+    assert r0["local"] + r1["local"] == total and 0 < r0["local"] < total  # the weights really are split
+    for r in (r0, r1):
+        assert r["whole"].shape[0] == r["whole"].shape[1] >= 6 and float(r["whole"].norm()) > 0
+        assert _rel(r["sharded"], r["whole"]) < 1e-12
+    assert torch.equal(r0["sharded"], r1["sharded"])
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
 def _scan_one_and_two(tmp_path, args: list[str]):
     """results.json of ``args`` in this process and under torchrun with 2 processes, and the run."""
     assert main([*args, "--out", str(tmp_path / "one")]) == 0

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, vjp, vmap
 
+from aligncollapse.distributed import full
 from aligncollapse.errors import UserError
 
 _FORMED = ("explicit", "linear_dense", "embedding_dense")  # sites whose per-example gradients are stored formed
@@ -322,11 +323,13 @@ class GhostGradients:
         return out.reshape(B, -1)
 
     def _explicit_grads(self, mod, site: _Site, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """[B, numel] per-example gradients of the selected direct parameters of a small module."""
+        """[B, numel] per-example gradients of the selected direct parameters of a small module. On a
+        model sharded with FSDP the module's parameters are gathered whole first (a collective: every
+        rank collects the same batches in the same order; these modules are small, e.g. norm gains)."""
         prefix = site.module + "." if site.module else ""
         local = dict(mod.named_parameters(recurse=False))
         keys = [n[len(prefix) :] for n in site.explicit]
-        primals = tuple(local[k].detach() for k in keys)
+        primals = tuple(full(local[k].detach()) for k in keys)
 
         def one(xi, di):
             def f(*ps):
