@@ -189,6 +189,11 @@ def test_model_shape_counts_a_selected_tied_embedding():
     assert model_shape(untied, dict(untied.named_parameters())).tied == 0
     no_embedding = {k: p for k, p in tied.named_parameters() if "embed" not in k}
     assert model_shape(tied, no_embedding).tied == 0  # not differentiated: no transient
+    # ... except by passes that call backward() on the whole model, while the weight requires grad
+    assert model_shape(tied, no_embedding).tied_trainable == 96 * 16
+    assert model_shape(untied, dict(untied.named_parameters())).tied_trainable == 0
+    tied.get_input_embeddings().weight.requires_grad_(False)  # a frozen base (LoRA): never differentiated
+    assert model_shape(tied, no_embedding).tied_trainable == 0
 
 
 def test_tied_gradient_transient_is_in_the_gradient_stages_only():
@@ -201,13 +206,30 @@ def test_tied_gradient_transient_is_in_the_gradient_stages_only():
         _plan(),
     )
     assert {k: a["stages"][k] - b["stages"][k] for k in a["stages"]} == {
-        "generate": 0, "lanczos": extra, "per_sample": 16 * extra, "hessian": extra, "statistics": 0}  # fmt: skip
+        "generate": 0, "lanczos": extra, "per_sample": 16 * extra, "hessian": extra, "statistics": extra}  # fmt: skip
     kw = dict(n_safety=8, n_finetune=16, seq_len=64, batch_size=2, samples=2, tokens_safety=400, tokens_finetune=800,
               floats_per_token=5000, explicit_numel=1000)  # fmt: skip
     a, b = sample_scan_memory_plan(tied, **kw), sample_scan_memory_plan(SHAPE, **kw)
     moved = {k for k in a["stages"] if a["stages"][k] != b["stages"][k]}
-    assert moved == {"hessian", "fisher_products", "null"}
+    assert moved == {"hessian", "fisher_products", "expansion", "null"}
     assert all(a["stages"][k] - b["stages"][k] == extra for k in moved)
+
+
+def test_whole_model_backward_passes_plan_the_tied_transient_unselected():
+    """The Kronecker projection and the representation capture call backward() on the whole model:
+    a tied embedding that requires grad is differentiated there even when it is not selected."""
+    from aligncollapse.geometry.memory import fisher_memory_plan
+
+    extra = 2 * 32000 * 256 * 4
+    kw = {"n_examples": 32, "seq_len": 64, "top_k": 8, "group_bytes": 32 * 10**6 * 4, "groups": 1, "n_blocks": 10,
+          "linear_shapes": [(256, 256)] * 4, "representation_tokens": 500}  # fmt: skip
+    for method, projection, moved in (("projected", "kronecker", {"projected", "representation"}),
+                                      ("projected", "rademacher", {"representation"}),
+                                      ("exact", "rademacher", {"representation"})):  # fmt: skip
+        shapes = (ModelShape(**{**SHAPE.__dict__, "tied_trainable": 32000 * 256}), SHAPE)
+        a, b = (fisher_memory_plan(sh, method=method, projection=projection, **kw) for sh in shapes)
+        diff = {k: a["stages"][k] - b["stages"][k] for k in a["stages"]}
+        assert {k for k, v in diff.items() if v} == moved and all(diff[k] == extra for k in moved), (method, diff)
 
 
 def test_gradient_passes_free_each_batch_before_the_next(monkeypatch, micro_model_dir):

@@ -15,7 +15,9 @@ Building blocks:
   product; attention scores and probabilities in float32), plus the logits (in the model's dtype,
   upcast to float32, log-softmax and its gradient).
 * t_g      = 2·V·h·b when a tied input/output embedding is selected, else 0 (:func:`tied_gradient_bytes`):
-  added to every stage that differentiates the weights (a gradient, a vjp, a double backward).
+  added to every stage that differentiates the weights (a gradient, a vjp, a double backward); a
+  pass that calls ``backward()`` on the whole model adds it whenever the tied weight requires grad,
+  selected or not.
 
 Stages, in the scan's order (each includes W; from the Lanczos stage on, the k·n·8 eigenvector basis
 stays resident, and from the fine-tuning side on, R = 12·n·8 for g, H g, H²g, F g, F Hg and their
@@ -30,9 +32,10 @@ float64 copies):
 * hessian    W + k·n·8 + R + M·n·8 + 6·n·a + 3·act(B) + t_g (G is resident while H g, H²g and the
              bootstrap's per-example H_n g are computed; double backward keeps the first backward's
              graph, about three forward passes' worth; v, Hv, the gradients)
-* statistics W + k·n·8 + R + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4
+* statistics W + k·n·8 + R + (2 + 2·[adamw])·M·n·8 + M²·8 + 3·B·k·T·V·4 + t_g
              (G, one scaled copy (noise trace, AdamW's D·G), AdamW's residuals r and r², the Gram
-             matrix G Gᵀ, and the per-prompt Gram's Jacobian-basis products [B, k, T, V])
+             matrix G Gᵀ, and the per-prompt Gram's Jacobian-basis products [B, k, T, V]; the noise
+             trace's Fisher products differentiate the weights)
 
 The plan is an estimate of the tensors the scan allocates; allocator slack and the framework's own
 memory (a few hundred MB on the CPU, the CUDA context on a GPU) come on top.
@@ -64,6 +67,9 @@ class ModelShape:
     dtype_bytes: int
     # numel of a selected weight shared by the input embedding and the output head (tied), else 0
     tied: int = 0
+    # the same for a tied weight that requires grad, selected or not (passes that call backward() on
+    # the whole model differentiate it: the Kronecker projection, the representation capture)
+    tied_trainable: int = 0
 
 
 def _cfg(cfg, *names: str, default: int | None = None) -> int:
@@ -85,7 +91,8 @@ def model_shape(model, params) -> ModelShape:
     first = next(iter(params.values()))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     ew, hw = getattr(emb, "weight", None), getattr(head, "weight", None)
-    tied = ew is not None and ew is hw and any(p is ew for p in params.values())
+    shared = ew is not None and ew is hw
+    tied = shared and any(p is ew for p in params.values())
     return ModelShape(
         n=sum(p.numel() for p in params.values()),
         n_total=sum(p.numel() for p in model.parameters()),
@@ -96,15 +103,18 @@ def model_shape(model, params) -> ModelShape:
         vocab=_cfg(cfg, "vocab_size", default=emb.weight.shape[0] if emb is not None else None),
         dtype_bytes=first.element_size(),
         tied=ew.numel() if tied else 0,
+        tied_trainable=ew.numel() if shared and ew.requires_grad else 0,
     )
 
 
-def tied_gradient_bytes(s: ModelShape) -> int:
+def tied_gradient_bytes(s: ModelShape, whole: bool = False) -> int:
     """What a backward pass that differentiates a tied embedding holds beyond the gradient itself:
     autograd computes the head's and the lookup's V × h gradients separately and sums them out of
     place, so two more V × h tensors exist at once (measured on CPU, torch 2.13: 1.96 GiB at a
-    128,256-row float32 embedding, about 2 such tensors at h = 512 and 1024). 2·V·h·b when the tied weight is selected, else 0."""
-    return 2 * s.tied * s.dtype_bytes
+    128,256-row float32 embedding, about 2 such tensors at h = 512 and 1024). 2·V·h·b when the tied weight
+    is selected (``whole``: when it requires grad, for passes that call ``backward()`` on the whole
+    model), else 0."""
+    return 2 * (s.tied_trainable if whole else s.tied) * s.dtype_bytes
 
 
 def activation_bytes(s: ModelShape, batch: int, seq: int) -> int:
@@ -157,7 +167,8 @@ def scan_memory_plan(
         "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4 + tg,
         "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T) + c * tg,
         "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T) + tg,
-        "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4,
+        "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4
+        + tg,
     }
     inputs = {**asdict(s), "N": n_safety, "M": M, "T": T, "batch_size": batch_size, "k": k, "ncv": ncv,
               "chunk_size": chunk_size, "optimizer": optimizer}  # fmt: skip
@@ -323,9 +334,9 @@ def sample_scan_memory_plan(
                  with AdamW's D, D g and the second product H g, which shares D g's pass)
     * fisher     W + Fac_S + v_F·n·a + 3·act(r₄) + 3·L + t_g       (g, H g, F g, F Hg, the vjp's output
                  and the accumulator; v_F = 6, 8 with AdamW)
-    * expansion  W + Fac_S + v_E·n·a + 4·act(r₈) + 14·r₈·T·V·8     (F g, F Hg and the forms in one pass:
-                 g, H g, both accumulators, the vjp's output; jvps of the logits, the shared vjp's
-                 activations and the float64 forms; v_E = 5, 7 with AdamW)
+    * expansion  W + Fac_S + v_E·n·a + 4·act(r₈) + 14·r₈·T·V·8 + t_g  (F g, F Hg and the forms in one
+                 pass: g, H g, both accumulators, the vjp's output; jvps of the logits, the shared
+                 vjp's activations and the float64 forms; v_E = 5, 7 with AdamW)
     * differences W + Fac_S + 4·Fac_M/⌈M/B⌉ + v_D·n·a + act(B) + 36·chunk
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
                  and their difference (both sets' rows);
@@ -371,7 +382,8 @@ def sample_scan_memory_plan(
         + n_param_blocks * (N * samples + M) * M * 8,
         "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T) + tg,
         "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L + tg,
-        "expansion": W + fac_v + kept + (7 if adam else 5) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8,
+        "expansion": W + fac_v + kept + (7 if adam else 5) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8
+        + tg,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
         "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T) + tg,
@@ -419,17 +431,18 @@ def fisher_memory_plan(
     R the safety set's tokens:
 
     * generate    W + 2·L·B_g·T·h·b + B_g·T·V·4                  (sampled Fisher: KV cache, logits)
-    * exact       W + G_max + 2·c·n_g·b + 2·act(c) + (P_b + 2)·N²·8 + 2·N·8192·8 + n·k·8  (P_b parameter blocks)
+    * exact       W + G_max + 2·c·n_g·b + 2·act(c) + c·t_g + (P_b + 2)·N²·8 + 2·N·8192·8 + n·k·8  (P_b parameter blocks)
                   (G, one vmapped chunk's gradients (per parameter, then concatenated) and activations, the per-block and total Grams,
                   float64 column scratch, the lifted basis; two groups or more: a second pass holds
                   G_max again beside the basis)
-    * lanczos     W + (ncv + 2k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4   (the scan's Lanczos stage, plus
+    * lanczos     W + (ncv + 2k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4 + t_g  (the scan's Lanczos stage, plus
                   the k Ritz vectors' reordered copy)
     * projected   rademacher: W + c'·d_max·b + 2·act(c') + 2·chunk_R + P·N·K·b   (one module's chunk of
                   per-sample gradients, a projector column block and its product, the projected rows);
-                  kronecker: W + n_tot·b + act(c') + Σ_m c'·T·d_out·b + P·N·K·b + Σ_m (k_o·d_out + k_i·d_in)·8
-                  (the batch's parameter gradients, hooked output gradients, the rows, the factors)
-    * representation W + 8·R·Σ_m (d_in + d_out) + max(n_tot·b + act(B),
+                  kronecker: W + n_tot·b + act(c') + t_g' + Σ_m c'·T·d_out·b + P·N·K·b + Σ_m (k_o·d_out + k_i·d_in)·8
+                  (the batch's parameter gradients, hooked output gradients, the rows, the factors;
+                  t_g' = t_g of the whole model's backward: the tied weight requires grad)
+    * representation W + 8·R·Σ_m (d_in + d_out) + max(n_tot·b + act(B) + t_g',
                   max_m (16·R·min(R, d_out) + 8·d_out² + 24·d_out·d_in) + 40·min(chunk, R²))
                   (every module's token-level inputs and output gradients in float64, kept for the
                   analysis; while capturing, the batch's parameter gradients and activations; then per
@@ -480,7 +493,7 @@ def fisher_memory_plan(
             k_in = max(1, projection_dim // k_out)
             factors = sum((k_out * d_out + k_in * d_in) * 8 for d_out, d_in in linear_shapes)
             stages["projected"] = (
-                W + s.n_total * b + activation_bytes(s, c, T) + tied_gradient_bytes(s) + hooked + rows + factors
+                W + s.n_total * b + activation_bytes(s, c, T) + tied_gradient_bytes(s, whole=True) + hooked + rows + factors
             )
         else:
             d_max = max((o * i for o, i in linear_shapes), default=0)
@@ -492,7 +505,7 @@ def fisher_memory_plan(
     if representation_tokens:
         B, R = max(1, min(batch_size, N)), representation_tokens
         factors = 8 * R * sum(d_in + d_out for d_out, d_in in linear_shapes)
-        capture = s.n_total * b + activation_bytes(s, B, T) + tied_gradient_bytes(s)
+        capture = s.n_total * b + activation_bytes(s, B, T) + tied_gradient_bytes(s, whole=True)
         per_module = max(16 * R * min(R, o) + 8 * o * o + 24 * o * i for o, i in linear_shapes)
         per_module += 40 * min(gram_chunk, R * R)
         if representation_on_host:  # the factors and the analysis live in host RAM, not on the accelerator
