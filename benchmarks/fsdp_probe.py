@@ -5,7 +5,8 @@
 A 2-layer tied Llama (float64, eager attention) is sharded over the ranks (one unit per decoder layer
 and the root, as :func:`aligncollapse.distributed.shard_model` does) next to a whole copy. Each
 primitive the scan uses is tried on the sharded copy and compared with the whole one; rank 0 prints
-one line per primitive: ``works`` with its relative error, or ``fails`` with the error.
+one line per primitive: ``works`` with its relative error, ``WRONG`` when it runs but its result is off
+by more than 1e-3, or ``fails`` with the error.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def main() -> None:
     rows: list[str] = []
 
     def probe(name, fn):
+        """``fn`` returns its text, led by its relative error: above 1e-3 the primitive runs but is wrong."""
         try:
-            rows.append(f"{name}: works, {fn()}")
+            text = fn()
+            err = float(text.split("relative error ")[1].split()[0].rstrip(",")) if "relative error" in text else 0.0
+            rows.append(f"{name}: {'works' if err < 1e-3 else 'WRONG'}, {text}")
         except Exception as e:  # noqa: BLE001 - the point is to report what fails
             rows.append(f"{name}: fails, {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
@@ -67,7 +71,17 @@ def main() -> None:
     def autograd_params():
         return torch.autograd.grad(sharded(ids, labels=ids).loss, list(sharded.parameters()))
 
-    probe("torch.autograd.grad w.r.t. the parameters (HVPs, exact per-example passes)", autograd_params)
+    probe("torch.autograd.grad w.r.t. the parameters (HVPs, FinetuneLoss)", autograd_params)
+
+    def func_grad():
+        from torch.func import functional_call, grad
+
+        params = {k: p.detach() for k, p in sharded.named_parameters()}
+        g = grad(lambda p: functional_call(sharded, p, (ids,), {"labels": ids}).loss)(params)
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in g.values()]
+        return rel(local, gw)
+
+    probe("torch.func.grad through the parameters (per-example gradients, per_sample)", func_grad)
 
     def jvp():
         from torch.func import functional_call
