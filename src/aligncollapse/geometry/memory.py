@@ -167,7 +167,12 @@ def scan_memory_plan(
         "lanczos": W + (ncv + k + 4) * n * 8 + 3 * n * a + 3 * activation_bytes(s, Bs, T) + 3 * Bs * T * V * 4 + tg,
         "per_sample": W + basis + M * n * (b + 8) + c * n * b + 2 * c * activation_bytes(s, 1, T) + c * tg,
         "hessian": W + basis + R + M * n * 8 + 6 * n * a + 3 * activation_bytes(s, Bf, T) + tg,
-        "statistics": W + basis + R + (2 + 2 * (optimizer == "adamw")) * M * n * 8 + M * M * 8 + 3 * Bs * k * T * V * 4
+        "statistics": W
+        + basis
+        + R
+        + (2 + 2 * (optimizer == "adamw")) * M * n * 8
+        + M * M * 8
+        + 3 * Bs * k * T * V * 4
         + tg,
     }
     inputs = {**asdict(s), "N": n_safety, "M": M, "T": T, "batch_size": batch_size, "k": k, "ncv": ncv,
@@ -493,7 +498,13 @@ def fisher_memory_plan(
             k_in = max(1, projection_dim // k_out)
             factors = sum((k_out * d_out + k_in * d_in) * 8 for d_out, d_in in linear_shapes)
             stages["projected"] = (
-                W + s.n_total * b + activation_bytes(s, c, T) + tied_gradient_bytes(s, whole=True) + hooked + rows + factors
+                W
+                + s.n_total * b
+                + activation_bytes(s, c, T)
+                + tied_gradient_bytes(s, whole=True)
+                + hooked
+                + rows
+                + factors
             )
         else:
             d_max = max((o * i for o, i in linear_shapes), default=0)
