@@ -349,7 +349,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
                     mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
                     p = F.softmax(logits[:, :-1], -1)
                     self._accumulate(out, pull(_output_hessian_times(p, jv, mask, total).to(logits.dtype)))
-                    del p, jv
+                    del p, jv, logits, mask  # not alive into the next vector's jvp or the next chunk's forward
                 del pull
         self.model.train(was)
         return [self._reduce(out) for out in outs]
