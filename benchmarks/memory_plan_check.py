@@ -1,6 +1,7 @@
 """Planned vs measured peak memory of a scan, or of ``fisher``, on a ~4M-parameter random Llama (CPU).
 
     PYTHONPATH=src python benchmarks/memory_plan_check.py [--finetune 16] [--safety 8] [--hidden 256]
+    PYTHONPATH=src python benchmarks/memory_plan_check.py --method sample [--vocab 128256 --tied --layers 1 ...]
     PYTHONPATH=src python benchmarks/memory_plan_check.py --fisher exact|lanczos|kronecker|rademacher [--safety 32]
     PYTHONPATH=src python benchmarks/memory_plan_check.py --defense project-static:d=16,samples=1 [--safety 32]
 
@@ -30,6 +31,12 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=16)
     ap.add_argument("--safety", type=int, default=8)
     ap.add_argument("--max-d", type=int, default=4)
+    ap.add_argument("--method", choices=["exact", "sample"], default="exact", help="the scan's method")
+    ap.add_argument("--vocab", type=int, help="vocabulary rows (default: the organism tokenizer's)")
+    ap.add_argument("--tied", action="store_true", help="tie the input embedding and the LM head")
+    ap.add_argument("--intermediate", type=int, help="MLP width (default 2.6875 x hidden)")
+    ap.add_argument("--fisher-samples", type=int, default=1, help="--method sample: label draws per prompt")
+    ap.add_argument("--batch-size", type=int, default=8, help="the scan's compute batch")
     ap.add_argument("--fisher", choices=["exact", "lanczos", "kronecker", "rademacher"],
                     help="measure `fisher --method ...` (kronecker/rademacher: projected) instead of the scan")  # fmt: skip
     ap.add_argument("--memory-budget", type=float, default=1.0, help="--fisher exact: the grouping budget in GiB")
@@ -59,9 +66,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=int(a.hidden * 2.6875), num_hidden_layers=a.layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, attn_implementation="eager",
+        vocab_size=max(a.vocab or 0, len(tok)), hidden_size=a.hidden, intermediate_size=a.intermediate or int(a.hidden * 2.6875),
+        num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        attn_implementation="eager", tie_word_embeddings=a.tied,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
     n_total = sum(p.numel() for p in model.parameters())
@@ -78,11 +86,14 @@ def main() -> None:
             stage_peak[stage[0]] = max(stage_peak.get(stage[0], 0), rss)
             time.sleep(0.002)
 
-    def tracked(name: str, fn):
-        """``fn`` with the sampler's peaks attributed to stage ``name`` while it runs."""
+    def tracked(name: str, fn, outermost: bool = False):
+        """``fn`` with the sampler's peaks attributed to stage ``name`` while it runs (``outermost``:
+        only when no other tracked stage is running, for functions several stages call)."""
 
         def wrapper(*args, **kwargs):
-            before, stage[0] = stage[0], name
+            before = stage[0]
+            if not outermost or before == "other":
+                stage[0] = name
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -137,9 +148,35 @@ def main() -> None:
         _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total, f"N={len(safety)} safety examples", t0)
         return
 
-    from aligncollapse.geometry.curvature import HessianOperator
+    from aligncollapse.geometry.curvature import GGNOperator, HessianOperator
     from aligncollapse.geometry.per_sample import PerSampleGradients
     from aligncollapse.scan import aic
+
+    if a.method == "sample":
+        from aligncollapse.geometry.ghost import GhostGradients
+        from aligncollapse.scan import sample_space as ss
+
+        aic.reference_data = tracked("generate", aic.reference_data)
+        ss.SampledFisher.__init__ = tracked("scores", ss.SampledFisher.__init__)
+        GhostGradients.collect = tracked("finetune_factors", GhostGradients.collect, outermost=True)
+        for name in ("matvec", "matvecs_many", "matvec_by_differences"):
+            setattr(HessianOperator, name, tracked("hessian", getattr(HessianOperator, name), outermost=True))
+        for name in ("matvec", "matvecs_many"):
+            setattr(GGNOperator, name, tracked("fisher_products", getattr(GGNOperator, name), outermost=True))
+        GGNOperator.products_and_forms = tracked("expansion", GGNOperator.products_and_forms)
+        ss._per_example = tracked("differences", ss._per_example)
+        aic.shuffled_null = tracked("null", aic.shuffled_null)
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        s = ScanSettings(max_d=a.max_d, n_boot=20, hutchinson=4, method="sample", fisher_samples=a.fisher_samples,
+                         batch_size=a.batch_size, blocks=BlockSelection(trainable_only=True))  # fmt: skip
+        res = measure_aic(model, tok, safety, finetune, s)
+        done.set()
+        th.join()
+        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
+                f"N={len(safety)} safety prompts (S={a.fisher_samples}), M={len(finetune)} examples", t0)  # fmt: skip
+        return
 
     aic.reference_data = tracked("generate", aic.reference_data)
     aic.top_eigenpairs = tracked("lanczos", aic.top_eigenpairs)
@@ -169,7 +206,10 @@ def _report(plan: dict, stage_peak: dict, peak: int, base_rss: int, n_total: int
     print(f"model: {n_total / 1e6:.2f}M parameters (all selected), {sizes}, T={i['T']}, V={i['vocab']}"
           + (f", k={i['k']}" if "k" in i else ""))  # fmt: skip
     for name, nbytes in plan["stages"].items():
-        got = stage_peak.get(name, base_rss) - base_rss
+        if name not in stage_peak:  # e.g. the sample scan's F g and F Hg, computed inside the expansion's pass
+            print(f"  {name:<14} planned {format_size(nbytes):>9}  not run as a stage of its own")
+            continue
+        got = stage_peak[name] - base_rss
         print(
             f"  {name:<14} planned {format_size(nbytes):>9}  measured {format_size(got):>9}  ratio {nbytes / got:.2f}"
         )
