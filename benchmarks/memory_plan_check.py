@@ -101,6 +101,16 @@ def main() -> None:
 
         return wrapper
 
+    def measured(run, sizes: str) -> None:
+        """``run()`` (results with a ``memory_plan``) under the sampler, then the per-stage report."""
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        res = run()
+        done.set()
+        th.join()
+        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total, sizes, t0)
+
     if a.defense:
         from aligncollapse.cli.finetune import memory_planner
         from aligncollapse.defenses import DefenseContext, make_defense
@@ -111,17 +121,14 @@ def main() -> None:
         if defense is not None:
             defense.setup = tracked("defense_setup", defense.setup)
         cfg = FinetuneConfig(steps=4, batch_size=min(8, len(finetune)), track_every=100)
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as run_dir:  # its final checkpoint holds the whole model: not kept
-            res = tracked("train", run_finetune)(model.train(), tok, finetune, run_dir, cfg, resume=False,
-                                                save_model=False, final_eval=False, defense=defense,
-                                                memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
-        done.set()
-        th.join()
-        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
-                f"N={len(safety)} safety prompts, M={len(finetune)} examples, {a.defense}", t0)  # fmt: skip
+
+        def train():
+            with tempfile.TemporaryDirectory() as run_dir:  # its final checkpoint holds the whole model: not kept
+                return tracked("train", run_finetune)(model.train(), tok, finetune, run_dir, cfg, resume=False,
+                                                     save_model=False, final_eval=False, defense=defense,
+                                                     memory_plan=memory_planner(cfg, defense, None, None))  # fmt: skip
+
+        measured(train, f"N={len(safety)} safety prompts, M={len(finetune)} examples, {a.defense}")
         return
 
     if a.fisher:
@@ -135,17 +142,15 @@ def main() -> None:
         import aligncollapse.geometry.representation as rep
 
         rep.representation_structure = tracked("representation", rep.representation_structure)
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        t0 = time.perf_counter()
         method = "projected" if a.fisher in ("kronecker", "rademacher") else a.fisher
         fs = FisherSettings(kinds=("sampled", "empirical"), method=method, projection=a.fisher if method == "projected" else "rademacher",
                             top_k=8, memory_budget=int(a.memory_budget * 2**30))  # fmt: skip
-        with tempfile.TemporaryDirectory() as run_dir:
-            res = run_fisher(model, tok, safety, run_dir, fs)
-        done.set()
-        th.join()
-        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total, f"N={len(safety)} safety examples", t0)
+
+        def fisher():
+            with tempfile.TemporaryDirectory() as run_dir:
+                return run_fisher(model, tok, safety, run_dir, fs)
+
+        measured(fisher, f"N={len(safety)} safety examples")
         return
 
     from aligncollapse.geometry.curvature import GGNOperator, HessianOperator
@@ -166,16 +171,10 @@ def main() -> None:
         GGNOperator.products_and_forms = tracked("expansion", GGNOperator.products_and_forms)
         ss._per_example = tracked("differences", ss._per_example)
         aic.shuffled_null = tracked("null", aic.shuffled_null)
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        t0 = time.perf_counter()
         s = ScanSettings(max_d=a.max_d, n_boot=20, hutchinson=4, method="sample", fisher_samples=a.fisher_samples,
                          batch_size=a.batch_size, blocks=BlockSelection(trainable_only=True))  # fmt: skip
-        res = measure_aic(model, tok, safety, finetune, s)
-        done.set()
-        th.join()
-        _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
-                f"N={len(safety)} safety prompts (S={a.fisher_samples}), M={len(finetune)} examples", t0)  # fmt: skip
+        measured(lambda: measure_aic(model, tok, safety, finetune, s),
+                 f"N={len(safety)} safety prompts (S={a.fisher_samples}), M={len(finetune)} examples")  # fmt: skip
         return
 
     aic.reference_data = tracked("generate", aic.reference_data)
@@ -186,15 +185,13 @@ def main() -> None:
     aic._bootstrap = tracked("statistics", aic._bootstrap)
     aic.adam_second_moment = tracked("statistics", aic.adam_second_moment)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    s = ScanSettings(max_d=a.max_d, d=2, n_boot=20, hutchinson=4, blocks=BlockSelection(trainable_only=True))
-    res = measure_aic(model, tok, safety, finetune, s)
-    done.set()
-    th.join()
-    _report(res["memory_plan"], stage_peak, peak[0], base_rss, n_total,
-            f"N={len(safety)} safety prompts, M={len(finetune)} examples", t0)  # fmt: skip
+    s = ScanSettings(
+        max_d=a.max_d, d=2, n_boot=20, hutchinson=4, method="exact", blocks=BlockSelection(trainable_only=True)
+    )
+    measured(
+        lambda: measure_aic(model, tok, safety, finetune, s),
+        f"N={len(safety)} safety prompts, M={len(finetune)} examples",
+    )
 
 
 def _report(plan: dict, stage_peak: dict, peak: int, base_rss: int, n_total: int, sizes: str, t0: float) -> None:
