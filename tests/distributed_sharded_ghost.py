@@ -18,21 +18,15 @@ import torch
 from aligncollapse import distributed
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.geometry.ghost import GhostGradients
-from aligncollapse.losses import nll_from_logits
 from aligncollapse.models import load_model
+from aligncollapse.scan.sample_space import _nll_batches
 from conftest import micro_examples  # the tests directory is on PYTHONPATH (test_distributed sets it)
 
 
 def gram(model, data: EncodedSet) -> torch.Tensor:
     params = OrderedDict(model.named_parameters())
     ghost = GhostGradients(model, params)
-
-    def batches():
-        for start in range(0, len(data), 4):
-            b = data.batch(range(start, min(start + 4, len(data))))
-            yield b, lambda logits, b: nll_from_logits(logits, b["labels"])
-
-    f = ghost.collect(batches(), count=len(data))
+    f = ghost.collect(_nll_batches(data, 4, "cpu"), count=len(data))  # the scan's own per-example NLL batches
     return ghost.gram(f, f)
 
 
