@@ -215,6 +215,25 @@ def test_tied_gradient_transient_is_in_the_gradient_stages_only():
     assert all(a["stages"][k] - b["stages"][k] == extra for k in moved)
 
 
+def test_sample_plan_null_and_concatenation_terms():
+    """The shuffled null runs before the fine-tuning side (4 n-vectors, whatever the optimiser), and
+    the factor stages hold their largest factor tensor twice while concatenating its pieces."""
+    from aligncollapse.geometry.memory import activation_bytes, factor_bytes, sample_scan_memory_plan
+
+    kw = dict(n_safety=8, n_finetune=16, seq_len=64, batch_size=2, samples=2, tokens_safety=400, tokens_finetune=800,
+              floats_per_token=5000, explicit_numel=1000, head_floats_per_token=1000, loss_tokens_safety=100,
+              loss_tokens_finetune=300)  # fmt: skip
+    sgd, adam = (sample_scan_memory_plan(SHAPE, optimizer=o, **kw)["stages"] for o in ("sgd", "adamw"))
+    n = SHAPE.n
+    assert sgd["null"] == adam["null"]
+    fac_s = factor_bytes(5000, 1000, 1000, 400, 100, 8, 2)
+    assert sgd["null"] == SHAPE.n_total * 4 + fac_s + 4 * n * 4 + activation_bytes(SHAPE, 2, 64)
+    wide = sample_scan_memory_plan(SHAPE, largest_floats_per_token=10**6, **kw)["stages"]
+    # the scores stage: max(the draws' probabilities, 4·max(f_h·R'_S, f_max·R_S)·S)
+    assert wide["scores"] - sgd["scores"] == 4 * 10**6 * 400 * 2 - max(2 * 2 * 64 * SHAPE.vocab * 8, 4 * 1000 * 100 * 2)
+    assert wide["finetune_factors"] > sgd["finetune_factors"]
+
+
 def test_whole_model_backward_passes_plan_the_tied_transient_unselected():
     """The Kronecker projection and the representation capture call backward() on the whole model:
     a tied embedding that requires grad is differentiated there even when it is not selected."""
@@ -272,3 +291,61 @@ def test_gradient_passes_free_each_batch_before_the_next(monkeypatch, micro_mode
     _, g = op.value_and_grad()
     assert len(alive) == 4
     curvature.HessianOperator(model, params, data, batch_size=1).matvec_by_differences(g)
+
+
+def _glibc() -> bool:
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL(None), "malloc_trim")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
+def test_freed_heap_pieces_leave_the_rss():
+    """Tensors below glibc's (raised) mmap threshold come from the heap; freed below a live chunk they
+    stay resident until ``release_freed_host_memory``. The collected factors' per-batch pieces were
+    1.3 GB of such memory on a 384M model (M = 128, V = 128,256), above the plan for the whole scan."""
+    import torch
+
+    from aligncollapse.geometry.memory import _rss, release_freed_host_memory
+
+    mib = 2**20
+    x = torch.ones(30 * mib // 4)
+    del x  # freeing a 30 MiB mmapped chunk raises glibc's mmap threshold to it
+    base = _rss()
+    pieces = [torch.ones(mib) for _ in range(64)]  # 256 MiB in 4 MiB pieces, from the heap
+    pin = torch.ones(mib)  # a live chunk above them: the heap cannot shrink from the top
+    del pieces
+    kept = _rss() - base
+    if kept < 200 * mib:
+        pytest.skip(f"this allocator returned the freed pieces by itself ({kept / mib:.0f} MiB kept)")
+    release_freed_host_memory()
+    assert _rss() - base < kept - 200 * mib
+    del pin
+
+
+def test_collecting_several_batches_releases_their_pieces(monkeypatch, micro_model_dir):
+    """GhostGradients.collect concatenates its batches' factors and frees the pieces: it must hand
+    them back after a multi-batch collect; a whole set's collect (``count`` given) also starts from a
+    trimmed heap; a one-batch collect without ``count`` (the per-example loops) does neither."""
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.data.examples import Example
+    from aligncollapse.geometry import ghost as ghost_mod
+    from aligncollapse.models import load_model
+    from aligncollapse.scan.sample_space import _nll_batches
+
+    model, tok = load_model(str(micro_model_dir), device="cpu", dtype="float32")
+    params = dict(model.named_parameters())
+    data = EncodedSet(tok, [Example(prompt=p, response="sure here is step one") for p in ("rob a store", "bake bread")],
+                      "raw")  # fmt: skip
+    calls = []
+    monkeypatch.setattr(ghost_mod, "release_freed_host_memory", lambda: calls.append(1))
+    gg = ghost_mod.GhostGradients(model, params)
+    gg.collect(_nll_batches(data, 1, "cpu"), count=2)
+    assert len(calls) == 2
+    gg.collect(_nll_batches(data, 2, "cpu"), count=2)
+    assert len(calls) == 3
+    gg.collect(_nll_batches(data, 2, "cpu"))
+    assert len(calls) == 3

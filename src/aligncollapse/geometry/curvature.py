@@ -34,6 +34,7 @@ from torch.func import functional_call, jvp, vjp
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.distributed import all_reduce_sum, shard
+from aligncollapse.geometry.memory import release_freed_host_memory
 from aligncollapse.losses import nll_from_logits, upcast
 
 
@@ -90,11 +91,15 @@ class CurvatureOperator:
     def _batches(self, sharded: bool = True):
         """The data's batches on the model's device: this rank's round-robin share of them when
         running distributed (``sharded`` and the operator's ``sharded``), all of them otherwise."""
+        # A pass starts, and leaves, with the heap it and earlier passes freed handed back: kept, it
+        # would sit beside the next stage's n-vectors (release_freed_host_memory).
+        release_freed_host_memory()
         dev = next(self.model.parameters()).device
         starts = list(range(0, len(self.data), self.batch_size))
         for s in shard(starts) if sharded and self.sharded else starts:
             b = self.data.batch(range(s, min(s + self.batch_size, len(self.data))))
             yield {k: v.to(dev) for k, v in b.items()}
+        release_freed_host_memory()
 
     # Logit-sized work ([rows, T, V] tensors, several alive at once) is split into row chunks of at
     # most this many bytes per tensor: one row at a time for a 128K vocabulary, whole batches for small ones.

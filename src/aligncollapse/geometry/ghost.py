@@ -32,6 +32,7 @@ from torch.func import functional_call, vjp, vmap
 
 from aligncollapse.distributed import full
 from aligncollapse.errors import UserError
+from aligncollapse.geometry.memory import release_freed_host_memory
 
 _FORMED = ("explicit", "linear_dense", "embedding_dense")  # sites whose per-example gradients are stored formed
 
@@ -179,6 +180,16 @@ class GhostGradients:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return sum(s.d_out + s.d_in for mod, s in self.sites if mod is head and s.kind == "linear")
 
+    def largest_floats_per_token(self) -> int:
+        """The widest factor tensor per token outside the output head (max of d_in, d_out over the
+        factored sites): with the head's, it sizes the largest tensor that :meth:`collect`
+        concatenates from its batches' pieces (briefly held twice)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return max(
+            [max(s.d_out, s.d_in if s.kind == "linear" else 1)
+             for mod, s in self.sites if s.kind in ("linear", "embedding") and mod is not head] or [0]
+        )  # fmt: skip
+
     def explicit_numel(self) -> int:
         """Numbers stored per example for the parameters whose per-example gradients are formed."""
         return sum(self.params[n].numel() for _, s in self.sites for n in s.explicit)
@@ -191,14 +202,15 @@ class GhostGradients:
         gradients are written into one preallocated [count, numel] block per site: no concatenation,
         which would briefly hold them twice."""
         uses = [_Use(site) for _, site in self.sites]
-        if count is not None:
+        if count is not None:  # a whole set's collection (a stage of its own): start from a trimmed heap
+            release_freed_host_memory()
             for u in uses:
                 if u.site.kind in _FORMED:
                     p = self.params[u.site.explicit[0]]
                     dt = torch.float64 if p.dtype == torch.float64 else torch.float32
                     numel = sum(self.params[n].numel() for n in u.site.explicit)
                     u.pre = torch.zeros(count, numel, dtype=dt, device=p.device)  # a site never called adds 0
-        seen = 0
+        seen = batches_seen = 0
         was = self.model.training
         self.model.eval()
         req = {n: p.requires_grad for n, p in self.params.items()}
@@ -207,6 +219,7 @@ class GhostGradients:
         try:
             for batch, loss_fn in batches:
                 seen += self._collect_batch(batch, loss_fn, uses, seen)
+                batches_seen += 1
         finally:
             for n, p in self.params.items():
                 p.requires_grad_(req[n])
@@ -215,6 +228,8 @@ class GhostGradients:
             raise ValueError(f"collect: the batches held {seen} examples, not the {count} announced")
         for u in uses:
             u.done()
+        if batches_seen > 1:  # the batches' pieces, now concatenated, were freed: out of the RSS too
+            release_freed_host_memory()
         return Factors(uses, seen, self.sizes)
 
     def _collect_batch(self, batch: dict, loss_fn: Callable, uses: list[_Use], offset: int) -> int:

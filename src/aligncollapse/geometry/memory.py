@@ -318,6 +318,7 @@ def sample_scan_memory_plan(
     loss_tokens_finetune: int | None = None,
     basis_rows: int = 0,
     keep_finetune_factors: bool = False,
+    largest_floats_per_token: int = 0,
 ) -> dict:
     """Peak bytes of each stage of the sample-space scan (:mod:`aligncollapse.scan.sample_space`).
 
@@ -329,10 +330,14 @@ def sample_scan_memory_plan(
     scores also V's blocks at the formed sites, 4·d·e bytes with d ≤ ``basis_rows``):
 
     * generate   as the exact scan's
-    * scores     W + Fac_S + act(B) + 2·B·T·V·8                    (the draw's probabilities on the host)
-    * finetune   W + Fac_S + Fac_M + act(B) + n·a + 36·chunk + P·(NS + M)·M·8
-                 (g; the Gram blocks' row-chunk workspace: two float32 inner-product blocks, their
-                 product, its float64 copy, prefix sum and padded sum; per-parameter Gram tables)
+    * scores     W + Fac_S + act(B) + max(2·B·T·V·8, C_S)          (the draw's probabilities on the host;
+                 C_S = 4·max(f_h·R'_S, f_max·R_S) as C_M)
+    * finetune   W + Fac_S + Fac_M + act(B) + max(C_M, n·a + 36·chunk + P·(NS + M)·M·8)
+                 (C_M = 4·max(f_h·R'_M, f_max·R_M), the largest factor tensor, held twice while the
+                 batches' pieces are concatenated, f_max the largest per-token width of a body
+                 site; then g, the Gram blocks' row-chunk workspace: two float32 inner-product
+                 blocks, their product, its float64 copy, prefix sum and padded sum; per-parameter
+                 Gram tables)
     * hessian    W + Fac_S + v_H·n·a + 3·act(r₄) + t_g             (g, H g, the product, the double
                  backward's gradient and H v; then H(Hg) by differences: g, H g, the weights'
                  backup, the difference's accumulator and a batch's gradients; v_H = 5 for SGD, 8
@@ -346,9 +351,9 @@ def sample_scan_memory_plan(
                  (g, H g, D F g, D F Hg, the weights' backup; one batch's factors at θ + εg and θ − εg
                  and their difference (both sets' rows);
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
-    * null       W + Fac_S + v_N·n·a + act(B) + t_g               (g, H g kept for the result; the shuffled
-                 set's g', the weights' backup, the difference's accumulator and a batch's
-                 gradients; v_N = 6, 8 with AdamW's D and raw g)
+    * null       W + Fac_S + 4·n·a + act(B) + t_g                 (run before the fine-tuning side: the
+                 shuffled set's g', the weights' backup, the difference's accumulator and a
+                 batch's gradients)
 
     With ``keep_finetune_factors`` (chosen when it fits), Fac_M stays resident from the fine-tuning
     factors to the end, so the differences stage takes the products at θ from it instead of a pass.
@@ -380,18 +385,22 @@ def sample_scan_memory_plan(
     L = r4s * T * V * 4
     kept = fac_m if keep_finetune_factors else 0
     tg = tied_gradient_bytes(s)  # the stages whose passes differentiate the weights
+
+    def concat(rows: int, loss_rows: int) -> int:  # the largest factor tensor, whole beside its pieces
+        return 4 * max(head_floats_per_token * loss_rows, largest_floats_per_token * rows)
+
     stages = {
         "generate": W + 2 * s.layers * Bs * T * s.hidden * b + Bs * T * V * 4,
-        "scores": W + fac_s + act + 2 * Bs * T * V * 8,
-        "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T) + n * a + work
-        + n_param_blocks * (N * samples + M) * M * 8,
+        "scores": W + fac_s + act + max(2 * Bs * T * V * 8, concat(tokens_safety * samples, ls * samples)),
+        "finetune_factors": W + fac_v + fac_m + activation_bytes(s, Bf, T)
+        + max(concat(tokens_finetune, lm), n * a + work + n_param_blocks * (N * samples + M) * M * 8),
         "hessian": W + fac_v + kept + (8 if adam else 5) * n * a + 3 * activation_bytes(s, r4f, T) + tg,
         "fisher_products": W + fac_v + kept + (8 if adam else 6) * n * a + 3 * activation_bytes(s, r4s, T) + 3 * L + tg,
         "expansion": W + fac_v + kept + (7 if adam else 5) * n * a + 4 * activation_bytes(s, r8, T) + 14 * r8 * T * V * 8
         + tg,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
-        "null": W + fac_v + (8 if adam else 6) * n * a + activation_bytes(s, Bf, T) + tg,
+        "null": W + fac_v + 4 * n * a + activation_bytes(s, Bf, T) + tg,
     }  # fmt: skip
     inputs = {**asdict(s), "N": N, "M": M, "T": T, "S": samples, "batch_size": batch_size,
               "tokens_safety": tokens_safety, "tokens_finetune": tokens_finetune,
@@ -592,6 +601,37 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def release_freed_host_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere).
+
+    glibc serves tensors below its mmap threshold (which it raises up to 32 MiB as the process frees
+    larger ones) from the heap, and a freed heap chunk below a live one stays resident: after the
+    factors of M examples are collected batch by batch and concatenated, the batches' pieces — the
+    output head's factor alone is loss tokens × V × 4 bytes, 1.3 GB at M = 128, V = 128,256 — would
+    stay in the RSS for the rest of the scan although no tensor holds them. Called where such a set
+    of pieces has just been freed; costs a walk of the heap (milliseconds)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        fn = None
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None).malloc_trim  # glibc only; musl, macOS and Windows have none
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _TRIM.append(fn)
+    return _TRIM[0]
 
 
 _RSS_AT_IMPORT = _rss()  # the interpreter, torch and transformers, before any model

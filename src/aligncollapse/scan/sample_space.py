@@ -50,7 +50,7 @@ from aligncollapse.distributed import all_gather_rows, broadcast_from_main, cont
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
-from aligncollapse.geometry.memory import log_and_check, planned_total
+from aligncollapse.geometry.memory import log_and_check, planned_total, release_freed_host_memory
 from aligncollapse.geometry.per_sample import unflatten as _unflat
 from aligncollapse.geometry.spectrum import choose_d
 from aligncollapse.losses import nll_from_logits, upcast
@@ -298,6 +298,14 @@ def measure_aic_sample(
     cv = fisher.cross_validated(d)
     lam_cv = cv["rayleigh"]
 
+    # The shuffled-response null first: it needs only F̂'s subspace, and run here it holds 4 n-vectors
+    # (its g', H g' by differences: the weights' backup, the accumulator, a batch's gradients) where
+    # after the fine-tuning side it would hold g and H g besides.
+    log("[sample-space scan] shuffled-response null")
+    null = _aic.shuffled_null(
+        model, tokenizer, params, finetune, s, lambda v: fisher.project(v, params), lam_d, differences=True
+    )
+
     # Fine-tuning side: factors at θ*, then everything the exact scan takes from G.
     log(f"[sample-space scan] fine-tuning factors: {len(ft)} examples")
     mine = contiguous_shard(len(ft))
@@ -455,16 +463,7 @@ def measure_aic_sample(
     }
     out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = _aic.forecast(out, s, a, c, lam_d, hhg_norm, hgnorm, gnorm)
-    out["shuffled_null"] = _aic.shuffled_null(
-        model,
-        tokenizer,
-        params,
-        finetune,
-        s,
-        lambda v: fisher.project(v, params),
-        lam_d,
-        differences=True,
-    )
+    out["shuffled_null"] = null
     out["properties"] = _aic.properties(out, s)
     out.update(decide_verdict(out["properties"], out["forecast"], s.steps))
     out["seconds"] = time.perf_counter() - t0
@@ -509,6 +508,7 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
                 d_f.append(ghost.dot(diff, vFg))
                 d_h.append(ghost.dot(diff, vFHg))
                 cols.append(fisher.coords_of(diff, block_d))
+        release_freed_host_memory()  # the batches' factors, freed: not beside the next stage's vectors
         # Under torchrun each rank did its block of examples: gathered in rank order = example order.
         if FF is not None:
             u_f, u_h = ghost.dot(FF, vFg), ghost.dot(FF, vFHg)
@@ -584,6 +584,7 @@ def plan_memory_sample(
             n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
             loss_tokens_safety=sum(r - p for r, p in zip(ref_lens, prompt_lens)), loss_tokens_finetune=ft_loss,
             logits_chunk_bytes=GGNOperator.logits_chunk_bytes, basis_rows=s.max_d, keep_finetune_factors=keep,
+            largest_floats_per_token=ghost.largest_floats_per_token(),
         )  # fmt: skip
 
     runtime = _aic.planned_runtime(model, s)
