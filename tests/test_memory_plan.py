@@ -231,7 +231,17 @@ def test_sample_plan_null_and_concatenation_terms():
     wide = sample_scan_memory_plan(SHAPE, largest_floats_per_token=10**6, **kw)["stages"]
     # the scores stage: max(the draws' probabilities, 4·max(f_h·R'_S, f_max·R_S)·S)
     assert wide["scores"] - sgd["scores"] == 4 * 10**6 * 400 * 2 - max(2 * 2 * 64 * SHAPE.vocab * 8, 4 * 1000 * 100 * 2)
-    assert wide["finetune_factors"] > sgd["finetune_factors"]
+    # the fine-tuning factors: max(4·max(f_h·R'_M, f_max·R_M), g + the Gram workspace and tables)
+    assert wide["finetune_factors"] - sgd["finetune_factors"] == 4 * 10**6 * 800 - (
+        n * 4 + 36 * 2**25 + 1 * 32 * 16 * 8
+    )
+    head = sample_scan_memory_plan(SHAPE, **{**kw, "head_floats_per_token": 4 * 10**6})["stages"]
+    fac_m = factor_bytes(5000, 4 * 10**6, 1000, 800, 300, 16)
+    assert head["finetune_factors"] == (SHAPE.n_total * 4 + factor_bytes(5000, 4 * 10**6, 1000, 400, 100, 8, 2) + fac_m
+                                        + activation_bytes(SHAPE, 2, 64) + 4 * 4 * 10**6 * 300)  # fmt: skip
+    half = ModelShape(**{**SHAPE.__dict__, "dtype_bytes": 2})
+    hs = sample_scan_memory_plan(half, **kw)["stages"]
+    assert hs["null"] - hs["hessian"] == n * 4  # the exact H g' (no differences in half): g' beside its 5
 
 
 def test_whole_model_backward_passes_plan_the_tied_transient_unselected():
@@ -294,12 +304,9 @@ def test_gradient_passes_free_each_batch_before_the_next(monkeypatch, micro_mode
 
 
 def _glibc() -> bool:
-    import ctypes
+    from aligncollapse.geometry.memory import _malloc_trim
 
-    try:
-        return hasattr(ctypes.CDLL(None), "malloc_trim")
-    except OSError:
-        return False
+    return _malloc_trim() is not None
 
 
 @pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
@@ -349,3 +356,23 @@ def test_collecting_several_batches_releases_their_pieces(monkeypatch, micro_mod
     assert len(calls) == 3
     gg.collect(_nll_batches(data, 2, "cpu"))
     assert len(calls) == 3
+
+
+def test_every_curvature_pass_ends_with_the_heap_handed_back(monkeypatch, micro_model_dir):
+    """A pass's freed heap must not sit beside the next stage's vectors: each pass over the data
+    (a gradient, a Hessian or GGN product) trims when it starts and when it ends."""
+    from aligncollapse.data.encoding import EncodedSet
+    from aligncollapse.data.examples import Example
+    from aligncollapse.geometry import curvature
+    from aligncollapse.models import load_model
+
+    model, tok = load_model(str(micro_model_dir), device="cpu", dtype="float32")
+    params = dict(model.named_parameters())
+    data = EncodedSet(tok, [Example(prompt=p, response="sure") for p in ("rob a store", "bake bread", "bake")], "raw")
+    calls = []
+    monkeypatch.setattr(curvature, "release_freed_host_memory", lambda: calls.append(1))
+    op = curvature.FinetuneLoss(model, params, data, batch_size=2)
+    _, g = op.value_and_grad()
+    assert len(calls) == 2
+    curvature.HessianOperator(model, params, data, batch_size=2).matvec_by_differences(g)  # two passes
+    assert len(calls) == 6

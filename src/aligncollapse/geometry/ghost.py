@@ -69,7 +69,9 @@ class _Use:
             self.g, self.pre = self.pre, None
         if self.ex is not None and len(self.ex) > 1 and bool((self.ex[1:] < self.ex[:-1]).any()):
             order = torch.sort(self.ex, stable=True).indices  # a module called twice per forward
-            self.ex, self.a, self.d = self.ex[order], self.a[order], self.d[order]
+            self.ex = self.ex[order]  # one tensor at a time: never two copies of all three
+            self.a = self.a[order]
+            self.d = self.d[order]
 
 
 class Factors:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -353,7 +354,8 @@ def sample_scan_memory_plan(
                  v_D = 5, 9 with AdamW: D, D g, D F g, D F Hg beside F g, F Hg)
     * null       W + Fac_S + 4·n·a + act(B) + t_g                 (run before the fine-tuning side: the
                  shuffled set's g', the weights' backup, the difference's accumulator and a
-                 batch's gradients)
+                 batch's gradients; half-precision weights take the exact H g' instead:
+                 W + Fac_S + 6·n·a + 3·act(r₄) + t_g, g' beside the hessian stage's products)
 
     With ``keep_finetune_factors`` (chosen when it fits), Fac_M stays resident from the fine-tuning
     factors to the end, so the differences stage takes the products at θ from it instead of a pass.
@@ -400,7 +402,9 @@ def sample_scan_memory_plan(
         + tg,
         "differences": W + fac_v + kept + 4 * fac_m // max(1, -(-M // Bf)) + (9 if adam else 5) * n * a
         + activation_bytes(s, Bf, T) + work,
-        "null": W + fac_v + 4 * n * a + activation_bytes(s, Bf, T) + tg,
+        # half-precision weights take the exact product (no differences): g' beside the Hessian stage's 5
+        "null": W + fac_v + tg + (4 * n * a + activation_bytes(s, Bf, T) if b >= 4
+                                  else 6 * n * a + 3 * activation_bytes(s, r4f, T)),
     }  # fmt: skip
     inputs = {**asdict(s), "N": N, "M": M, "T": T, "S": samples, "batch_size": batch_size,
               "tokens_safety": tokens_safety, "tokens_finetune": tokens_finetune,
@@ -623,13 +627,14 @@ _TRIM: list = []
 def _malloc_trim():
     if not _TRIM:
         fn = None
-        try:
-            import ctypes
+        if sys.platform.startswith("linux"):  # glibc only: musl has no malloc_trim (AttributeError)
+            try:
+                import ctypes
 
-            fn = ctypes.CDLL(None).malloc_trim  # glibc only; musl, macOS and Windows have none
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            fn = None
+                fn = ctypes.CDLL(None).malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
         _TRIM.append(fn)
     return _TRIM[0]
 
