@@ -607,36 +607,59 @@ def _rss() -> int:
         return 0
 
 
-def release_freed_host_memory() -> None:
+def release_freed_host_memory(min_free: int = 512 * 2**20) -> None:
     """Hand the heap's freed pages back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere).
 
     glibc serves tensors below its mmap threshold (which it raises up to 32 MiB as the process frees
     larger ones) from the heap, and a freed heap chunk below a live one stays resident: after the
     factors of M examples are collected batch by batch and concatenated, the batches' pieces — the
     output head's factor alone is loss tokens × V × 4 bytes, 1.3 GB at M = 128, V = 128,256 — would
-    stay in the RSS for the rest of the scan although no tensor holds them. Called where such a set
-    of pieces has just been freed; costs a walk of the heap (milliseconds)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    stay in the RSS for the rest of the scan although no tensor holds them. Called where a stage has
+    just freed such memory. Skipped while the heap holds less than ``min_free`` free bytes (glibc's
+    ``mallinfo2``): a trim makes the next pass fault its pages back in — trimming every pass made a
+    0.5M model's exact scan 1.2× slower, its heap holding 121 MiB free at the median pass
+    (``benchmarks/trim_overhead.py``) — while at 384M parameters 1.3–1.8 GiB were held."""
+    fns = _malloc_fns()
+    if fns is None:
+        return
+    trim, info = fns
+    if info is not None and info().fordblks < min_free:
+        return
+    trim(0)
 
 
 _TRIM: list = []
 
 
-def _malloc_trim():
+def _malloc_fns():
+    """(malloc_trim, mallinfo2 or None) from glibc, or None off glibc (cached)."""
     if not _TRIM:
-        fn = None
+        fns = None
         if sys.platform.startswith("linux"):  # glibc only: musl has no malloc_trim (AttributeError)
             try:
                 import ctypes
 
-                fn = ctypes.CDLL(None).malloc_trim
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                class _MallInfo2(ctypes.Structure):
+                    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+                libc = ctypes.CDLL(None)
+                trim = libc.malloc_trim
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+                info = getattr(libc, "mallinfo2", None)  # glibc ≥ 2.33; older ones always trim
+                if info is not None:
+                    info.argtypes, info.restype = [], _MallInfo2
+                fns = (trim, info)
             except (OSError, AttributeError):
-                fn = None
-        _TRIM.append(fn)
+                fns = None
+        _TRIM.append(fns)
     return _TRIM[0]
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None off glibc."""
+    fns = _malloc_fns()
+    return None if fns is None else fns[0]
 
 
 _RSS_AT_IMPORT = _rss()  # the interpreter, torch and transformers, before any model
