@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aligncollapse.geometry import curvature, ghost
-    from aligncollapse.geometry.memory import _malloc_trim, release_freed_host_memory
+    from aligncollapse.geometry.memory import _malloc_fns, release_freed_host_memory
     from aligncollapse.models import BlockSelection
     from aligncollapse.organism import corpus
     from aligncollapse.organism.suite import load_suite_set, write_suite
@@ -41,7 +41,7 @@ def main() -> None:
     from aligncollapse.scan import sample_space
     from aligncollapse.scan.aic import ScanSettings, measure_aic
 
-    if _malloc_trim() is None:
+    if _malloc_fns() is None:
         print("no malloc_trim here (not glibc): the trims are no-ops, nothing to compare")
         return
     suite = tempfile.mkdtemp()

@@ -304,9 +304,9 @@ def test_gradient_passes_free_each_batch_before_the_next(monkeypatch, micro_mode
 
 
 def _glibc() -> bool:
-    from aligncollapse.geometry.memory import _malloc_trim
+    from aligncollapse.geometry.memory import _malloc_fns
 
-    return _malloc_trim() is not None
+    return _malloc_fns() is not None
 
 
 @pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")

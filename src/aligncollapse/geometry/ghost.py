@@ -179,14 +179,18 @@ class GhostGradients:
     def head_floats_per_token(self) -> int:
         """The part of :meth:`floats_per_token` that belongs to the model's output head: stored only at
         positions that carry a loss (its output gradient is exactly zero elsewhere)."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = self._head()
         return sum(s.d_out + s.d_in for mod, s in self.sites if mod is head and s.kind == "linear")
+
+    def _head(self):
+        """The model's output head module, or None."""
+        return self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
 
     def largest_floats_per_token(self) -> int:
         """The widest factor tensor per token outside the output head (max of d_in, d_out over the
         factored sites): with the head's, it sizes the largest tensor that :meth:`collect`
         concatenates from its batches' pieces (briefly held twice)."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = self._head()
         return max(
             [max(s.d_out, s.d_in if s.kind == "linear" else 1)
              for mod, s in self.sites if s.kind in ("linear", "embedding") and mod is not head] or [0]

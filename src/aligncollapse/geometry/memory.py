@@ -43,6 +43,7 @@ memory (a few hundred MB on the CPU, the CUDA context on a GPU) come on top.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -628,38 +629,27 @@ def release_freed_host_memory(min_free: int = 512 * 2**20) -> None:
     trim(0)
 
 
-_TRIM: list = []
-
-
+@functools.cache
 def _malloc_fns():
-    """(malloc_trim, mallinfo2 or None) from glibc, or None off glibc (cached)."""
-    if not _TRIM:
-        fns = None
-        if sys.platform.startswith("linux"):  # glibc only: musl has no malloc_trim (AttributeError)
-            try:
-                import ctypes
+    """(malloc_trim, mallinfo2 or None) from glibc, or None off glibc."""
+    if not sys.platform.startswith("linux"):  # glibc only: musl has no malloc_trim (AttributeError)
+        return None
+    try:
+        import ctypes
 
-                class _MallInfo2(ctypes.Structure):
-                    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+        class _MallInfo2(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
-                libc = ctypes.CDLL(None)
-                trim = libc.malloc_trim
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-                info = getattr(libc, "mallinfo2", None)  # glibc ≥ 2.33; older ones always trim
-                if info is not None:
-                    info.argtypes, info.restype = [], _MallInfo2
-                fns = (trim, info)
-            except (OSError, AttributeError):
-                fns = None
-        _TRIM.append(fns)
-    return _TRIM[0]
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None off glibc."""
-    fns = _malloc_fns()
-    return None if fns is None else fns[0]
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        info = getattr(libc, "mallinfo2", None)  # glibc ≥ 2.33; older ones always trim
+        if info is not None:
+            info.argtypes, info.restype = [], _MallInfo2
+        return trim, info
+    except (OSError, AttributeError):
+        return None
 
 
 _RSS_AT_IMPORT = _rss()  # the interpreter, torch and transformers, before any model
