@@ -209,6 +209,13 @@ def test_ggn_vs_dense_jacobian(micro):
         assert float((m - ggn @ x).norm()) <= 1e-6 * float((ggn @ x).norm())
     ref_forms = op.expansion_forms(v, w)
     assert all(abs(forms[k] - ref_forms[k]) <= 1e-9 * abs(ref_forms[k]) for k in ref_forms)
+    # The path a sharded model takes (no jvp): J v by central differences of the logits, Jᵀ by
+    # autograd. Its error is the step's (ε‖v‖ = u^{1/3}/5 with float32's u): measured 1e-7 and 2e-8.
+    before = [p.detach().clone() for p in params.values()]
+    for m, x in zip(op.matvecs_by_differences([v, w]), (v, w)):
+        err = float((m - ggn @ x).norm()) / float((ggn @ x).norm())
+        assert 1e-12 < err <= 1e-5, err  # approximate (not the exact path taken again), and close
+    assert all(torch.equal(p, b) for p, b in zip(params.values(), before))  # the weights restored bit for bit
 
 
 def test_null_spectrum_is_flat(micro):

@@ -255,7 +255,8 @@ def fsdp_blocks(model) -> list:
     names: set[str] = set()
     for mod in model.modules():
         names |= set(getattr(mod, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # (a block already sharded is of class FSDP<name>, which FSDP2 derives from the block's own)
+    blocks = [m for m in model.modules() if type(m).__name__.removeprefix("FSDP") in names]
     if not blocks:
         from aligncollapse.errors import UserError
 
@@ -340,3 +341,78 @@ def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         local = value.to(like.to_local().device, like.dtype)
         return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
     return value.to(like.device, like.dtype)
+
+
+class ShardLayout:
+    """Where this rank's part of each selected parameter of an FSDP2-sharded model sits.
+
+    FSDP2 shards every parameter along dim 0 (``Shard(0)``, torch.chunk's split: rank r holds rows
+    [r·c, min((r + 1)·c, d₀)) with c = ⌈d₀/W⌉), so this rank's part of a parameter is a contiguous range
+    of its flattened full value. An n-vector over the selection is held as the concatenation of
+    these local parts (``numel`` numbers, about n/W); every inner product is the local one summed over
+    the ranks (:meth:`sum`). Used by the curvature operators and the factored gradients of a sharded
+    model (:func:`layout_of` gives ``None`` for a whole one). Collectives here go to the default
+    process group even inside :func:`solo`: the sharded scan runs every batch on every rank (an FSDP
+    forward is itself a collective) and communicates only through FSDP and these sums."""
+
+    def __init__(self, params):
+        self.rows: dict[str, tuple[int, int]] = {}
+        self.local: dict[str, torch.Tensor] = {}
+        self.full_shape: dict[str, torch.Size] = {}
+        from torch.distributed.tensor import DTensor, Shard
+
+        for name, p in params.items():
+            if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),) or p.dim() == 0:
+                raise RuntimeError(f"parameter {name} is not sharded along dim 0 over one mesh dimension (FSDP2)")
+            loc = p.to_local()
+            d0 = p.shape[0]
+            mesh = p.device_mesh
+            r0 = min(_chunk_start(d0, mesh.get_local_rank(), mesh.size()), d0)
+            r1 = r0 + loc.shape[0]
+            if tuple(loc.shape[1:]) != tuple(p.shape[1:]) or r1 > d0:
+                raise RuntimeError(
+                    f"parameter {name}: local shard {tuple(loc.shape)} is not a dim-0 slice of {tuple(p.shape)}"
+                )
+            self.rows[name], self.local[name], self.full_shape[name] = (r0, r1), loc, p.shape
+        self.numel = sum(t.numel() for t in self.local.values())
+
+    def cols(self, name: str) -> tuple[int, int]:
+        """This rank's range of the parameter's flattened full value."""
+        r0, r1 = self.rows[name]
+        per_row = max(1, int(torch.Size(self.full_shape[name][1:]).numel()))
+        return r0 * per_row, r1 * per_row
+
+    @staticmethod
+    def sum(t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place (the default group, also inside :func:`solo`)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = _comm_device(t.device)
+            work = t if dev == t.device else t.to(dev)
+            dist.all_reduce(work, op=dist.ReduceOp.SUM)
+            if work is not t:
+                t.copy_(work)
+        return t
+
+    @staticmethod
+    def broadcast(t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` on every rank, in place (for results that feed a discrete choice)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = _comm_device(t.device)
+            work = t if dev == t.device else t.to(dev)
+            dist.broadcast(work, src=0)
+            if work is not t:
+                t.copy_(work)
+        return t
+
+
+def _chunk_start(d0: int, r: int, w: int) -> int:
+    return r * -(-d0 // w)
+
+
+def layout_of(params) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``params`` when any of them is an FSDP2 shard (a DTensor), else None."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in params.values()):
+        return None
+    return ShardLayout(params)

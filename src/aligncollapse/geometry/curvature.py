@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp, vjp
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
-from aligncollapse.distributed import all_reduce_sum, shard
+from aligncollapse.distributed import all_reduce_sum, layout_of, shard
 from aligncollapse.geometry.memory import release_freed_host_memory
 from aligncollapse.losses import nll_from_logits, upcast
 
@@ -58,6 +58,11 @@ class CurvatureOperator:
         self.data = data
         self.batch_size = batch_size
         self.n = sum(p.numel() for p in params.values())
+        # A model sharded with FSDP2: vectors are this rank's parts of the parameters (``layout.local``),
+        # every rank runs every batch (an FSDP forward is a collective) and inner products are summed
+        # over the ranks; products go by differences of backward() gradients and logits (module docstring).
+        self.layout = layout_of(params)
+        self.shapes = self.layout.local if self.layout is not None else params
         first = next(iter(params.values()))
         self.dtype = first.dtype
         self.device = first.device
@@ -71,21 +76,31 @@ class CurvatureOperator:
 
     def zeros(self) -> torch.Tensor:
         """A zero n-vector for accumulation (``acc_dtype``, on the parameters' device)."""
-        return torch.zeros(self.n, dtype=self.acc_dtype, device=self.device)
+        numel = self.n if self.layout is None else self.layout.numel
+        return torch.zeros(numel, dtype=self.acc_dtype, device=self.device)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """⟨a, b⟩ of two of this operator's vectors (float64; summed over the ranks' parts when sharded)."""
+        if self.layout is None:
+            return dot64(a, b)
+        return float(self.layout.sum(torch.tensor([dot64(a, b)], dtype=torch.float64, device=self.device)))
+
+    def norm(self, a: torch.Tensor) -> float:
+        return math.sqrt(max(self.dot(a, a), 0.0))
 
     def _unflat(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Split a flat vector (any dtype, any device) into per-block tensors in each block's dtype and device."""
         v = v.to(self.device)
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         off = 0
-        for n, p in self.params.items():
+        for n, p in self.shapes.items():
             out[n] = v[off : off + p.numel()].reshape(p.shape).to(p.dtype)
             off += p.numel()
         return out
 
     def _flat(self, tensors) -> torch.Tensor:
         return torch.cat(
-            [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.params.values())]
+            [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.shapes.values())]
         )
 
     def _batches(self, sharded: bool = True):
@@ -96,7 +111,8 @@ class CurvatureOperator:
         release_freed_host_memory()
         dev = next(self.model.parameters()).device
         starts = list(range(0, len(self.data), self.batch_size))
-        for s in shard(starts) if sharded and self.sharded else starts:
+        split = sharded and self.sharded and self.layout is None  # a sharded model: every rank runs every batch
+        for s in shard(starts) if split else starts:
             b = self.data.batch(range(s, min(s + self.batch_size, len(self.data))))
             yield {k: v.to(dev) for k, v in b.items()}
         release_freed_host_memory()
@@ -123,14 +139,35 @@ class CurvatureOperator:
         """out += alpha · the flat concatenation of per-parameter ``blocks`` (None: zero), block by
         block, so no flat n-vector copy is made beside ``out``."""
         off = 0
-        for p, t in zip(self.params.values(), blocks):
+        for p, t in zip(self.shapes.values(), blocks):
             if t is not None:
                 out[off : off + p.numel()].add_(t.detach().reshape(-1).to(out.dtype), alpha=alpha)
             off += p.numel()
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs."""
-        return all_reduce_sum(t) if self.sharded else t
+        """Sum this rank's partial result over the ranks (in place); unsharded operators keep theirs, and
+        so does a sharded model's (each rank ran every batch for its own part of the vector)."""
+        return all_reduce_sum(t) if self.sharded and self.layout is None else t
+
+    def _grads(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """∂loss/∂θ per selected parameter: by autograd.grad, or on a sharded model by backward() (FSDP2
+        gathers its parameters into tensors outside autograd's view of them; its reduce-scatter
+        averages the ranks' identical gradients), this rank's parts."""
+        if self.layout is None:
+            return list(torch.autograd.grad(loss, list(self.params.values()), allow_unused=True))
+        plist = list(self.params.values())
+        req = [p.requires_grad for p in plist]
+        for p in plist:
+            p.requires_grad_(True)
+            p.grad = None
+        try:
+            loss.backward()
+            grads = [None if p.grad is None else p.grad.to_local() for p in plist]
+        finally:
+            self.model.zero_grad(set_to_none=True)  # unselected parameters' gradients too
+            for p, r in zip(plist, req):
+                p.requires_grad_(r)
+        return grads
 
     def _batch_loss(self, b) -> torch.Tensor:
         """Summed response-token NLL of one batch (with graph)."""
@@ -177,7 +214,7 @@ class FinetuneLoss(CurvatureOperator):
         self.model.eval()
         for b in self._batches():
             loss = self._batch_loss(b) / total
-            grads = torch.autograd.grad(loss, list(self.params.values()), allow_unused=True)
+            grads = self._grads(loss)
             self._accumulate(g, grads, alpha)  # block by block: no flat copy of the gradient
             val += loss.detach().to(torch.float64)
             # Freed before the next batch's backward, which would otherwise run beside this batch's
@@ -239,7 +276,11 @@ class HessianOperator(CurvatureOperator):
 
     def matvecs_many(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         """[H v for v in vectors] from one forward and first backward per batch (the double backward
-        once per vector): k vectors cost one shared pass plus k second-order ones. Memory: k outputs."""
+        once per vector): k vectors cost one shared pass plus k second-order ones. Memory: k outputs.
+        A sharded model has no double backward (its parameters are outside autograd's graph): there
+        each product is :meth:`matvec_by_differences`."""
+        if self.layout is not None:
+            return [self.matvec_by_differences(v) for v in vectors]
         self.matvecs += len(vectors)
         total = self._total_tokens()
         vss = [self._unflat(v) for v in vectors]
@@ -271,14 +312,17 @@ class HessianOperator(CurvatureOperator):
         need no more (norms, the shuffled null). With ``at`` = ∇L(θ) already computed (by the same
         :class:`FinetuneLoss`, so that its rounding cancels), the one-sided (∇L(θ + εv) − ∇L(θ))/ε
         from one gradient pass: error O(‖εv‖) + O(u/‖εv‖), ‖εv‖ = u^{1/2}. Half-precision weights
-        get the exact product. Memory: the weights' backup, the output (both gradients accumulate
-        into it) and a batch's gradients: 3 n-vectors. The weights are restored exactly."""
-        plist = list(self.params.values())
+        get the exact product (a sharded model: an error). Memory: the weights' backup, the output
+        (both gradients accumulate into it) and a batch's gradients: 3 n-vectors. The weights are
+        restored exactly."""
+        plist = list(self.shapes.values())  # on a sharded model, this rank's parts: moved in place
         dtype = plist[0].dtype
         if dtype in (torch.float16, torch.bfloat16):  # a step would round away: the exact product
+            if self.layout is not None:
+                raise _half_sharded()
             return self.matvec(v)
         u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-        vn = norm64(v)
+        vn = self.norm(v)
         if vn == 0.0:
             return self.zeros()
         self.matvecs += 1
@@ -297,6 +341,15 @@ class HessianOperator(CurvatureOperator):
                 # ∇L(θ + εv), then ∇L(θ − εv) subtracted in place: one n-vector for both.
                 out = grad_op.value_and_grad(into=out, alpha=sign, reduce=False)[1]
         return self._reduce(out).div_(2 * eps)  # one all-reduce of both sides' partial sums
+
+
+def _half_sharded() -> Exception:
+    from aligncollapse.errors import UserError
+
+    return UserError(
+        "--fsdp: curvature products of a sharded model go by finite differences, which need float32 or float64 "
+        "weights (--dtype float32); half-precision weights cannot take the step"
+    )
 
 
 class _FunctionalMixin:
@@ -334,10 +387,64 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.matvecs_many([v])[0]
 
-    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
     def matvecs_many(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         """[G v for v in vectors]: one jvp per vector and one shared vjp (forward once, pulled back
-        once per vector) per batch. Memory: k outputs."""
+        once per vector) per batch. Memory: k outputs. A sharded model (no jvp through its
+        parameters): :meth:`matvecs_by_differences`."""
+        if self.layout is not None:
+            return self.matvecs_by_differences(vectors)
+        return self._matvecs_functional(vectors)
+
+    def matvecs_by_differences(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[G v for v in vectors] without forward-mode derivatives through the parameters (for FSDP2
+        shards, which torch.func cannot differentiate): per batch and vector,
+        J v ≈ (z(θ + εv) − z(θ − εv))/2ε from two forwards of the logits z, ε‖v‖ = u^{1/3}/5 (u at
+        least float32's roundoff: error O(‖εv‖²) + O(u/‖εv‖), about 1e-5 relative), then
+        Jᵀ(H_out J v) by one backward of ⟨z, H_out J v⟩ at θ. Cost per vector: three forwards and
+        one backward (the functional path: one jvp and a shared vjp). Memory: the weights' backup,
+        k outputs, a batch's logits three times. Half-precision weights cannot take the step: an error."""
+        plist = list(self.shapes.values())
+        dtype = plist[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            raise _half_sharded()
+        self.matvecs += len(vectors)
+        total = self._total_tokens() if self.per == "token" else len(self.data)
+        u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+        norms = [self.norm(v) for v in vectors]
+        steps = [list(self._unflat(v).values()) for v in vectors]
+        outs = [self.zeros() for _ in vectors]
+        was = self.model.training
+        self.model.eval()
+
+        def logits(b):
+            return upcast(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
+
+        try:
+            for batch in self._batches():
+                for b in self._row_chunks(batch, itemsize=4):
+                    mask = (b["labels"][:, 1:] != IGNORE_INDEX).to(torch.float32)
+                    for vn, st, out in zip(norms, steps, outs):
+                        if vn == 0.0:
+                            continue
+                        eps = 0.2 * u ** (1 / 3) / vn
+                        with displaced(plist, st) as move, torch.no_grad():
+                            move(eps)
+                            jv = logits(b)
+                            move(-eps)
+                            jv = jv.sub_(logits(b)).div_(2 * eps)
+                        with torch.enable_grad():
+                            z = logits(b)
+                            p = F.softmax(z[:, :-1].detach(), -1)
+                            cot = _output_hessian_times(p, jv, mask.to(p.dtype), total).to(z.dtype)
+                            del p, jv
+                            self._accumulate(out, self._grads((z * cot).sum()))
+                            del z, cot
+        finally:
+            self.model.train(was)
+        return [self._reduce(out) for out in outs]
+
+    @torch.no_grad()  # torch.func transforms ignore it; unselected weights stay out of any graph
+    def _matvecs_functional(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         self.matvecs += len(vectors)
         total = self._total_tokens() if self.per == "token" else len(self.data)
         vss = [tuple(self._unflat(v).values()) for v in vectors]
@@ -365,6 +472,10 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         along g (logits, J g, ∇²z[g, g]), one jvp along h and one shared vjp pulled back twice --
         the jvps that :meth:`matvecs_many` and :meth:`expansion_forms` would each compute, once.
         Raises as :meth:`expansion_forms` does when a layer has no forward-over-forward derivative."""
+        if self.layout is not None:
+            raise NotImplementedError(
+                "a model sharded with FSDP2 has no forward-mode derivative through its parameters"
+            )
         self.matvecs += 2
         total = self._total_tokens() if self.per == "token" else len(self.data)
         gs, hs = tuple(self._unflat(g).values()), tuple(self._unflat(h).values())
@@ -398,6 +509,10 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
     def per_sequence_gram(self, basis: torch.Tensor) -> torch.Tensor:
         """A_k = Bᵀ F_k B for every sequence k ([N, d, d]): the operator's per-sequence parts in a
         basis (columns of ``basis``), so that Bᵀ F B = mean_k A_k (``per="sequence"``)."""
+        if self.layout is not None:
+            raise NotImplementedError(
+                "a model sharded with FSDP2 has no forward-mode derivative through its parameters"
+            )
         tangents = [tuple(self._unflat(basis[:, j]).values()) for j in range(basis.shape[1])]
         out = []
         was = self.model.training
@@ -430,6 +545,10 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         Returns ``gFg``, ``gAq``, ``qAq``, ``hFh`` (= (Jh)ᵀA(Jh), the Gauss-Newton part only) and
         ``dAd`` (the ∇²z[g, g] part only). The paper's γ²/8 is the Gauss-Newton part within M.
         """
+        if self.layout is not None:
+            raise NotImplementedError(
+                "a model sharded with FSDP2 has no forward-mode derivative through its parameters"
+            )
         total = self._total_tokens() if self.per == "token" else len(self.data)
         gs, hs = tuple(self._unflat(g).values()), tuple(self._unflat(h).values())
         acc = {"gFg": 0.0, "gAq": 0.0, "qAq": 0.0, "hFh": 0.0, "dAd": 0.0}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, vjp, vmap
 
-from aligncollapse.distributed import full
+from aligncollapse.distributed import ShardLayout, full, layout_of
 from aligncollapse.errors import UserError
 from aligncollapse.geometry.memory import release_freed_host_memory
 
@@ -163,6 +163,26 @@ class GhostGradients:
         if missing:  # parameters no module owns directly (cannot happen for nn.Module trees)
             raise UserError(f"selected parameters without an owning module: {', '.join(missing[:3])}")
         self.sizes = OrderedDict((n, p.shape) for n, p in params.items())
+        # A sharded model (FSDP2): the factors are whole on every rank (every rank collects the same
+        # batches); vectors given to or returned by dot, weighted_sum, sum_of_squares and
+        # formed_basis_dot are this rank's parts (dim-0 rows), and dots are summed over the ranks.
+        self.layout: ShardLayout | None = layout_of(params)
+
+    def _rows(self, name: str) -> tuple[int, int]:
+        """This rank's rows of a parameter (all of them for a whole model)."""
+        return self.layout.rows[name] if self.layout is not None else (0, self.params[name].shape[0])
+
+    def _cols(self, name: str) -> tuple[int, int]:
+        """This rank's range of a parameter's flattened value (all of it for a whole model)."""
+        return self.layout.cols(name) if self.layout is not None else (0, self.params[name].numel())
+
+    def _local_zeros(self, dtype) -> OrderedDict[str, torch.Tensor]:
+        shapes = self.layout.local if self.layout is not None else self.params
+        return OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in shapes.items())
+
+    def _summed(self, t: torch.Tensor) -> torch.Tensor:
+        """A dot product's partial sums over this rank's parts, summed over the ranks when sharded."""
+        return t if self.layout is None else self.layout.sum(t)
 
     @staticmethod
     def _form(site: _Site) -> None:
@@ -549,10 +569,14 @@ class GhostGradients:
         k = next((b.shape[0] for b in basis if b is not None), 0)
         out = torch.zeros(k, dtype=torch.float64)
         for b, (_, site) in zip(basis, self.sites):
-            if b is not None:
-                vec = torch.cat([v[n].reshape(-1) for n in site.explicit]).to(b)
-                out += (b @ vec).to(torch.float64).cpu()
-        return out
+            if b is None:
+                continue
+            off = 0
+            for n in site.explicit:
+                c0, c1 = self._cols(n)
+                out += (b[:, off + c0 : off + c1] @ v[n].reshape(-1).to(b)).to(torch.float64).cpu()
+                off += self.params[n].numel()
+        return self._summed(out)
 
     def dot(self, f: Factors, v: dict[str, torch.Tensor], formed: bool = True) -> torch.Tensor:
         """[count] per-example ⟨∇ℓ_i, v⟩ for v given per parameter (name -> tensor of its shape), float64;
@@ -564,56 +588,65 @@ class GhostGradients:
             if s.kind in _FORMED and not formed:
                 continue
             if s.kind in _FORMED:
-                if not any(n in v for n in s.explicit):
-                    continue
-                vec = torch.cat([(v[n] if n in v else torch.zeros_like(self.params[n])).reshape(-1).to(u.g)
-                                 for n in s.explicit])  # fmt: skip
-                out += (u.g @ vec).to(torch.float64).cpu()
+                off = 0
+                for n in s.explicit:
+                    if n in v:
+                        c0, c1 = self._cols(n)
+                        out += (u.g[:, off + c0 : off + c1] @ v[n].reshape(-1).to(u.g)).to(torch.float64).cpu()
+                    off += self.params[n].numel()
                 continue
             if u.ex is None or not (s.weight in v or s.bias in v):
                 continue
             row = torch.zeros(u.d.shape[0], dtype=torch.float64, device=u.d.device)
-            if s.kind == "linear":
+            r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
+            if s.kind == "linear":  # output rows r0..r1 (the sharded dim 0 of weight and bias)
+                d = u.d[:, r0:r1]
                 if s.weight in v:
-                    row += ((u.d @ v[s.weight].to(u.d)) * u.a).sum(-1).to(torch.float64)
+                    row += ((d @ v[s.weight].to(u.d)) * u.a).sum(-1).to(torch.float64)
                 if s.bias in v:
-                    row += (u.d @ v[s.bias].to(u.d)).to(torch.float64)
-            else:
-                row += (u.d * v[s.weight].to(u.d)[u.a]).sum(-1).to(torch.float64)
+                    row += (d @ v[s.bias].to(u.d)).to(torch.float64)
+            else:  # an embedding's rows are token ids: only the ids r0..r1 meet this rank's part
+                here = (u.a >= r0) & (u.a < r1)
+                ids = torch.where(here, u.a - r0, torch.zeros_like(u.a))
+                row += (u.d * v[s.weight].to(u.d)[ids]).sum(-1).mul(here).to(torch.float64)
             out += torch.zeros(f.count, dtype=torch.float64, device=row.device).index_add_(0, u.ex, row).cpu()
-        return out
+        return self._summed(out)
 
     def weighted_sum(self, f: Factors, w: torch.Tensor, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
-        """Σ_i w_i ∇ℓ_i per parameter (w: [count])."""
-        out = OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in self.params.items())
+        """Σ_i w_i ∇ℓ_i per parameter (w: [count]); this rank's parts on a sharded model."""
+        out = self._local_zeros(dtype)
         for u in f.uses:
             s = u.site
             if s.kind in _FORMED:
                 vec = (w.to(u.g) @ u.g).to(dtype)
                 off = 0
                 for n in s.explicit:
-                    k = self.params[n].numel()
-                    out[n] += vec[off : off + k].reshape(out[n].shape)
-                    off += k
+                    c0, c1 = self._cols(n)
+                    out[n] += vec[off + c0 : off + c1].reshape(out[n].shape)
+                    off += self.params[n].numel()
                 continue
             if u.ex is None:
                 continue
+            r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
             rows = max(1, self.chunk_elems // max(1, u.d.shape[1]))  # no copy of a whole [R, V] head factor
             for r in range(0, u.d.shape[0], rows):
-                wd = u.d[r : r + rows] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
                 if s.kind == "linear":
+                    wd = u.d[r : r + rows, r0:r1] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
                     if s.weight is not None:
                         out[s.weight] += (wd.T @ u.a[r : r + rows]).to(dtype)
                     if s.bias is not None:
                         out[s.bias] += wd.sum(0).to(dtype)
                 else:
-                    out[s.weight].index_add_(0, u.a[r : r + rows], wd.to(dtype))
+                    wd = u.d[r : r + rows] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
+                    ids = u.a[r : r + rows]
+                    here = (ids >= r0) & (ids < r1)
+                    out[s.weight].index_add_(0, ids[here] - r0, wd[here].to(dtype))
         return out
 
     def sum_of_squares(self, f: Factors, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
         """Σ_i (∇ℓ_i)² elementwise, per parameter: each example's gradient is formed one site at a
-        time (memory: one site's weight), never all at once."""
-        out = OrderedDict((n, torch.zeros(p.shape, dtype=dtype, device=p.device)) for n, p in self.params.items())
+        time (memory: one site's weight), never all at once; this rank's parts on a sharded model."""
+        out = self._local_zeros(dtype)
         for i in range(f.count):
             per: dict[str, torch.Tensor] = {}
             for u in f.uses:
@@ -621,16 +654,17 @@ class GhostGradients:
                 if s.kind in _FORMED:
                     off = 0
                     for n in s.explicit:
-                        k = self.params[n].numel()
-                        t = u.g[i, off : off + k].reshape(self.params[n].shape).to(dtype)
+                        c0, c1 = self._cols(n)
+                        t = u.g[i, off + c0 : off + c1].reshape(out[n].shape).to(dtype)
                         per[n] = per[n] + t if n in per else t
-                        off += k
+                        off += self.params[n].numel()
                     continue
                 if u.ex is None:
                     continue
                 rows = u.ex == i
-                d = u.d[rows].to(dtype)
+                r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
                 if s.kind == "linear":
+                    d = u.d[rows][:, r0:r1].to(dtype)
                     if s.weight is not None:
                         t = d.T @ u.a[rows].to(dtype)
                         per[s.weight] = per[s.weight] + t if s.weight in per else t
@@ -638,8 +672,10 @@ class GhostGradients:
                         t = d.sum(0)
                         per[s.bias] = per[s.bias] + t if s.bias in per else t
                 else:
-                    t = torch.zeros(self.params[s.weight].shape, dtype=dtype, device=d.device).index_add_(
-                        0, u.a[rows], d
+                    d, ids = u.d[rows].to(dtype), u.a[rows]
+                    here = (ids >= r0) & (ids < r1)
+                    t = torch.zeros(out[s.weight].shape, dtype=dtype, device=d.device).index_add_(
+                        0, ids[here] - r0, d[here]
                     )
                     per[s.weight] = per[s.weight] + t if s.weight in per else t
             for n, t in per.items():
