@@ -123,10 +123,11 @@ def _load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-def _scan_one_and_two(tmp_path, args: list[str]):
-    """results.json of ``args`` in this process and under torchrun with 2 processes, and the run."""
+def _scan_one_and_two(tmp_path, args: list[str], two_only: tuple[str, ...] = ()):
+    """results.json of ``args`` in this process and under torchrun with 2 processes (with ``two_only``
+    added), and the run."""
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    two = _torchrun("-m", "aligncollapse", *args, "--out", str(tmp_path / "two"), timeout=300)
+    two = _torchrun("-m", "aligncollapse", *args, *two_only, "--out", str(tmp_path / "two"), timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -171,6 +172,38 @@ def test_distributed_sample_scan_matches_one_process(tmp_path, tiny_model_dir, s
         assert b["ci"][key]["ci_low"] == pytest.approx(a["ci"][key]["ci_low"], rel=1e-6), key
     assert b["shuffled_null"]["gamma_rel"] == pytest.approx(a["shuffled_null"]["gamma_rel"], rel=1e-5)
     assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_distributed_fsdp_sample_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite, optimizer):
+    """``torchrun -m aligncollapse scan --scan-method sample --fsdp``: the model sharded over 2 ranks
+    (each holds about half of every parameter and of every n-vector), every rank runs every batch,
+    products by differences of backward() gradients and logits. The factors' numbers (λ, the tail, ε,
+    the per-example products) match the whole model's in one process closely; the products by
+    differences (H g, F g, the forms) to about their step's error: measured at most 1.2e-4 relative
+    (u^{1/3}/5 steps, float32 roundoff for the model's float32 islands), so 1e-3 here."""
+    args = ["scan", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety", str(small_suite / "safety.jsonl"),
+            "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "4",
+            "--subspace-d", "3", "--n-boot", "20", "--threshold", "0.5", "--scan-method", "sample",
+            "--fisher-samples", "2", "--optimizer", optimizer]  # fmt: skip
+    a, b, two = _scan_one_and_two(tmp_path, args, ("--fsdp",))
+    assert b["memory_plan"]["inputs"]["shards"] == 2 and "shards" not in a["memory_plan"]["inputs"]
+    assert b["memory_plan"]["inputs"]["n"] == -(-a["memory_plan"]["inputs"]["n"] // 2)  # n-vectors halved
+    assert b["rank_share"] == a["rank_share"]  # every rank ran every example
+    for key in ("lambda", "lambda_in_sample", "trace", "tail_fraction", "eps_orth", "eps_fisher", "g_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-9), key  # factors, Grams and g: whole on every rank
+    for key in ("u_Fg", "u_FHg", "h_Fg", "h_FHg"):
+        assert b["per_example"][key] == pytest.approx(a["per_example"][key], rel=1e-3, abs=1e-8), key
+    for key in ("gamma", "Hg_norm"):  # H g by central differences (one process: exact double backward)
+        assert b[key] == pytest.approx(a[key], rel=1e-3), key
+        assert b[key] != a[key]  # not the whole model's product: the sharded path took its own
+    for key in ("gFg", "gFHg", "HgFHg"):  # F v by differences of the logits (one process: jvp)
+        assert b["quadratic_forms"][key] == pytest.approx(a["quadratic_forms"][key], rel=1e-3), key
+    assert b["quadratic_forms"]["qAq"] is None and "NotImplementedError" in b["quadratic_forms"]["unavailable"]
+    assert a["quadratic_forms"]["qAq"] is not None
+    assert b["shuffled_null"]["gamma_rel"] == pytest.approx(a["shuffled_null"]["gamma_rel"], rel=1e-6)
+    assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]
+    assert two.stdout.count("verdict:") == 1  # rank 0 alone prints
 
 
 def _finetune_args(model_dir, suite, steps: int) -> list[str]:
@@ -286,6 +319,23 @@ def test_finetune_refusals_under_torchrun(tmp_path, tiny_model_dir, small_suite,
     # each rank exits with status 2 and one line (the traceback after it is torchrun's own report)
     assert r.returncode != 0 and want in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "d" / "trajectory.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["one-process", "exact", "bfloat16"])
+def test_scan_fsdp_refusals(tmp_path, tiny_model_dir, small_suite, capsys, case):
+    """``scan --fsdp`` in one process, with the exact method (its n × k Lanczos basis is not sharded)
+    or with half-precision weights (no finite-difference step) stops with one line before any work."""
+    args = ["scan", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
+            "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--fsdp", "--out", str(tmp_path / "s")]  # fmt: skip
+    if case == "one-process":
+        assert main([*args, "--scan-method", "sample"]) == 2
+        assert "--fsdp shards the model over the processes of torchrun" in capsys.readouterr().err
+    else:
+        extra = ["--scan-method", "exact"] if case == "exact" else ["--scan-method", "sample", "--dtype", "bfloat16"]
+        r = _torchrun("-m", "aligncollapse", *args, *extra)
+        want = "--fsdp needs --scan-method sample" if case == "exact" else "need --dtype float32 or float64"
+        assert r.returncode != 0 and want in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "s" / "results.json").exists()
 
 
 @pytest.mark.parametrize("method", ["exact", "projected", "lanczos"])

@@ -28,6 +28,7 @@ from aligncollapse.cli.common import (
     scan_settings,
     training_data,
 )
+from aligncollapse.errors import UserError
 from aligncollapse.models import weights_digest
 
 
@@ -80,6 +81,9 @@ def register(sub) -> argparse.ArgumentParser:
         "auto (the CUDA device's memory, else the available RAM; default)",
     )
     add_method_args(sc)
+    sc.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard the model over the processes with FSDP2 (for models that do not fit "
+                    "one device; sample-space scan, float32 or float64 weights)")  # fmt: skip
     sc.add_argument("--out")
     add_data_args(sc, "--finetune")
     sc.set_defaults(func=run)
@@ -92,7 +96,17 @@ def run(args) -> int:
     from aligncollapse.results import write_results
     from aligncollapse.scan.run import run_scan
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.fsdp:  # before the model is loaded whole onto one device
+        if not distributed.is_distributed():
+            raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
+                            "this is one process: drop --fsdp")  # fmt: skip
+        if args.scan_method != "sample":
+            raise UserError("--fsdp needs --scan-method sample: the exact scan's Lanczos basis is not sharded")
+        if args.dtype in ("float16", "bfloat16", "fp16", "bf16"):
+            raise UserError("--fsdp: the sharded scan steps the weights by finite differences, which need "
+                            "--dtype float32 or float64")  # fmt: skip
+    # --fsdp: loaded on the host, then each unit moves to the device as it is sharded
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu" if args.fsdp else args.device)
     safety = safety_set(args, model, tok)
     finetune = training_data(args.finetune, args)
     lora = lora_settings(args)
@@ -100,13 +114,20 @@ def run(args) -> int:
         model = apply_lora(model, lora)
     before = weights_digest(model)
     s = scan_settings(args)
+    if args.fsdp:
+        from aligncollapse.models import parse_device
+
+        model = distributed.shard_model(model, distributed.local_device(parse_device(args.device)))
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "scan")
     res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
     if not distributed.is_main():  # under torchrun the other ranks only compute
         return 0
-    after = weights_digest(model)
-    res["model_unchanged"] = before == after
+    if args.fsdp:  # the shards' digest (every rank's), the same computation on the whole model before
+        res["model_unchanged"] = None
+        res["model_unchanged_note"] = "not checked under --fsdp (the weights are sharded)"
+    else:
+        res["model_unchanged"] = before == weights_digest(model)
     write_results(out, "scan", res, config(args))
     finish(out)
     fc = res["forecast"]

@@ -89,6 +89,8 @@ def generate(
         chunk = prompts[s : s + config.batch_size]
         batch = collate(chunk, pad, side="left")
         kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        if is_sharded(model):  # every rank's forward is a collective: all keep stepping until all are done
+            kwargs["synced_gpus"] = True
         if config.do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)

@@ -109,6 +109,19 @@ def model_shape(model, params) -> ModelShape:
     )
 
 
+def sharded_model_shape(s: ModelShape, shards: int, block_numel: int, root_numel: int) -> ModelShape:
+    """What one rank of a model sharded over w = ``shards`` ranks with FSDP2 holds, as a ModelShape for
+    the scan plans: n' = ⌈n/w⌉ (each n-vector is the rank's parts of the parameters) and
+    n_total' = ⌈n_total/w⌉ + 2·(root + 2·block), the shards plus the units gathered whole while they
+    run and their full gradients (the root's for the whole pass, the running and the prefetched
+    transformer block), as :func:`finetune_memory_plan` counts them. Factors, Grams and activations
+    do not shard (every rank runs every batch)."""
+    from dataclasses import replace
+
+    w = max(shards, 1)
+    return replace(s, n=-(-s.n // w), n_total=-(-s.n_total // w) + 2 * (root_numel + 2 * block_numel))
+
+
 def tied_gradient_bytes(s: ModelShape, whole: bool = False) -> int:
     """What a backward pass that differentiates a tied embedding holds beyond the gradient itself:
     autograd computes the head's and the lookup's V × h gradients separately and sums them out of

@@ -49,13 +49,12 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import all_reduce_sum, broadcast_object, is_distributed, shard
+from aligncollapse.distributed import all_reduce_sum, broadcast_object, is_distributed, layout_of, shard
 from aligncollapse.errors import NonFiniteError, UserError
 from aligncollapse.geometry.curvature import (
     FinetuneLoss,
     GGNOperator,
     HessianOperator,
-    norm64,
     rademacher,
     top_eigenpairs,
 )
@@ -324,9 +323,13 @@ def resolve_method(model, tokenizer, safety: Sequence[Example], finetune: Sequen
     else the sample space. Both run under torchrun."""
     if s.method not in ("auto", "exact", "sample"):
         raise ValueError(f"unknown scan method {s.method!r}")
+    params = s.blocks.select(model)
+    if layout_of(params) is not None:  # FSDP2 shards: the exact scan's Lanczos basis is not sharded
+        if s.method == "exact":
+            raise UserError("a model sharded with FSDP2 is scanned in sample space: use --scan-method sample")
+        return "sample"
     if s.method != "auto":
         return s.method
-    params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
     if n > AUTO_EXACT_MAX_N:
         return "sample"
@@ -532,7 +535,7 @@ def shuffled_null(
     H = HessianOperator(model, params, ft, s.batch_size)
     Hg = H.matvec_by_differences(g) if differences else H.matvec(g)
     a, c = project(g), project(Hg)
-    gn, hn = norm64(g), norm64(Hg)  # float64 sums without float64 copies of the n-vectors
+    gn, hn = H.norm(g), H.norm(Hg)  # float64 sums without float64 copies (over the ranks' parts when sharded)
     return {
         "eps_orth_rel": float(a.norm()) / gn if gn else 0.0,
         "gamma_rel": float((lam_d * c * c).sum().sqrt()) / hn if hn else 0.0,

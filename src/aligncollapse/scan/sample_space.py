@@ -46,9 +46,17 @@ import torch.nn.functional as F
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import all_gather_rows, broadcast_from_main, contiguous_shard, world_size
+from aligncollapse.distributed import (
+    ShardLayout,
+    all_gather_rows,
+    broadcast_from_main,
+    contiguous_shard,
+    layout_of,
+    solo,
+    world_size,
+)
 from aligncollapse.errors import NonFiniteError, UserError
-from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64, norm64
+from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64
 from aligncollapse.geometry.ghost import Factors, GhostGradients
 from aligncollapse.geometry.memory import log_and_check, planned_total, release_freed_host_memory
 from aligncollapse.geometry.per_sample import unflatten as _unflat
@@ -101,6 +109,8 @@ class SampledFisher:
         # UᵀU; rank 0's under torchrun, so that every rank takes the same eigenpairs, rank cut and d
         # (CUDA's atomic index-adds make the ranks' own Grams differ in the last bits).
         K_raw = broadcast_from_main(ghost.gram(self.factors, self.factors))
+        if ghost.layout is not None:  # a sharded model: every rank computed K itself; rank 0's for all
+            ShardLayout.broadcast(K_raw)
         self.K_raw = K_raw
         mu, W = torch.linalg.eigh(K_raw / (self.N * samples))
         order = torch.argsort(mu, descending=True)
@@ -256,16 +266,47 @@ def measure_aic_sample(
     every rank collects the factors of a contiguous block of the safety prompts and of the fine-tuning
     examples, and the per-example differences of its block; the factors and the per-example results
     are gathered (:meth:`GhostGradients.gather`), the curvature products split their batches and
-    all-reduce, and everything after (Grams, eigenpairs, bootstrap) runs on every rank identically."""
+    all-reduce, and everything after (Grams, eigenpairs, bootstrap) runs on every rank identically.
+
+    A model sharded with FSDP2 (``scan --fsdp``): every rank runs every batch (an FSDP forward is a
+    collective) and holds its own part of each n-vector (:class:`aligncollapse.distributed.ShardLayout`,
+    about n/W numbers); the factors, Grams and everything after them are whole on every rank (K is
+    rank 0's), inner products of n-vectors are summed over the ranks, H v, F v and the per-example
+    differences go by finite differences of backward() gradients and logits (no double backward or
+    jvp reaches FSDP2's parameters), and the forecast's second-order logit forms (``qAq``, ``dAd``)
+    are not computed."""
+    params = s.blocks.select(model)
+    layout = layout_of(params)
+    if layout is None:
+        return _measure(model, tokenizer, safety, finetune, s, params, None)
+    if next(iter(params.values())).dtype in (torch.float16, torch.bfloat16):
+        raise UserError("--fsdp: the sample-space scan of a sharded model steps its weights by finite differences, "
+                        "which need float32 or float64 weights (--dtype float32)")  # fmt: skip
+    with solo():  # the work is not split by examples: FSDP's collectives and the layout's sums only
+        return _measure(model, tokenizer, safety, finetune, s, params, layout)
+
+
+def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, layout: ShardLayout | None) -> dict:
     t0 = time.perf_counter()
+    vparams = layout.local if layout is not None else params  # the shapes of this rank's vectors' blocks
+
+    def vdot(a: torch.Tensor, b: torch.Tensor) -> float:
+        if layout is None:
+            return dot64(a, b)
+        return float(layout.sum(torch.tensor([dot64(a, b)], dtype=torch.float64, device=a.device)))
+
+    def vnorm(a: torch.Tensor) -> float:
+        return math.sqrt(max(vdot(a, a), 0.0))
+
     if world_size() > min(len(safety), len(finetune)):
         raise UserError(
             f"torchrun: {world_size()} processes for {len(safety)} safety prompts and {len(finetune)} fine-tuning "
             "examples; use at most as many processes as the smaller set"
         )
-    params = s.blocks.select(model)
     n = sum(p.numel() for p in params.values())
-    if any(not bool(torch.isfinite(p).all()) for p in model.parameters()):
+    bad = torch.tensor([float(any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                                  for p in model.parameters()))])  # fmt: skip
+    if float(layout.sum(bad) if layout is not None else bad) > 0:
         raise NonFiniteError("the model has non-finite weights: nothing can be measured at θ*")
     ft = EncodedSet(tokenizer, finetune, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length)
     requested = s.fisher_samples
@@ -303,7 +344,7 @@ def measure_aic_sample(
     # after the fine-tuning side it would hold g and H g besides.
     log("[sample-space scan] shuffled-response null")
     null = _aic.shuffled_null(
-        model, tokenizer, params, finetune, s, lambda v: fisher.project(v, params), lam_d, differences=True
+        model, tokenizer, params, finetune, s, lambda v: fisher.project(v, vparams), lam_d, differences=True
     )
 
     # Fine-tuning side: factors at θ*, then everything the exact scan takes from G.
@@ -330,7 +371,10 @@ def measure_aic_sample(
         v = g * g + r2.clamp_min(0) / Bsz * fpc
         precond = broadcast_from_main((1.0 / (v.sqrt() + s.adam_delta)).to(g.dtype))
         del sq, tg, r2, v
-        block_d = {name: float(t.to(torch.float64).mean()) for name, t in _unflat(params, precond).items()}
+        blocks = _unflat(vparams, precond).values()
+        sums = torch.tensor([float(t.to(torch.float64).sum()) for t in blocks], dtype=torch.float64)
+        sums = layout.sum(sums) if layout is not None else sums  # the means over whole parameters
+        block_d = {name: float(t) / p.numel() for (name, p), t in zip(params.items(), sums)}
         approximations.append(
             "AdamW: per-example tables (bootstrap coordinates and Gram, noise trace, H_n g coordinates) use D averaged "
             "within each parameter block; g, H g, the forecast and the per-example products use the full diagonal D"
@@ -351,11 +395,11 @@ def measure_aic_sample(
     else:  # H (D g) and H g (the flow geometry's raw direction) share one pass
         HDg, Hg_raw = H.matvecs_many([gt, g])
         Hg = precond * HDg
-        c_raw, hgraw_norm = fisher.project(Hg_raw, params), norm64(Hg_raw)
+        c_raw, hgraw_norm = fisher.project(Hg_raw, vparams), vnorm(Hg_raw)
         del HDg, Hg_raw
     # ‖H(Hg)‖ only sizes the forecast's cubic term: one-sided from g (one gradient; 2.8e-3 relative
     # on the 4.3M benchmark model). The shuffled null, which property 3 compares with, stays central.
-    hhg_norm = norm64(H.matvec_by_differences(Hg, at=g))
+    hhg_norm = vnorm(H.matvec_by_differences(Hg, at=g))
     try:  # F g, F Hg and the expansion's forms share their jvps
         Fg, FHg, forms = Fop.products_and_forms(gt, Hg)
         expansion = {k: forms[k] for k in ("qAq", "gAq", "dAd")}
@@ -364,20 +408,20 @@ def measure_aic_sample(
             raise
         Fg, FHg = Fop.matvecs_many([gt, Hg])
         expansion = _aic._expansion(Fop, gt, Hg)
-    gFg, gFHg, HgFHg = dot64(gt, Fg), dot64(gt, FHg), dot64(Hg, FHg)
-    a, c = fisher.project(gt, params), fisher.project(Hg, params)
+    gFg, gFHg, HgFHg = vdot(gt, Fg), vdot(gt, FHg), vdot(Hg, FHg)
+    a, c = fisher.project(gt, vparams), fisher.project(Hg, vparams)
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
     gamma = float((lam_d * c * c).sum().sqrt())
-    gnorm, hgnorm = norm64(gt), norm64(Hg)
+    gnorm, hgnorm = vnorm(gt), vnorm(Hg)
     rand_gamma = hgnorm * math.sqrt(float(lam_d.sum()) / n)
     if precond is None:
         flow = {"gamma": gamma, "gFg": gFg, "eps_fisher": eps_f, "eps_orth_rel": eps / gnorm if gnorm else 0.0,
                 "gamma_rel": gamma / hgnorm if hgnorm else 0.0}  # fmt: skip
     else:
         a_raw = fisher.coords(C.sum(1) / total)
-        graw_norm = norm64(g)
-        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": dot64(g, Fop.matvec(g)),
+        graw_norm = vnorm(g)
+        flow = {"gamma": float((lam_d * c_raw * c_raw).sum().sqrt()), "gFg": vdot(g, Fop.matvec(g)),
                 "eps_fisher": float((lam_d * a_raw * a_raw).sum().sqrt())}  # fmt: skip
         flow["eps_orth_rel"] = float(a_raw.norm()) / graw_norm if graw_norm else 0.0
         flow["gamma_rel"] = flow["gamma"] / hgraw_norm if hgraw_norm else 0.0
@@ -392,7 +436,7 @@ def measure_aic_sample(
     DFg = Fg if precond is None else precond * Fg
     DFHg = FHg if precond is None else precond * FHg
     per_example, hc, fd = _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens, block_d, Hg,
-                                       FF)  # fmt: skip
+                                       FF, vparams, vdot)  # fmt: skip
     del FF
     del DFg, DFHg, Fg, FHg
     e = fisher.coords(C_D).T  # [M, d] per-example (summed-loss) coordinates
@@ -474,22 +518,25 @@ def measure_aic_sample(
     return out
 
 
-def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens, block_d, Hg, FF=None):
+def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens, block_d, Hg, FF=None, vparams=None,
+                 vdot=dot64):  # fmt: skip
     """u_n and h_n products (see ``aic._bootstrap``) and the [M, d] H_n g coordinates; h_n by central
     differences of the factored per-example gradients along ``gt`` (module docstring). With the
-    fine-tuning factors at θ (``FF``), the u_n come from them instead of another pass."""
+    fine-tuning factors at θ (``FF``), the u_n come from them instead of another pass. ``vparams``: the
+    vectors' blocks (this rank's parts of a sharded model), ``vdot`` their inner product."""
     total = float(tokens.sum())
     M = len(ft)
-    vFg, vFHg = _unflat(params, DFg), _unflat(params, DFHg)
+    vparams = params if vparams is None else vparams
+    vFg, vFHg = _unflat(vparams, DFg), _unflat(vparams, DFHg)
 
     def passes(eps: float):
         """Per batch: ⟨∇ℓ_n, D F g⟩ and ⟨∇ℓ_n, D F Hg⟩ at θ; with eps > 0 also the same dots and the
         D-weighted coordinates Vᵀ of ∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg), taken from the difference of the two
         factor sets (one product instead of two, its rounding relative to the difference)."""
         diffs = eps > 0
-        steps = list(_unflat(params, gt).values()) if diffs else []
+        steps = list(_unflat(vparams, gt).values()) if diffs else []
         u_f, u_h, d_f, d_h, cols = [], [], [], [], []
-        with displaced(list(params.values()), steps) if diffs else contextlib.nullcontext() as move:
+        with displaced(list(vparams.values()), steps) if diffs else contextlib.nullcontext() as move:
             for batch in _nll_batches(ft, s.batch_size, dev, indices=contiguous_shard(M)):
                 if FF is None:
                     if diffs:
@@ -524,7 +571,7 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     # At least float32's roundoff even for float64 weights: Hugging Face models keep float32 islands
     # (attention softmax, norms) whose rounding a smaller step would amplify.
     u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-    gn = norm64(gt)
+    gn = math.sqrt(max(vdot(gt, gt), 0.0))
     # A step of norm ‖εg‖ = u^{1/3}/5 (1e-3 in float32): truncation O(‖εg‖²) and rounding O(u/‖εg‖)
     # balanced for O(1) curvature; checked below by Σ_n h_nᵀF g = (Hg)ᵀF g, reported as sum_check.
     eps = 0.2 * u ** (1 / 3) / gn if gn > 0 and not half else 0.0
@@ -532,12 +579,12 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     per_example = {"u_Fg": (u_Fg / total).tolist(), "u_FHg": (u_FHg / total).tolist()}
     if half:
         share = tokens / total
-        c_full = fisher.project(Hg, params)
+        c_full = fisher.project(Hg, vparams)
         hc = share[:, None] * c_full[None, :]
-        hFg, hFHg = dot64(Hg, DFg), dot64(Hg, DFHg)
+        hFg, hFHg = vdot(Hg, DFg), vdot(Hg, DFHg)
         per_example["h_Fg"], per_example["h_FHg"] = (share * hFg).tolist(), (share * hFHg).tolist()
         return per_example, hc, {"method": "token shares of H g (half-precision weights: no finite differences)"}
-    theta = math.sqrt(sum(norm64(p.detach()) ** 2 for p in params.values()))
+    theta = math.sqrt(sum(vdot(p.detach(), p.detach()) for p in vparams.values()))
     if eps == 0.0:
         z = torch.zeros(M, dtype=torch.float64)
         per_example["h_Fg"], per_example["h_FHg"] = z.tolist(), z.tolist()
@@ -547,13 +594,20 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     # With AdamW, h_n = D H_n D g: the dots above already carry D (D F g, D F Hg), the columns D's block means.
     per_example["h_Fg"], per_example["h_FHg"] = h_f.tolist(), h_h.tolist()
     hc = (dc * scale).T  # [M, d]
-    want = dot64(Hg, DFg)  # = Σ_n h_nᵀ F g exactly
+    want = vdot(Hg, DFg)  # = Σ_n h_nᵀ F g exactly
     got = float(h_f.sum())
     return per_example, hc, {
         "method": "central differences of per-example gradients along g", "epsilon": eps,
         "step_norm": eps * gn, "relative_step": eps * gn / max(theta, 1e-300),
         "sum_check": {"sum_h_Fg": got, "HgFg": want, "relative_error": abs(got - want) / max(abs(want), 1e-300)},
     }  # fmt: skip
+
+
+def dist_world() -> int:
+    """The number of processes in the default group (also inside :func:`aligncollapse.distributed.solo`)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def plan_memory_sample(
@@ -578,7 +632,7 @@ def plan_memory_sample(
 
     def planned(keep: bool) -> dict:
         return sample_scan_memory_plan(
-            model_shape(model, params), n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
+            shape, n_safety=len(safety), n_finetune=len(ft), seq_len=max(ft_lens + ref_lens),
             batch_size=s.batch_size, samples=s.fisher_samples, tokens_safety=sum(ref_lens), tokens_finetune=sum(ft_lens),
             floats_per_token=ghost.floats_per_token(), explicit_numel=ghost.explicit_numel(), optimizer=s.optimizer,
             n_param_blocks=len(params), head_floats_per_token=ghost.head_floats_per_token(),
@@ -587,6 +641,18 @@ def plan_memory_sample(
             largest_floats_per_token=ghost.largest_floats_per_token(),
         )  # fmt: skip
 
+    shape = model_shape(model, params)
+    shards = {}
+    if layout_of(params) is not None:  # FSDP2: each rank's parts of the n-vectors and of the weights
+        from aligncollapse import distributed
+        from aligncollapse.geometry.memory import sharded_model_shape
+
+        blocks = distributed.fsdp_blocks(model)
+        block = max(sum(p.numel() for p in m.parameters()) for m in blocks)
+        root = shape.n_total - sum(p.numel() for m in blocks for p in m.parameters())
+        w = dist_world()
+        shape = sharded_model_shape(shape, w, block, root)
+        shards = {"shards": w, "block_numel": block, "root_numel": root}
     runtime = _aic.planned_runtime(model, s)
     if quiet:
         return {**planned(False), "runtime_bytes": runtime}
@@ -594,5 +660,7 @@ def plan_memory_sample(
     plan = {**planned(True), "runtime_bytes": runtime}
     if s.max_memory is None or planned_total(plan) > s.max_memory:
         plan = {**planned(False), "runtime_bytes": runtime}
+    if shards:
+        plan["inputs"] = {**plan.get("inputs", {}), **shards}
     plan["batch_size"] = s.batch_size
     return log_and_check(plan, s.max_memory, s.max_memory_flag)
