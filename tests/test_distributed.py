@@ -204,6 +204,7 @@ def test_distributed_fsdp_sample_scan_matches_one_process(tmp_path, tiny_model_d
     assert b["shuffled_null"]["gamma_rel"] == pytest.approx(a["shuffled_null"]["gamma_rel"], rel=1e-6)
     assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]
     assert two.stdout.count("verdict:") == 1  # rank 0 alone prints
+    assert a["model_unchanged"] is True and b["model_unchanged"] is True  # every rank's shards restored bit for bit
 
 
 def _finetune_args(model_dir, suite, steps: int) -> list[str]:

@@ -256,11 +256,13 @@ def parse_layers(spec: str | None) -> tuple[int, int] | None:
 
 
 def weights_digest(model) -> str:
-    """SHA-256 of every parameter's raw bytes, any dtype (bfloat16 included) and device."""
+    """SHA-256 of every parameter's raw bytes, any dtype (bfloat16 included) and device; of this
+    rank's shards for a model sharded with FSDP2."""
     import hashlib
 
     h = hashlib.sha256()
     for p in model.parameters():
+        p = p.to_local() if hasattr(p, "to_local") else p
         h.update(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 

@@ -112,22 +112,20 @@ def run(args) -> int:
     lora = lora_settings(args)
     if lora is not None:
         model = apply_lora(model, lora)
-    before = weights_digest(model)
     s = scan_settings(args)
     if args.fsdp:
         from aligncollapse.models import parse_device
 
         model = distributed.shard_model(model, distributed.local_device(parse_device(args.device)))
+    before = weights_digest(model)  # of this rank's shards under --fsdp
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "scan")
     res = run_scan(model, tok, safety, finetune, out, s, label=args.finetune)
+    # every rank's shards (a collective under --fsdp, so before the other ranks return)
+    unchanged = not distributed.any_rank(weights_digest(model) != before) if args.fsdp else None
     if not distributed.is_main():  # under torchrun the other ranks only compute
         return 0
-    if args.fsdp:  # the shards' digest (every rank's), the same computation on the whole model before
-        res["model_unchanged"] = None
-        res["model_unchanged_note"] = "not checked under --fsdp (the weights are sharded)"
-    else:
-        res["model_unchanged"] = before == weights_digest(model)
+    res["model_unchanged"] = unchanged if args.fsdp else before == weights_digest(model)
     write_results(out, "scan", res, config(args))
     finish(out)
     fc = res["forecast"]
