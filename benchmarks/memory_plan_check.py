@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/memory_plan_check.py [--finetune 16] [--safety 8] [--hidden 256]
     PYTHONPATH=src python benchmarks/memory_plan_check.py --method sample [--vocab 128256 --tied --layers 1 ...]
-    PYTHONPATH=src python benchmarks/memory_plan_check.py --fisher exact|lanczos|kronecker|rademacher [--safety 32]
+    PYTHONPATH=src python benchmarks/memory_plan_check.py --fisher exact|factored|lanczos|kronecker|rademacher [--safety 32]
     PYTHONPATH=src python benchmarks/memory_plan_check.py --defense project-static:d=16,samples=1 [--safety 32]
 
 Measured = peak RSS during the scan (sampled every 2 ms) minus the RSS before the model was built,
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, help="MLP width (default 2.6875 x hidden)")
     ap.add_argument("--fisher-samples", type=int, default=1, help="--method sample: label draws per prompt")
     ap.add_argument("--batch-size", type=int, default=8, help="the scan's compute batch")
-    ap.add_argument("--fisher", choices=["exact", "lanczos", "kronecker", "rademacher"],
+    ap.add_argument("--fisher", choices=["exact", "factored", "lanczos", "kronecker", "rademacher"],
                     help="measure `fisher --method ...` (kronecker/rademacher: projected) instead of the scan")  # fmt: skip
     ap.add_argument("--memory-budget", type=float, default=1.0, help="--fisher exact: the grouping budget in GiB")
     ap.add_argument(
@@ -137,6 +137,7 @@ def main() -> None:
 
         analysis.fisher_examples = tracked("generate", analysis.fisher_examples)
         analysis.exact_fisher = tracked("exact", analysis.exact_fisher)
+        analysis.factored_fisher = tracked("factored", analysis.factored_fisher)
         analysis.implicit_fisher = tracked("lanczos", analysis.implicit_fisher)
         analysis.projected_fisher = tracked("projected", analysis.projected_fisher)
         import aligncollapse.geometry.representation as rep

@@ -339,27 +339,35 @@ def test_scan_fsdp_refusals(tmp_path, tiny_model_dir, small_suite, capsys, case)
     assert not (tmp_path / "s" / "results.json").exists()
 
 
-@pytest.mark.parametrize("method", ["exact", "projected", "lanczos"])
+@pytest.mark.parametrize("method", ["exact", "factored", "factored-fsdp", "projected", "lanczos"])
 def test_distributed_fisher_matches_one_process(tmp_path, tiny_model_dir, small_suite, method):
     """``torchrun -m aligncollapse fisher``: each rank computes the per-sample gradients (exact: in
-    parameter groups, two passes) or projections of half the examples and gathers them, or takes half
-    of every Lanczos product's batches; rank 0 draws the sampled responses. The spectra, the saved
-    basis (up to sign) and the nulls match one process; the work was split (``rank_share``)."""
+    parameter groups, two passes), the factored per-example gradients or the projections of half the
+    examples and gathers them, or takes half of every Lanczos product's batches; rank 0 draws the
+    sampled responses. The spectra, the saved basis (up to sign) and the nulls match one process; the
+    work was split (``rank_share``). ``factored-fsdp``: the model sharded with FSDP2 over the 2 ranks,
+    every rank collects every example; the spectra match, no basis is saved."""
+    fsdp = method.endswith("-fsdp")
+    method = method.removesuffix("-fsdp")
     args = ["fisher", "--model", str(tiny_model_dir), "--dtype", "float64", "--safety",
             str(small_suite / "safety.jsonl"), "--limit", "6", "--method", method, "--top-k", "3", "--subspace-d", "2",
             "--no-representation", "--memory-budget", "0.00002", "--projection", "kronecker",
             "--projection-dim", "16"]  # fmt: skip
-    if method == "exact":
+    if method in ("exact", "factored"):
         args += ["--shuffled-null", "--n-samples", "2"]
-    a, b, _ = _scan_one_and_two(tmp_path, args)
+    a, b, _ = _scan_one_and_two(tmp_path, args, ("--fsdp",) if fsdp else ())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    if fsdp:
+        assert b["memory_plan"]["inputs"]["shards"] == 2 and "factored" in b["memory_plan"]["stages"]
     for kind in ("empirical", "sampled"):
         ea, eb = a["fisher"][kind], b["fisher"][kind]
         assert ea["n_samples"] == eb["n_samples"]
         if method != "lanczos":
-            assert ea["rank_share"] == ea["n_samples"] and eb["rank_share"] == ea["n_samples"] // 2
+            assert ea["rank_share"] == ea["n_samples"]
+            assert eb["rank_share"] == (ea["n_samples"] if fsdp else ea["n_samples"] // 2)
         if method == "exact":
             assert ea["passes"] == eb["passes"] == 2  # the groups were split: the lift took a second pass
+        if method in ("exact", "factored"):
             assert eb["null_shuffled"]["effective_rank"] == pytest.approx(
                 ea["null_shuffled"]["effective_rank"], rel=1e-6
             )
@@ -372,6 +380,14 @@ def test_distributed_fisher_matches_one_process(tmp_path, tiny_model_dir, small_
         assert eb["global"]["eigenvalues"][:3] == pytest.approx(ea["global"]["eigenvalues"][:3], rel=1e-6)
         assert eb["global"]["trace"] == pytest.approx(ea["global"]["trace"], rel=1e-6)
         assert eb["global"]["d"] == ea["global"]["d"]
+        if method == "factored":
+            for blk in ea["blocks"]:
+                assert eb["blocks"][blk]["eigenvalues"][:2] == pytest.approx(
+                    ea["blocks"][blk]["eigenvalues"][:2], rel=1e-6, abs=1e-12
+                ), blk
+        if fsdp:
+            assert eb["subspace_path"] is None and "--fsdp" in eb["subspace_note"]
+            continue
         from aligncollapse.geometry.subspace import SafetySubspace
 
         va = SafetySubspace.load(tmp_path / "one" / ea["subspace_path"]).basis

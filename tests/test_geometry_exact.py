@@ -13,7 +13,7 @@ import torch
 
 from aligncollapse.data.encoding import EncodedSet
 from aligncollapse.geometry.curvature import FinetuneLoss, FisherOperator, GGNOperator, HessianOperator, top_eigenpairs
-from aligncollapse.geometry.fisher import exact_fisher, null_spectra
+from aligncollapse.geometry.fisher import exact_fisher, factored_fisher, null_spectra
 from aligncollapse.geometry.per_sample import PerSampleGradients
 from aligncollapse.geometry.subspace import SafetySubspace, principal_angles
 from aligncollapse.losses import nll_from_logits
@@ -90,6 +90,35 @@ def test_exact_fisher_vs_dense_eigh(micro, budget):
     sl = slice(0, params[name].numel())
     eb = torch.linalg.eigvalsh(Fd[sl, sl]).flip(0)
     assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("blocks", ["attn_mlp", "all"])
+def test_factored_fisher_vs_dense_eigh(micro, blocks):
+    """``fisher --method factored``: the exact Fisher's eigenpairs from factored per-example gradients
+    (no N × n rows) against the dense float64 F = GᵀG/N; ``all`` adds the tied embedding/head and the
+    norm gains (formed per-example gradients)."""
+    model, tok, data = micro
+    sel = ATTN_MLP if blocks == "attn_mlp" else BlockSelection()
+    params = sel.select(model)
+    G = dense_G(model, params, data)
+    Fd = G.T @ G / len(data)
+    evals, evecs = torch.linalg.eigh(Fd)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    res = factored_fisher(model, tok, data.examples, blocks=sel, top_k=6, batch_size=3)
+    assert torch.allclose(res.eigenvalues[:6], evals[:6], rtol=1e-6, atol=1e-12 * float(evals[0]))
+    gaps = (evals[:6] - evals[1:7]) / evals[0]
+    k = int(torch.nonzero(gaps > 1e-3)[-1]) + 1  # a well-separated leading subspace
+    assert float(principal_angles(res.subspace.basis[:, :k], evecs[:, :k]).max()) <= 1e-4
+    B = res.subspace.basis
+    assert torch.allclose(B.T @ B, torch.eye(B.shape[1], dtype=B.dtype), atol=1e-8)
+    assert float(res.eigenvalues.sum()) == pytest.approx(float(torch.trace(Fd)), rel=1e-9)
+    assert torch.allclose(res.gradient_norms, G.norm(dim=1), rtol=1e-6)
+    off = 0
+    for name, p in params.items():  # every block's spectrum is that of F's diagonal block
+        sl = slice(off, off + p.numel())
+        off += p.numel()
+        eb = torch.linalg.eigvalsh(Fd[sl, sl]).flip(0)
+        assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6, abs=1e-12), name
 
 
 def test_subspace_projection_quadratic_form_and_save(micro, tmp_path):

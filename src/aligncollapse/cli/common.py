@@ -535,3 +535,28 @@ def finish(out: Path) -> Path:
     if bad:
         raise NonFiniteError(f"{bad['count']} result(s) are NaN ({', '.join(bad['fields'][:3])}); see {page}")
     return page
+
+
+def check_fsdp(args, method_ok: bool, method_error: str) -> None:
+    """``--fsdp``'s one-line refusals, before the model is loaded whole onto one device: one process,
+    or a method (``method_ok`` False, ``method_error`` says which) that cannot run on a sharded model."""
+    from aligncollapse import distributed
+
+    if not args.fsdp:
+        return
+    if not distributed.is_distributed():
+        raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
+                        "this is one process: drop --fsdp")  # fmt: skip
+    if not method_ok:
+        raise UserError(method_error)
+
+
+def shard_if_fsdp(args, model):
+    """``model`` sharded with FSDP2 onto this rank's device under ``--fsdp`` (loaded on the host first,
+    ``device="cpu"``, so that it need not fit one device whole), else as it is."""
+    from aligncollapse import distributed
+    from aligncollapse.models import parse_device
+
+    if not args.fsdp:
+        return model
+    return distributed.shard_model(model, distributed.local_device(parse_device(args.device)))

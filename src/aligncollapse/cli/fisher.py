@@ -7,11 +7,13 @@ from aligncollapse.cli.common import (
     add_data_args,
     add_model_args,
     blocks,
+    check_fsdp,
     config,
     finish,
     memory_limit,
     out_dir,
     safety_set,
+    shard_if_fsdp,
     use_chat,
 )
 from aligncollapse.errors import UserError
@@ -25,7 +27,10 @@ def register(sub) -> None:
     fi.add_argument("--limit", type=positive_int, help="use at most this many safety examples")
     fi.add_argument("--fisher", default="both", choices=["empirical", "sampled", "both"],
                     help="empirical (given safe responses), sampled (responses drawn from the model) or both")  # fmt: skip
-    fi.add_argument("--method", default="exact", choices=["exact", "projected", "lanczos"])
+    fi.add_argument("--method", default="exact", choices=["exact", "factored", "projected", "lanczos"],
+                    help="exact: per-sample gradient rows (memory N·n, grouped by --memory-budget); factored: the same "
+                    "eigenpairs from factored per-example gradients (memory: the factors, no N × n rows); projected: "
+                    "block-wise random projections; lanczos: matrix-free top-k")  # fmt: skip
     fi.add_argument("--projection", default="rademacher", choices=["rademacher", "kronecker"])
     fi.add_argument("--projection-dim", type=positive_int, default=4096)
     fi.add_argument("--top-k", type=positive_int, default=32)
@@ -45,6 +50,9 @@ def register(sub) -> None:
     fi.add_argument("--max-memory", type=memory_size, default="auto",
                     help="stop before any heavy work when the planned peak exceeds this: a size (16GB, 500MB, "
                     "bytes) or auto (the CUDA device's memory, else the available RAM; default)")  # fmt: skip
+    fi.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard the model over the processes with FSDP2 (--method factored; spectra "
+                    "only, no subspace saved)")  # fmt: skip
     fi.add_argument("--out")
     add_data_args(fi, "--safety")
     fi.set_defaults(func=run)
@@ -56,8 +64,11 @@ def run(args) -> int:
     from aligncollapse.models import load_model
     from aligncollapse.results import write_results
 
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    check_fsdp(args, args.method == "factored", "--fsdp needs --method factored: the other methods differentiate "
+               "through the parameters with torch.func or keep n-sized rows, which a sharded model does not allow")  # fmt: skip
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu" if args.fsdp else args.device)
     safety = safety_set(args, model, tok, primary=True)
+    model = shard_if_fsdp(args, model)
     if len(safety) < distributed.world_size():
         raise UserError(f"--safety holds {len(safety)} examples, fewer than the {distributed.world_size()} processes: "
                         "each needs one")  # fmt: skip

@@ -19,6 +19,7 @@ from aligncollapse.cli.common import (
     add_lora_args,
     add_method_args,
     add_model_args,
+    check_fsdp,
     config,
     finish,
     lora_settings,
@@ -26,6 +27,7 @@ from aligncollapse.cli.common import (
     out_dir,
     safety_set,
     scan_settings,
+    shard_if_fsdp,
     training_data,
 )
 from aligncollapse.errors import UserError
@@ -96,15 +98,11 @@ def run(args) -> int:
     from aligncollapse.results import write_results
     from aligncollapse.scan.run import run_scan
 
-    if args.fsdp:  # before the model is loaded whole onto one device
-        if not distributed.is_distributed():
-            raise UserError("--fsdp shards the model over the processes of torchrun or accelerate launch; "
-                            "this is one process: drop --fsdp")  # fmt: skip
-        if args.scan_method != "sample":
-            raise UserError("--fsdp needs --scan-method sample: the exact scan's Lanczos basis is not sharded")
-        if args.dtype in ("float16", "bfloat16", "fp16", "bf16"):
-            raise UserError("--fsdp: the sharded scan steps the weights by finite differences, which need "
-                            "--dtype float32 or float64")  # fmt: skip
+    check_fsdp(args, args.scan_method == "sample",
+               "--fsdp needs --scan-method sample: the exact scan's Lanczos basis is not sharded")  # fmt: skip
+    if args.fsdp and args.dtype in ("float16", "bfloat16"):
+        raise UserError("--fsdp: the sharded scan steps the weights by finite differences, which need "
+                        "--dtype float32 or float64")  # fmt: skip
     # --fsdp: loaded on the host, then each unit moves to the device as it is sharded
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu" if args.fsdp else args.device)
     safety = safety_set(args, model, tok)
@@ -113,10 +111,7 @@ def run(args) -> int:
     if lora is not None:
         model = apply_lora(model, lora)
     s = scan_settings(args)
-    if args.fsdp:
-        from aligncollapse.models import parse_device
-
-        model = distributed.shard_model(model, distributed.local_device(parse_device(args.device)))
+    model = shard_if_fsdp(args, model)
     before = weights_digest(model)  # of this rank's shards under --fsdp
     s.max_memory, s.max_memory_flag = memory_limit(args.max_memory, next(model.parameters()).device)
     out = out_dir(args, "scan")

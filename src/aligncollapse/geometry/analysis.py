@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligncollapse.data.examples import Example
-from aligncollapse.distributed import broadcast_object, is_distributed, is_main, world_size
+from aligncollapse.distributed import broadcast_object, is_distributed, is_main, is_sharded, world_size
 from aligncollapse.errors import UserError
 from aligncollapse.geometry.fisher import (
     exact_fisher,
+    factored_fisher,
     fisher_examples,
     implicit_fisher,
     null_spectra,
@@ -24,7 +25,7 @@ from aligncollapse.models import BlockSelection
 @dataclass
 class FisherSettings:
     kinds: Sequence[str] = ("empirical", "sampled")
-    method: str = "exact"  # exact | projected | lanczos
+    method: str = "exact"  # exact | factored | projected | lanczos
     projection: str = "rademacher"  # rademacher | kronecker (method=projected)
     projection_dim: int = 4096
     top_k: int = 32
@@ -47,7 +48,7 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
     heavy work. T: the longest safety example, or prompt plus the 32 sampled tokens."""
     from aligncollapse.data.encoding import encode
     from aligncollapse.geometry.fisher import _groups, group_budget
-    from aligncollapse.geometry.memory import fisher_memory_plan, log_and_check, model_shape, runtime_bytes
+    from aligncollapse.geometry.memory import fisher_memory_plan, log_and_check, runtime_bytes, shape_per_rank
     from aligncollapse.geometry.projection import linear_weights
 
     params = s.blocks.select(model)
@@ -67,15 +68,29 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
         shapes = [tuple(w.shape) for w in linear_weights(model, s.blocks).values()]
     except UserError:
         shapes = []  # no linear module selected (e.g. norms only): nothing projected or analysed
+    shape, shards = shape_per_rank(model, params)
     rep = 0
-    if s.representation and "empirical" in s.kinds and shapes:
+    if s.representation and "empirical" in s.kinds and shapes and not shards:
         rep = sum(full)
+    factored = {}
+    if s.method == "factored":  # one kind's factors at a time; every token counted as carrying a loss
+        from aligncollapse.geometry.ghost import GhostGradients
+        from aligncollapse.geometry.memory import factor_bytes
+
+        ghost = GhostGradients(model, params)
+        R = max(sum(full) if "empirical" in s.kinds else 0, sum(prompts) * s.n_samples if sampled else 0)
+        f = ghost.floats_per_token()
+        factored = {"factors": factor_bytes(f, 0, ghost.explicit_numel(), R, R, N),
+                    "largest_factor": 4 * R * max(ghost.largest_floats_per_token(), ghost.head_floats_per_token()),
+                    "save_basis": not shards, "factor_tokens": R}  # fmt: skip
     plan = fisher_memory_plan(
-        model_shape(model, params), method=s.method, n_examples=N, seq_len=T, top_k=s.top_k, group_bytes=group_bytes,
+        shape, method=s.method, n_examples=N, seq_len=T, top_k=s.top_k, group_bytes=group_bytes,
         groups=len(groups), n_blocks=len(params), linear_shapes=shapes, projection=s.projection,
         projection_dim=s.projection_dim, sampled=sampled, representation_tokens=rep,
-        representation_on_host=first.device.type != "cpu",
+        representation_on_host=first.device.type != "cpu", **factored,
     )  # fmt: skip
+    if shards:
+        plan["inputs"] = {**plan["inputs"], **shards}
     plan["runtime_bytes"] = runtime_bytes(model)
     return log_and_check(plan, s.max_memory, s.max_memory_flag)
 
@@ -87,30 +102,51 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
     own docstring says how), rank 0 draws the sampled responses and sends them to the others, and
     rank 0 alone writes files and runs the representation analysis."""
     out = Path(out_dir)
+    sharded = is_sharded(model)
+    if sharded and s.method != "factored":
+        raise UserError("--fsdp needs --method factored: the other methods differentiate through the parameters "
+                        "with torch.func or keep n-sized rows, which a sharded model does not allow")  # fmt: skip
     payload: dict = {"fisher": {}, "memory_plan": fisher_plan(model, tokenizer, safety, s), "world_size": world_size()}
     for kind in s.kinds:
         exs = None
-        if kind == "empirical" or is_main():  # sampled responses: rank 0's, the same on every rank
+        # sampled responses: rank 0's, the same on every rank (a sharded model's generation is a
+        # collective: every rank generates, and rank 0's are kept)
+        if kind == "empirical" or is_main() or sharded:
             exs = fisher_examples(model, tokenizer, safety, kind, s.n_samples, s.template, s.use_chat_template, s.seed)
         exs = broadcast_object(exs)
         entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}
-        if s.method == "exact":
-            res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k, memory_budget=s.memory_budget,
-                               template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+        if s.method in ("exact", "factored"):
+            if s.method == "exact":
+                res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k,
+                                   memory_budget=s.memory_budget, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+            else:
+                res = factored_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k,
+                                      template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+                entry["factor_bytes"] = res.extra["factor_bytes"]
             d = choose_d(res.eigenvalues, s.d_rule)
             entry["global"] = spectrum_stats(res.eigenvalues, d=d, rank_ceiling=res.n_samples)
             entry["blocks"] = res.blocks
             entry["null_random"] = null_spectra(res, s.seed)
             entry.update(n_parameters=res.n_parameters, seconds=round(res.seconds, 3), passes=res.passes)
             entry["rank_share"] = res.extra["rows_computed_here"]  # this rank's examples (the others': gathered)
-            sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
-            if is_main():
-                sub.save(out / f"subspace_{kind}")
-            entry["subspace_path"] = f"subspace_{kind}"
-            del res, sub  # saved and summarised: not held beside the next pass (the plan assumes so)
+            if res.subspace is None:  # a sharded model: its basis would be the ranks' parts
+                entry["subspace_path"] = None
+                entry["subspace_note"] = "not formed under --fsdp (each rank would hold its parts of the basis)"
+            else:
+                sub = res.subspace.truncate(min(max(d, 1), res.subspace.d))
+                if is_main():
+                    sub.save(out / f"subspace_{kind}")
+                entry["subspace_path"] = f"subspace_{kind}"
+                del sub
+            del res  # saved and summarised: not held beside the next pass (the plan assumes so)
             if s.shuffled_null:
-                sh = exact_fisher(model, tokenizer, shuffled_examples(exs, s.seed), kind=kind, blocks=s.blocks, top_k=1,
-                                  memory_budget=s.memory_budget, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+                shuffled = shuffled_examples(exs, s.seed)
+                if s.method == "exact":
+                    sh = exact_fisher(model, tokenizer, shuffled, kind=kind, blocks=s.blocks, top_k=1, memory_budget=s.memory_budget,
+                                      template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+                else:
+                    sh = factored_fisher(model, tokenizer, shuffled, kind=kind, blocks=s.blocks, top_k=1,
+                                         template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
                 entry["null_shuffled"] = spectrum_stats(sh.eigenvalues, rank_ceiling=sh.n_samples)
                 if len({e.response for e in exs}) == 1:
                     entry["null_shuffled"]["note"] = (
@@ -138,9 +174,11 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
             entry["subspace_path"] = f"subspace_{kind}"
             del sub
         else:
-            raise UserError(f"--method must be exact, projected or lanczos, got {s.method!r}")
+            raise UserError(f"--method must be exact, factored, projected or lanczos, got {s.method!r}")
         payload["fisher"][kind] = entry
-    if s.representation and "empirical" in s.kinds and is_main():
+    if s.representation and "empirical" in s.kinds and sharded:
+        payload["representation_note"] = "not run under --fsdp (it captures on rank 0 alone)"
+    elif s.representation and "empirical" in s.kinds and is_main():
         from aligncollapse.geometry.representation import representation_structure
 
         payload["representation"] = representation_structure(model, tokenizer, safety, s.blocks, template=s.template,

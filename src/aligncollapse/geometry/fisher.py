@@ -24,6 +24,7 @@ ranks' parts exist together).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -81,7 +82,7 @@ class FisherResult:
     kind: str
     eigenvalues: torch.Tensor  # all N eigenvalues of K, descending (float64)
     gram_vectors: torch.Tensor  # U: [N, N] eigenvectors of K
-    subspace: SafetySubspace  # top-k lifted eigenvectors
+    subspace: SafetySubspace | None  # top-k lifted eigenvectors (None: not formed, a sharded model)
     blocks: OrderedDict[str, dict]  # per-block spectra (block-diagonal Fisher)
     n_samples: int
     n_parameters: int
@@ -223,6 +224,92 @@ def exact_fisher(
         sq_norms.sqrt(),
         {"rows_computed_here": computed},
     )
+
+
+def factored_fisher(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    kind: str = "empirical",
+    blocks: BlockSelection | None = None,
+    top_k: int = 32,
+    batch_size: int = 16,
+    template: str = "raw",
+    use_chat_template=None,
+    max_length: int = 512,
+) -> FisherResult:
+    """:func:`exact_fisher`'s eigenpairs from factored per-example gradients, never forming G.
+
+    The per-example gradients g_i of ℓ_i = −log π(y_i|x_i) are collected as factors
+    (:class:`aligncollapse.geometry.ghost.GhostGradients`: each linear map's inputs and output
+    gradients), so K = (1/N) G Gᵀ and the per-block Grams come from the factors' inner products, and
+    the top-k eigenvectors lift as v_j = Σ_i g_i u_ij/√(N λ_j), one weighted sum of the factors each.
+    Exact, like :func:`exact_fisher` (the same numbers to rounding), with memory the factors
+    (4·R·Σ_sites(d_in + d_out) bytes for R tokens, plus N·numel of the small formed sites), the N × N
+    Grams and the k lifted vectors, instead of the N × n rows.
+
+    Under torchrun each rank collects a contiguous block of the examples and the factors are
+    gathered. On a model sharded with FSDP2 every rank collects every example (a sharded forward is
+    a collective) and the lifted vectors would be this rank's parts of the basis: the subspace is not
+    formed (``subspace`` None); the spectra, per-block spectra and gradient norms are."""
+    from aligncollapse.geometry.ghost import GhostGradients
+    from aligncollapse.losses import nll_from_logits
+
+    t0 = time.perf_counter()
+    blocks = blocks or BlockSelection()
+    params = blocks.select(model)
+    data = EncodedSet(tokenizer, examples, template, use_chat_template=use_chat_template, max_length=max_length)
+    N = len(data)
+    names = list(params)
+    ghost = GhostGradients(model, params)
+    sharded = ghost.layout is not None
+    dev = next(model.parameters()).device
+    mine = range(N) if sharded else distributed.contiguous_shard(N)
+
+    def batches():
+        for s in range(mine.start, mine.stop, batch_size):
+            b = data.batch(range(s, min(s + batch_size, mine.stop)))
+            yield {k: v.to(dev) for k, v in b.items()}, lambda logits, b: nll_from_logits(logits, b["labels"])
+
+    with distributed.solo() if sharded else contextlib.nullcontext():
+        factors = ghost.gather(ghost.collect(batches(), count=len(mine)))
+        per_block = ghost.gram(factors, factors, per_param=True)  # name -> [N, N] float64 (unnormalised)
+    K = torch.zeros(N, N, dtype=torch.float64)
+    for Kb in per_block.values():
+        K += Kb
+    K /= max(N, 1)
+    if sharded:  # every rank computed K; rank 0's, so that every rank takes the same k and order
+        distributed.ShardLayout.broadcast(K)
+    sq_norms = torch.diagonal(K).clone() * N
+    evals, U = torch.linalg.eigh(K)
+    order = torch.argsort(evals, descending=True)
+    evals, U = evals[order].clamp_min(0.0), U[:, order]
+    k = min(top_k, int((evals > evals[0] * 1e-12).sum()) if N else 0)
+    sub = None
+    if not sharded:
+        Uk = U[:, :k] / (N * evals[:k]).sqrt()[None, :]
+        n = sum(p.numel() for p in params.values())
+        V = torch.empty(n, k, dtype=torch.float64)  # the saved basis: on the host, as exact_fisher's
+        for j in range(k):
+            col = ghost.weighted_sum(factors, Uk[:, j], dtype=torch.float64)
+            V[:, j] = torch.cat([t.reshape(-1) for t in col.values()]).cpu()
+            del col
+        sub = SafetySubspace(
+            evals[:k].clone(), V, names, [tuple(params[n].shape) for n in names], kind, float(evals.sum()), N,
+            {"blocks": blocks.__dict__ if hasattr(blocks, "__dict__") else {}, "method": "factored"},
+        )  # fmt: skip
+    blocks_out: OrderedDict[str, dict] = OrderedDict()
+    for name in names:
+        Kb = per_block.get(name, torch.zeros(N, N, dtype=torch.float64)) / max(N, 1)
+        if sharded:
+            distributed.ShardLayout.broadcast(Kb)
+        eb = torch.linalg.eigvalsh(Kb).flip(0).clamp_min(0.0)
+        blocks_out[name] = spectrum_stats(eb, d=choose_d(eb) if float(eb.sum()) > 0 else None, rank_ceiling=N)
+    return FisherResult(
+        kind, evals, U, sub, blocks_out, N, sum(p.numel() for p in params.values()), time.perf_counter() - t0, 1,
+        sq_norms.clamp_min(0.0).sqrt(), {"rows_computed_here": len(mine), "factor_bytes": factors.nbytes()},
+    )  # fmt: skip
 
 
 def null_spectra(result: FisherResult, seed: int = 0) -> dict:

@@ -485,7 +485,7 @@ class GhostGradients:
             flags = distributed.all_gather_rows(present)
             if bool((flags != flags[0]).any()):
                 raise RuntimeError(f"module {u.site.module}: the ranks collected different kinds of factors")
-            w = _Use(u.site)
+            w = _Use(u.site, a=None, d=None, ex=None, g=None)  # kinds this site does not store stay None
             for name in ("a", "d", "g", "ex"):
                 t = getattr(u, name)
                 setattr(u, name, None)  # released before the next tensor is gathered

@@ -122,6 +122,24 @@ def sharded_model_shape(s: ModelShape, shards: int, block_numel: int, root_numel
     return replace(s, n=-(-s.n // w), n_total=-(-s.n_total // w) + 2 * (root_numel + 2 * block_numel))
 
 
+def shape_per_rank(model, params) -> tuple[ModelShape, dict]:
+    """(:func:`model_shape`, {}) for a whole model; for one sharded with FSDP2, the shape one rank
+    holds (:func:`sharded_model_shape`) and the plan inputs that say so (shards, block_numel,
+    root_numel)."""
+    import torch.distributed as dist
+
+    from aligncollapse import distributed
+
+    shape = model_shape(model, params)
+    if distributed.layout_of(params) is None:
+        return shape, {}
+    blocks = distributed.fsdp_blocks(model)
+    block = max(sum(p.numel() for p in m.parameters()) for m in blocks)
+    root = shape.n_total - sum(p.numel() for m in blocks for p in m.parameters())
+    w = dist.get_world_size()
+    return sharded_model_shape(shape, w, block, root), {"shards": w, "block_numel": block, "root_numel": root}
+
+
 def tied_gradient_bytes(s: ModelShape, whole: bool = False) -> int:
     """What a backward pass that differentiates a tied embedding holds beyond the gradient itself:
     autograd computes the head's and the lookup's V × h gradients separately and sums them out of
@@ -454,6 +472,11 @@ def fisher_memory_plan(
     projector_chunk_bytes: int = 64 * 2**20,
     gram_chunk: int = 2**24,
     representation_on_host: bool = False,
+    factors: int = 0,
+    largest_factor: int = 0,
+    save_basis: bool = True,
+    ghost_chunk: int = 2**25,
+    factor_tokens: int = 0,
 ) -> dict:
     """Peak bytes of each stage of ``aligncollapse fisher`` (:func:`aligncollapse.geometry.analysis.run_fisher`).
 
@@ -467,6 +490,11 @@ def fisher_memory_plan(
                   (G, one vmapped chunk's gradients (per parameter, then concatenated) and activations, the per-block and total Grams,
                   float64 column scratch, the lifted basis; two groups or more: a second pass holds
                   G_max again beside the basis)
+    * factored    W + Fac + act(B) + t_g + max(C, 36·chunk) + (P_b + 1)·N²·8 + n·k·8 + n·8   (the factors
+                  Fac = ``factors``, a batch's activations, the largest factor tensor C = ``largest_factor``
+                  held twice while the batches' pieces are concatenated, or a Gram row chunk's
+                  workspace, 36·min(``ghost_chunk``, R²) for R = ``factor_tokens``; the per-block Grams and K; the lifted basis and one float64 column
+                  (without ``save_basis``: neither, a sharded model's basis is not formed))
     * lanczos     W + (ncv + 2k + 4)·n·8 + 3·n·a + 3·act(B) + 3·B·T·V·4 + t_g  (the scan's Lanczos stage, plus
                   the k Ritz vectors' reordered copy)
     * projected   rademacher: W + c'·d_max·b + 2·act(c') + 2·chunk_R + P·N·K·b   (one module's chunk of
@@ -503,6 +531,13 @@ def fisher_memory_plan(
         stages["exact"] = W + group_bytes + chunk + grams + 2 * N * 8192 * 8 + n * k * 8
         if groups > 1:
             stages["lift"] = W + group_bytes + chunk + n * k * 8 + n_g * k * 8
+    elif method == "factored":
+        B = max(1, min(batch_size, N))
+        basis = (n * k * 8 + n * 8) if save_basis else 0
+        work = max(largest_factor, 36 * min(ghost_chunk, factor_tokens**2))  # a row chunk ≤ chunk_elems products
+        stages["factored"] = (
+            W + factors + activation_bytes(s, B, T) + tied_gradient_bytes(s) + work + (n_blocks + 1) * N * N * 8 + basis
+        )
     elif method == "lanczos":
         B = max(1, min(batch_size, N))
         ncv = min(n, max(2 * k + 1, 20))
@@ -538,7 +573,7 @@ def fisher_memory_plan(
             block = projector_chunk_bytes * max(b, 4) // 4  # 64 MB of float32 columns, in the gradients' dtype
             stages["projected"] = W + c * d_max * b + 2 * activation_bytes(s, c, T) + 2 * block + rows
     else:
-        raise UserError(f"--method must be exact, projected or lanczos, got {method!r}")
+        raise UserError(f"--method must be exact, factored, projected or lanczos, got {method!r}")
     host: dict[str, int] = {}
     if representation_tokens:
         B, R = max(1, min(batch_size, N)), representation_tokens

@@ -603,13 +603,6 @@ def _per_example(model, ghost, fisher, params, ft, s, dev, gt, DFg, DFHg, tokens
     }  # fmt: skip
 
 
-def dist_world() -> int:
-    """The number of processes in the default group (also inside :func:`aligncollapse.distributed.solo`)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def plan_memory_sample(
     model, tokenizer, params, ghost: GhostGradients, safety, ft: EncodedSet, s, quiet: bool = False
 ) -> dict:
@@ -617,10 +610,7 @@ def plan_memory_sample(
     logged and checked against ``s.max_memory`` before any heavy work; ``quiet``: the smallest plan
     (no fine-tuning factors kept), neither logged nor checked."""
     from aligncollapse.data.encoding import encode
-    from aligncollapse.geometry.memory import (
-        model_shape,
-        sample_scan_memory_plan,
-    )
+    from aligncollapse.geometry.memory import sample_scan_memory_plan, shape_per_rank
 
     prompt_lens = [
         len(encode(tokenizer, e, s.template, use_chat_template=s.use_chat_template, max_length=s.max_length, response="").input_ids)
@@ -641,18 +631,7 @@ def plan_memory_sample(
             largest_floats_per_token=ghost.largest_floats_per_token(),
         )  # fmt: skip
 
-    shape = model_shape(model, params)
-    shards = {}
-    if layout_of(params) is not None:  # FSDP2: each rank's parts of the n-vectors and of the weights
-        from aligncollapse import distributed
-        from aligncollapse.geometry.memory import sharded_model_shape
-
-        blocks = distributed.fsdp_blocks(model)
-        block = max(sum(p.numel() for p in m.parameters()) for m in blocks)
-        root = shape.n_total - sum(p.numel() for m in blocks for p in m.parameters())
-        w = dist_world()
-        shape = sharded_model_shape(shape, w, block, root)
-        shards = {"shards": w, "block_numel": block, "root_numel": root}
+    shape, shards = shape_per_rank(model, params)  # FSDP2: each rank's parts of the n-vectors and weights
     runtime = _aic.planned_runtime(model, s)
     if quiet:
         return {**planned(False), "runtime_bytes": runtime}
