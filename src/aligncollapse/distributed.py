@@ -404,6 +404,15 @@ class ShardLayout:
                 t.copy_(work)
         return t
 
+    @staticmethod
+    def broadcast_object(obj):
+        """Rank 0's picklable ``obj`` on every rank (the default group, also inside :func:`solo`)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return obj
+
 
 def _chunk_start(d0: int, r: int, w: int) -> int:
     return r * -(-d0 // w)

@@ -98,8 +98,8 @@ def run(args) -> int:
     from aligncollapse.results import write_results
     from aligncollapse.scan.run import run_scan
 
-    check_fsdp(args, args.scan_method == "sample",
-               "--fsdp needs --scan-method sample: the exact scan's Lanczos basis is not sharded")  # fmt: skip
+    check_fsdp(args, args.scan_method != "exact",
+               "--fsdp needs --scan-method sample (or auto): the exact scan's Lanczos basis is not sharded")  # fmt: skip
     if args.fsdp and args.dtype in ("float16", "bfloat16"):
         raise UserError("--fsdp: the sharded scan steps the weights by finite differences, which need "
                         "--dtype float32 or float64")  # fmt: skip

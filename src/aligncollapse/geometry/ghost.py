@@ -605,7 +605,7 @@ class GhostGradients:
                     row += ((d @ v[s.weight].to(u.d)) * u.a).sum(-1).to(torch.float64)
                 if s.bias in v:
                     row += (d @ v[s.bias].to(u.d)).to(torch.float64)
-            else:  # an embedding's rows are token ids: only the ids r0..r1 meet this rank's part
+            elif r1 > r0:  # an embedding's rows are token ids: only the ids r0..r1 meet this rank's part
                 here = (u.a >= r0) & (u.a < r1)
                 ids = torch.where(here, u.a - r0, torch.zeros_like(u.a))
                 row += (u.d * v[s.weight].to(u.d)[ids]).sum(-1).mul(here).to(torch.float64)

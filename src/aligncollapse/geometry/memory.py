@@ -109,17 +109,33 @@ def model_shape(model, params) -> ModelShape:
     )
 
 
-def sharded_model_shape(s: ModelShape, shards: int, block_numel: int, root_numel: int) -> ModelShape:
+def sharded_model_shape(
+    s: ModelShape,
+    shards: int,
+    block_numel: int,
+    root_numel: int,
+    n_local: int | None = None,
+    total_local: int | None = None,
+) -> ModelShape:
     """What one rank of a model sharded over w = ``shards`` ranks with FSDP2 holds, as a ModelShape for
-    the scan plans: n' = ⌈n/w⌉ (each n-vector is the rank's parts of the parameters) and
-    n_total' = ⌈n_total/w⌉ + 2·(root + 2·block), the shards plus the units gathered whole while they
-    run and their full gradients (the root's for the whole pass, the running and the prefetched
-    transformer block), as :func:`finetune_memory_plan` counts them. Factors, Grams and activations
-    do not shard (every rank runs every batch)."""
+    the scan plans: n' (each n-vector is the rank's parts of the parameters; ``n_local``, the largest
+    rank's — rank 0's, which holds ⌈d₀/w⌉ rows of every parameter — default ⌈n/w⌉) and
+    n_total' = the weights' shards (``total_local``, default ⌈n_total/w⌉) + 2·(root + 2·block): the
+    units gathered whole while they run and their full gradients (the root's for the whole pass, the
+    running and the prefetched transformer block), as :func:`finetune_memory_plan` counts them.
+    Factors, Grams and activations do not shard (every rank runs every batch)."""
     from dataclasses import replace
 
     w = max(shards, 1)
-    return replace(s, n=-(-s.n // w), n_total=-(-s.n_total // w) + 2 * (root_numel + 2 * block_numel))
+    n = n_local if n_local is not None else -(-s.n // w)
+    tot = total_local if total_local is not None else -(-s.n_total // w)
+    return replace(s, n=n, n_total=tot + 2 * (root_numel + 2 * block_numel))
+
+
+def _rank0_numel(p, w: int) -> int:
+    """Rank 0's part of a parameter sharded along dim 0 over w ranks (torch.chunk's split)."""
+    d0 = p.shape[0] if p.dim() else 1
+    return min(-(-d0 // w), d0) * (p.numel() // max(d0, 1))
 
 
 def shape_per_rank(model, params) -> tuple[ModelShape, dict]:
@@ -137,7 +153,10 @@ def shape_per_rank(model, params) -> tuple[ModelShape, dict]:
     block = max(sum(p.numel() for p in m.parameters()) for m in blocks)
     root = shape.n_total - sum(p.numel() for m in blocks for p in m.parameters())
     w = dist.get_world_size()
-    return sharded_model_shape(shape, w, block, root), {"shards": w, "block_numel": block, "root_numel": root}
+    n_local = sum(_rank0_numel(p, w) for p in params.values())
+    total_local = sum(_rank0_numel(p, w) for p in model.parameters())
+    return sharded_model_shape(shape, w, block, root, n_local, total_local), {"shards": w, "block_numel": block,
+                                                                              "root_numel": root}  # fmt: skip
 
 
 def tied_gradient_bytes(s: ModelShape, whole: bool = False) -> int:

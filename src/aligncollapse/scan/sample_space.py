@@ -16,7 +16,7 @@ properties and verdict), with the Fisher replaced by its Monte-Carlo (model-samp
 * g, H g, H²g, F g and F H g are single n-vectors (F is the exact GGN, so the forecast's quadratic
   forms gᵀFg, gᵀFHg, (Hg)ᵀF(Hg) and the per-example products are exact, as in the exact scan);
 * the bootstrap's per-example H_n g, all M of them, by central differences of the factored
-  per-example gradients along g: H_n g ≈ (∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg))/2ε, with ε = u^{1/3}‖θ‖/‖g‖
+  per-example gradients along g: H_n g ≈ (∇ℓ_n(θ + εg) − ∇ℓ_n(θ − εg))/2ε, with ε = u^{1/3}/(5‖g‖)
   (u the unit roundoff of the weights' dtype): two more per-example passes instead of M
   single-example HVPs (skipped for half-precision weights, where θ ± εg is not representable: each
   example then gets its token share of H g, and the note says so);
@@ -90,6 +90,8 @@ class SampledFisher:
                 if len(rows):
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
                     y[:, j, mask[j].cpu()] = torch.multinomial(rows, samples, replacement=True, generator=gen).T
+            if ghost.layout is not None:  # every rank drew its own: rank 0's labels for all (CUDA's last
+                ShardLayout.broadcast(y)  # bits may differ between ranks, and so could a draw)
             y = y.to(logp.device)
             return torch.stack(
                 [(logp.gather(-1, y[k].unsqueeze(-1)).squeeze(-1) * mask).sum(-1) for k in range(samples)]
@@ -282,8 +284,18 @@ def measure_aic_sample(
     if next(iter(params.values())).dtype in (torch.float16, torch.bfloat16):
         raise UserError("--fsdp: the sample-space scan of a sharded model steps its weights by finite differences, "
                         "which need float32 or float64 weights (--dtype float32)")  # fmt: skip
-    with solo():  # the work is not split by examples: FSDP's collectives and the layout's sums only
-        return _measure(model, tokenizer, safety, finetune, s, params, layout)
+    # The work is not split by examples (FSDP's collectives and the layout's sums only); backward()
+    # differentiates every parameter that requires grad, so only the selection does meanwhile.
+    chosen = {id(p) for p in params.values()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with solo():
+            return _measure(model, tokenizer, safety, finetune, s, params, layout)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, layout: ShardLayout | None) -> dict:
@@ -313,6 +325,8 @@ def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, l
     s, ghost = fit_sample_settings(model, tokenizer, params, safety, ft, s)
     plan = plan_memory_sample(model, tokenizer, params, ghost, safety, ft, s)
     ref = _aic.reference_data(model, tokenizer, safety, s)
+    if layout is not None:  # every rank generated (a collective); rank 0's responses, so that every rank
+        ref = layout.broadcast_object(ref)  # runs the same batches and row chunks (FSDP forwards)
     first = next(iter(params.values()))
     dev, acc = first.device, torch.promote_types(first.dtype, torch.float32)
     Fop = GGNOperator(model, params, ref, s.batch_size, per="sequence")
@@ -409,6 +423,10 @@ def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, l
         Fg, FHg = Fop.matvecs_many([gt, Hg])
         expansion = _aic._expansion(Fop, gt, Hg)
     gFg, gFHg, HgFHg = vdot(gt, Fg), vdot(gt, FHg), vdot(Hg, FHg)
+    # F is symmetric: (Hg)ᵀ(F g) = gᵀ(F Hg) up to the products' error (finite differences on a sharded model)
+    HgFg = vdot(Hg, Fg)
+    product_check = {"gFHg": gFHg, "HgFg": HgFg, "relative_difference": abs(gFHg - HgFg) / max(abs(gFHg), abs(HgFg), 1e-300),
+                     "products": "finite differences (sharded model)" if layout is not None else "exact (jvp and vjp)"}  # fmt: skip
     a, c = fisher.project(gt, vparams), fisher.project(Hg, vparams)
     eps = float(a.norm())
     eps_f = float((lam_d * a * a).sum().sqrt())
@@ -501,9 +519,13 @@ def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, l
         "optimizer": s.optimizer,
         "per_example": per_example,
         "per_example_hvp": fd,
+        "product_check": product_check,
         "approximations": approximations,
         "flow_geometry": flow,
-        "update_vectors": {"g": gt.detach(), "Hg": Hg.detach(), "names": list(params), "fisher": Fop},
+        # (this rank's parts on a sharded model: not whole vectors, so not offered to callers)
+        "update_vectors": None
+        if layout is not None
+        else {"g": gt.detach(), "Hg": Hg.detach(), "names": list(params), "fisher": Fop},
     }
     out["t_crossover"] = 2 * eps_f / gamma if gamma > 0 else math.inf
     out["forecast"] = _aic.forecast(out, s, a, c, lam_d, hhg_norm, hgnorm, gnorm)
