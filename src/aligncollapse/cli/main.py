@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(args, "out") and distributed.is_distributed():
                 args.out = distributed.broadcast_object(args.out)  # rank 0's resolved --out, for every rank
             rc = args.func(args)
-            # Every rank leaves together: a rank that tore its process group down while rank 0 was
-            # still writing sometimes aborted at exit (std::terminate from gloo, 1 in 3 sharded scans).
             if rc == 0:
-                distributed.barrier()
+                distributed.finish_together()  # bounded: see its docstring
             return rc
     except UserError as e:
         if debug:
