@@ -174,7 +174,7 @@ def test_distributed_sample_scan_matches_one_process(tmp_path, tiny_model_dir, s
     assert a["d"] == b["d"] == 3 and b["verdict"] == a["verdict"]
 
 
-@pytest.mark.parametrize("case", ["sgd", "adamw", "sgd-blocks"])
+@pytest.mark.parametrize("case", ["sgd", "adamw-blocks"])
 def test_distributed_fsdp_sample_scan_matches_one_process(tmp_path, tiny_model_dir, small_suite, case):
     """``torchrun -m aligncollapse scan --scan-method sample --fsdp``: the model sharded over 2 ranks
     (each holds about half of every parameter and of every n-vector), every rank runs every batch,
@@ -186,7 +186,7 @@ def test_distributed_fsdp_sample_scan_matches_one_process(tmp_path, tiny_model_d
             "--limit", "6", "--finetune", str(small_suite / "affirmative_steps.jsonl"), "--max-d", "4",
             "--subspace-d", "3", "--n-boot", "20", "--threshold", "0.5", "--scan-method", "sample",
             "--fisher-samples", "2", "--optimizer", case.split("-")[0]]  # fmt: skip
-    if case.endswith("blocks"):  # a selection: the other parameters are not differentiated meanwhile
+    if case.endswith("blocks"):  # a selection (the other parameters are not differentiated meanwhile), AdamW's D
         args += ["--modules", "q,v,down"]
     a, b, two = _scan_one_and_two(tmp_path, args, ("--fsdp",))
     assert b["memory_plan"]["inputs"]["shards"] == 2 and "shards" not in a["memory_plan"]["inputs"]
@@ -348,6 +348,20 @@ def test_scan_fsdp_refusals(tmp_path, tiny_model_dir, small_suite, capsys, case)
         want = "--fsdp needs --scan-method sample" if case == "exact" else "need --dtype float32 or float64"
         assert r.returncode != 0 and want in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "s" / "results.json").exists()
+
+
+@pytest.mark.parametrize("case", ["one-process", "exact"])
+def test_fisher_fsdp_refusals(tmp_path, tiny_model_dir, small_suite, capsys, case):
+    """``fisher --fsdp`` in one process, or with a method other than factored, stops with one line."""
+    args = ["fisher", "--model", str(tiny_model_dir), "--safety", str(small_suite / "safety.jsonl"), "--limit", "4",
+            "--fsdp", "--out", str(tmp_path / "f")]  # fmt: skip
+    if case == "one-process":
+        assert main([*args, "--method", "factored"]) == 2
+        assert "--fsdp shards the model over the processes of torchrun" in capsys.readouterr().err
+    else:
+        r = _torchrun("-m", "aligncollapse", *args, "--method", "exact")
+        assert r.returncode != 0 and "--fsdp needs --method factored" in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "f" / "results.json").exists()
 
 
 @pytest.mark.parametrize("method", ["exact", "factored", "factored-fsdp", "projected", "lanczos"])

@@ -92,12 +92,30 @@ def test_exact_fisher_vs_dense_eigh(micro, budget):
     assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6)
 
 
-@pytest.mark.parametrize("blocks", ["attn_mlp", "all"])
-def test_factored_fisher_vs_dense_eigh(micro, blocks):
+def _tied_micro(micro_model_dir):
+    """A tiny Llama whose embedding is its output head (tied), float64, norms computed exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = load_model(micro_model_dir, dtype="float64")
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True, attn_implementation="eager")  # fmt: skip
+    model = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return exact_norms(model), tok, EncodedSet(tok, micro_examples())
+
+
+@pytest.mark.parametrize("blocks", ["attn_mlp", "all", "tied"])
+def test_factored_fisher_vs_dense_eigh(micro, micro_model_dir, blocks):
     """``fisher --method factored``: the exact Fisher's eigenpairs from factored per-example gradients
-    (no N × n rows) against the dense float64 F = GᵀG/N; ``all`` adds the tied embedding/head and the
-    norm gains (formed per-example gradients)."""
-    model, tok, data = micro
+    (no N × n rows) against the dense float64 F = GᵀG/N; ``all`` adds the embedding, head and norm
+    gains (formed per-example gradients), ``tied`` a model whose embedding is its head (the Gram's
+    embedding × head cross terms); every block's whole spectrum against F's diagonal block."""
+    model, tok, data = micro if blocks != "tied" else _tied_micro(micro_model_dir)
     sel = ATTN_MLP if blocks == "attn_mlp" else BlockSelection()
     params = sel.select(model)
     G = dense_G(model, params, data)
@@ -117,8 +135,23 @@ def test_factored_fisher_vs_dense_eigh(micro, blocks):
     for name, p in params.items():  # every block's spectrum is that of F's diagonal block
         sl = slice(off, off + p.numel())
         off += p.numel()
-        eb = torch.linalg.eigvalsh(Fd[sl, sl]).flip(0)
-        assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6, abs=1e-12), name
+        eb = torch.linalg.eigvalsh(Fd[sl, sl]).flip(0)[: len(data)].tolist()
+        got = res.blocks[name]["eigenvalues"][: len(eb)]
+        assert got == pytest.approx(eb, rel=1e-6, abs=1e-10 * max(eb[0], 1e-300)), name
+
+
+def test_factored_fisher_float32_matches_exact(micro_model_dir):
+    """A float32 model: the factored lift's products and sums in float64, as exact_fisher's lift, so the
+    two bases agree and stay orthonormal (a float32 lift would lose both for the small eigenvalues)."""
+    model, tok = load_model(micro_model_dir, dtype="float32")
+    exs = micro_examples()
+    a = exact_fisher(model, tok, exs, blocks=ATTN_MLP, top_k=6, chunk_size=1)
+    b = factored_fisher(model, tok, exs, blocks=ATTN_MLP, top_k=6, batch_size=3)
+    assert torch.allclose(b.eigenvalues[:6], a.eigenvalues[:6], rtol=1e-4)
+    B = b.subspace.basis
+    assert torch.allclose(B.T @ B, torch.eye(B.shape[1], dtype=B.dtype), atol=1e-6)
+    k = 3
+    assert float(principal_angles(B[:, :k], a.subspace.basis[:, :k]).max()) <= 1e-3
 
 
 def test_subspace_projection_quadratic_form_and_save(micro, tmp_path):

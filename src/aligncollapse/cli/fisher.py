@@ -69,7 +69,7 @@ def run(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device="cpu" if args.fsdp else args.device)
     safety = safety_set(args, model, tok, primary=True)
     model = shard_if_fsdp(args, model)
-    if len(safety) < distributed.world_size():
+    if len(safety) < distributed.world_size() and not args.fsdp:  # --fsdp: every rank takes every example
         raise UserError(f"--safety holds {len(safety)} examples, fewer than the {distributed.world_size()} processes: "
                         "each needs one")  # fmt: skip
     kinds = ("empirical", "sampled") if args.fisher == "both" else (args.fisher,)

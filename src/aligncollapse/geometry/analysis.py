@@ -80,8 +80,10 @@ def fisher_plan(model, tokenizer, safety: Sequence[Example], s: FisherSettings) 
         ghost = GhostGradients(model, params)
         R = max(sum(full) if "empirical" in s.kinds else 0, sum(prompts) * s.n_samples if sampled else 0)
         f = ghost.floats_per_token()
-        factored = {"factors": factor_bytes(f, 0, ghost.explicit_numel(), R, R, N),
-                    "largest_factor": 4 * R * max(ghost.largest_floats_per_token(), ghost.head_floats_per_token()),
+        largest = 4 * R * max(ghost.largest_floats_per_token(), ghost.head_floats_per_token())
+        if is_distributed() and not shards:  # all_gather_rows: this rank's block, padded, beside the parts
+            largest += 2 * largest // world_size()
+        factored = {"factors": factor_bytes(f, 0, ghost.explicit_numel(), R, R, N), "largest_factor": largest,
                     "save_basis": not shards, "factor_tokens": R}  # fmt: skip
     plan = fisher_memory_plan(
         shape, method=s.method, n_examples=N, seq_len=T, top_k=s.top_k, group_bytes=group_bytes,

@@ -245,9 +245,11 @@ def factored_fisher(
     (:class:`aligncollapse.geometry.ghost.GhostGradients`: each linear map's inputs and output
     gradients), so K = (1/N) G Gᵀ and the per-block Grams come from the factors' inner products, and
     the top-k eigenvectors lift as v_j = Σ_i g_i u_ij/√(N λ_j), one weighted sum of the factors each.
-    Exact, like :func:`exact_fisher` (the same numbers to rounding), with memory the factors
-    (4·R·Σ_sites(d_in + d_out) bytes for R tokens, plus N·numel of the small formed sites), the N × N
-    Grams and the k lifted vectors, instead of the N × n rows.
+    Exact, like :func:`exact_fisher` (the same numbers to rounding; the lift's products and sums in
+    float64), with memory the factors (4·R·Σ_sites(d_in + d_out) bytes for R tokens, plus N·numel of
+    the formed sites: norm gains, and any weight not of an nn.Linear or nn.Embedding, e.g. GPT-2's
+    Conv1D, whose per-example rows are then held whole), the N × N Grams and the k lifted vectors,
+    instead of the N × n rows.
 
     Under torchrun each rank collects a contiguous block of the examples and the factors are
     gathered. On a model sharded with FSDP2 every rank collects every example (a sharded forward is
@@ -291,10 +293,11 @@ def factored_fisher(
         Uk = U[:, :k] / (N * evals[:k]).sqrt()[None, :]
         n = sum(p.numel() for p in params.values())
         V = torch.empty(n, k, dtype=torch.float64)  # the saved basis: on the host, as exact_fisher's
-        for j in range(k):
-            col = ghost.weighted_sum(factors, Uk[:, j], dtype=torch.float64)
-            V[:, j] = torch.cat([t.reshape(-1) for t in col.values()]).cpu()
-            del col
+        for j in range(k):  # products and sums in float64 (as exact_fisher's lift), one column at a time
+            off = 0
+            for t in ghost.weighted_sum(factors, Uk[:, j], dtype=torch.float64).values():
+                V[off : off + t.numel(), j] = t.reshape(-1).cpu()
+                off += t.numel()
         sub = SafetySubspace(
             evals[:k].clone(), V, names, [tuple(params[n].shape) for n in names], kind, float(evals.sum()), N,
             {"blocks": blocks.__dict__ if hasattr(blocks, "__dict__") else {}, "method": "factored"},

@@ -116,7 +116,7 @@ class GhostGradients:
             elif isinstance(mod, torch.nn.Embedding) and set(names) == {"weight"}:
                 if mod.max_norm is not None:
                     raise UserError(
-                        f"module {mname}: an embedding with max_norm is not supported by the sample-space scan"
+                        f"module {mname}: an embedding with max_norm is not supported by factored per-example gradients"
                     )
                 site = _Site(mname, "embedding", names["weight"], d_in=mod.num_embeddings, d_out=mod.embedding_dim)
             else:
@@ -157,7 +157,7 @@ class GhostGradients:
         for n, kinds in shared.items():
             if "explicit" in kinds and len(kinds) > 1:
                 raise UserError(
-                    f"parameter {n} is shared by an unsupported module: the sample-space scan cannot factor it"
+                    f"parameter {n} is shared by an unsupported module: its per-example gradients cannot be factored"
                 )
         missing = [n for n in params if n not in covered]
         if missing:  # parameters no module owns directly (cannot happen for nn.Module trees)
@@ -522,7 +522,7 @@ class GhostGradients:
             raise ValueError("difference needs two collections of the same examples")
         uses = []
         for ua, ub in zip(fa.uses, fb.uses):
-            u = _Use(ua.site)
+            u = _Use(ua.site, a=None, d=None, ex=None, g=None)  # kinds this site does not store stay None
             if ua.site.kind in _FORMED:
                 u.g = ua.g - ub.g
             elif ua.ex is not None:
@@ -613,10 +613,16 @@ class GhostGradients:
         return self._summed(out)
 
     def weighted_sum(self, f: Factors, w: torch.Tensor, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
-        """Σ_i w_i ∇ℓ_i per parameter (w: [count]); this rank's parts on a sharded model."""
+        """Σ_i w_i ∇ℓ_i per parameter (w: [count]); this rank's parts on a sharded model. A ``dtype``
+        wider than the factors' (float64 over float32 factors) is used for the products and sums too,
+        a row chunk at a time, accumulated in place (no whole-parameter temporary)."""
         out = self._local_zeros(dtype)
         for u in f.uses:
             s = u.site
+            factors = u.g if s.kind in _FORMED else u.d
+            if factors is not None and torch.finfo(dtype).bits > torch.finfo(factors.dtype).bits:
+                self._weighted_sum_wide(u, w, out, dtype)
+                continue
             if s.kind in _FORMED:
                 vec = (w.to(u.g) @ u.g).to(dtype)
                 off = 0
@@ -642,6 +648,38 @@ class GhostGradients:
                     here = (ids >= r0) & (ids < r1)
                     out[s.weight].index_add_(0, ids[here] - r0, wd[here].to(dtype))
         return out
+
+    def _weighted_sum_wide(self, u: _Use, w: torch.Tensor, out: OrderedDict[str, torch.Tensor], dtype) -> None:
+        """One site's part of :meth:`weighted_sum` with products and sums in ``dtype``."""
+        s = u.site
+        w = w.to(device=(u.g if s.kind in _FORMED else u.d).device, dtype=dtype)
+        if s.kind in _FORMED:
+            off = 0
+            for n in s.explicit:
+                c0, c1 = self._cols(n)
+                flat = out[n].view(-1)
+                for c in range(c0, c1, 2**16):  # column chunks: no wide copy of the [count, numel] block
+                    e = min(c + 2**16, c1)
+                    flat[c - c0 : e - c0] += w @ u.g[:, off + c : off + e].to(dtype)
+                off += self.params[n].numel()
+            return
+        if u.ex is None:
+            return
+        r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
+        rows = max(1, self.chunk_elems // max(1, u.d.shape[1]))
+        for r in range(0, u.d.shape[0], rows):
+            ex = u.ex[r : r + rows]
+            if s.kind == "linear":
+                wd = u.d[r : r + rows, r0:r1].to(dtype) * w[ex].unsqueeze(-1)
+                if s.weight is not None:
+                    out[s.weight].addmm_(wd.T, u.a[r : r + rows].to(dtype))
+                if s.bias is not None:
+                    out[s.bias] += wd.sum(0)
+            else:
+                ids = u.a[r : r + rows]
+                here = (ids >= r0) & (ids < r1)
+                wd = u.d[r : r + rows][here].to(dtype) * w[ex[here]].unsqueeze(-1)
+                out[s.weight].index_add_(0, ids[here] - r0, wd)
 
     def sum_of_squares(self, f: Factors, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
         """Σ_i (∇ℓ_i)² elementwise, per parameter: each example's gradient is formed one site at a
