@@ -92,8 +92,9 @@ def test_exact_fisher_vs_dense_eigh(micro, budget):
     assert res.blocks[name]["eigenvalues"][0] == pytest.approx(float(eb[0]), rel=1e-6)
 
 
-def _tied_micro(micro_model_dir):
-    """A tiny Llama whose embedding is its output head (tied), float64, norms computed exactly."""
+def random_micro(micro_model_dir, tied: bool):
+    """A tiny random Llama (hidden 8) with the micro model's tokenizer, float64, norms computed exactly;
+    ``tied``: its embedding is its output head. Returns (model, tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tok = load_model(micro_model_dir, dtype="float64")
@@ -101,12 +102,17 @@ def _tied_micro(micro_model_dir):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True, attn_implementation="eager")  # fmt: skip
+                      tie_word_embeddings=tied, attn_implementation="eager")  # fmt: skip
     model = LlamaForCausalLM(cfg).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    return exact_norms(model), tok, EncodedSet(tok, micro_examples())
+    return exact_norms(model), tok
+
+
+def _tied_micro(micro_model_dir):
+    model, tok = random_micro(micro_model_dir, tied=True)
+    return model, tok, EncodedSet(tok, micro_examples())
 
 
 @pytest.mark.parametrize("blocks", ["attn_mlp", "all", "tied"])

@@ -25,23 +25,9 @@ from aligncollapse.models import BlockSelection, load_model
 from aligncollapse.scan.aic import ScanSettings, measure_aic, reference_data
 from aligncollapse.scan.sample_space import SampledFisher, _unflat
 from conftest import micro_examples
-from test_geometry_exact import exact_norms
+from test_geometry_exact import random_micro
 
-
-def _model(micro_model_dir, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _, tok = load_model(micro_model_dir, dtype="float64")
-    torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=tied, attn_implementation="eager")  # fmt: skip
-    model = LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    return exact_norms(model), tok
+_model = random_micro  # (model, tokenizer): a tiny random Llama, tied or not
 
 
 def _dense_grads(model, params, data, splits=None):

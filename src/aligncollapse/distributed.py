@@ -159,12 +159,16 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``tensor`` on every rank, in place (the identity when not distributed): for results
     that feed a discrete choice (a rank cut, d), which must not differ between ranks by rounding."""
-    if is_distributed():
-        dev = _comm_device(tensor.device)
-        work = tensor if dev == tensor.device else tensor.to(dev)
-        dist.broadcast(work, src=0)
-        if work is not tensor:
-            tensor.copy_(work)
+    return _broadcast(tensor) if is_distributed() else tensor
+
+
+def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank of the default group, in place (through the backend's device)."""
+    dev = _comm_device(tensor.device)
+    work = tensor if dev == tensor.device else tensor.to(dev)
+    dist.broadcast(work, src=0)
+    if work is not tensor:
+        tensor.copy_(work)
     return tensor
 
 
@@ -408,7 +412,7 @@ class ShardLayout:
     @staticmethod
     def sum(t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks, in place (the default group, also inside :func:`solo`)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _grouped():
             dev = _comm_device(t.device)
             work = t if dev == t.device else t.to(dev)
             dist.all_reduce(work, op=dist.ReduceOp.SUM)
@@ -419,22 +423,21 @@ class ShardLayout:
     @staticmethod
     def broadcast(t: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``t`` on every rank, in place (for results that feed a discrete choice)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dev = _comm_device(t.device)
-            work = t if dev == t.device else t.to(dev)
-            dist.broadcast(work, src=0)
-            if work is not t:
-                t.copy_(work)
-        return t
+        return _broadcast(t) if _grouped() else t
 
     @staticmethod
     def broadcast_object(obj):
         """Rank 0's picklable ``obj`` on every rank (the default group, also inside :func:`solo`)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _grouped():
             box = [obj]
             dist.broadcast_object_list(box, src=0)
             return box[0]
         return obj
+
+
+def _grouped() -> bool:
+    """A default group of more than one process exists (whether or not inside :func:`solo`)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _chunk_start(d0: int, r: int, w: int) -> int:
