@@ -118,12 +118,17 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
         exs = broadcast_object(exs)
         entry: dict = {"kind": kind, "method": s.method, "n_samples": len(exs)}
         if s.method in ("exact", "factored"):
-            if s.method == "exact":
-                res = exact_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k,
-                                   memory_budget=s.memory_budget, template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
-            else:
-                res = factored_fisher(model, tokenizer, exs, kind=kind, blocks=s.blocks, top_k=s.top_k,
-                                      template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+
+            def gram_fisher(examples, top_k: int, kind=kind):  # the same eigenpairs, by either method
+                if s.method == "exact":
+                    return exact_fisher(model, tokenizer, examples, kind=kind, blocks=s.blocks, top_k=top_k,
+                                        memory_budget=s.memory_budget, template=s.template,
+                                        use_chat_template=s.use_chat_template)  # fmt: skip
+                return factored_fisher(model, tokenizer, examples, kind=kind, blocks=s.blocks, top_k=top_k,
+                                       template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+
+            res = gram_fisher(exs, s.top_k)
+            if "factor_bytes" in res.extra:
                 entry["factor_bytes"] = res.extra["factor_bytes"]
             d = choose_d(res.eigenvalues, s.d_rule)
             entry["global"] = spectrum_stats(res.eigenvalues, d=d, rank_ceiling=res.n_samples)
@@ -142,13 +147,7 @@ def run_fisher(model, tokenizer, safety: Sequence[Example], out_dir: str | Path,
                 del sub
             del res  # saved and summarised: not held beside the next pass (the plan assumes so)
             if s.shuffled_null:
-                shuffled = shuffled_examples(exs, s.seed)
-                if s.method == "exact":
-                    sh = exact_fisher(model, tokenizer, shuffled, kind=kind, blocks=s.blocks, top_k=1, memory_budget=s.memory_budget,
-                                      template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
-                else:
-                    sh = factored_fisher(model, tokenizer, shuffled, kind=kind, blocks=s.blocks, top_k=1,
-                                         template=s.template, use_chat_template=s.use_chat_template)  # fmt: skip
+                sh = gram_fisher(shuffled_examples(exs, s.seed), 1)
                 entry["null_shuffled"] = spectrum_stats(sh.eigenvalues, rank_ceiling=sh.n_samples)
                 if len({e.response for e in exs}) == 1:
                     entry["null_shuffled"]["note"] = (

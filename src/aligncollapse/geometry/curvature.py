@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp, vjp
 
 from aligncollapse.data.encoding import IGNORE_INDEX, EncodedSet
-from aligncollapse.distributed import all_reduce_sum, layout_of, shard
+from aligncollapse.distributed import ShardLayout, all_reduce_sum, layout_of, shard
 from aligncollapse.geometry.memory import release_freed_host_memory
 from aligncollapse.losses import nll_from_logits, upcast
 
@@ -81,12 +81,10 @@ class CurvatureOperator:
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """⟨a, b⟩ of two of this operator's vectors (float64; summed over the ranks' parts when sharded)."""
-        if self.layout is None:
-            return dot64(a, b)
-        return float(self.layout.sum(torch.tensor([dot64(a, b)], dtype=torch.float64, device=self.device)))
+        return dot64(a, b, layout=self.layout)
 
     def norm(self, a: torch.Tensor) -> float:
-        return math.sqrt(max(self.dot(a, a), 0.0))
+        return norm64(a, layout=self.layout)
 
     def _unflat(self, v: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Split a flat vector (any dtype, any device) into per-block tensors in each block's dtype and device."""
@@ -243,20 +241,22 @@ def ft_gradient(model, params, data: EncodedSet, batch_size: int = 32) -> torch.
     return FinetuneLoss(model, params, data, batch_size).value_and_grad()[1]
 
 
-def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**22) -> float:
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 2**22, layout: ShardLayout | None = None) -> float:
     """⟨a, b⟩ accumulated in float64, converting ``chunk`` elements at a time: no float64 copy of an
-    n-vector (3 GB at n = 384M) is ever made."""
+    n-vector (3 GB at n = 384M) is ever made. With a ``layout`` (a sharded model's vectors are each
+    rank's parts) the local products are summed over the ranks."""
     a, b = a.reshape(-1), b.reshape(-1)
     if a.numel() != b.numel():
         raise ValueError(f"dot64: vectors of {a.numel()} and {b.numel()} elements")
-    return float(
-        sum(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()) for i in range(0, a.numel(), chunk))
-    )
+    local = sum(torch.dot(a[i : i + chunk].double(), b[i : i + chunk].double()) for i in range(0, a.numel(), chunk))
+    if layout is None:
+        return float(local)
+    return float(layout.sum(torch.tensor([float(local)], dtype=torch.float64, device=a.device)))
 
 
-def norm64(a: torch.Tensor, chunk: int = 2**22) -> float:
+def norm64(a: torch.Tensor, chunk: int = 2**22, layout: ShardLayout | None = None) -> float:
     """‖a‖ accumulated in float64, ``chunk`` elements at a time (see :func:`dot64`)."""
-    return math.sqrt(max(dot64(a, a, chunk), 0.0))
+    return math.sqrt(max(dot64(a, a, chunk, layout), 0.0))
 
 
 @contextlib.contextmanager
@@ -330,7 +330,7 @@ class HessianOperator(CurvatureOperator):
         dtype = plist[0].dtype
         if dtype in (torch.float16, torch.bfloat16):  # a step would round away: the exact product
             if self.layout is not None:
-                raise _half_sharded()
+                raise half_precision_sharded_error()
             return self.matvec(v)
         u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
         vn = self.norm(v)
@@ -354,7 +354,7 @@ class HessianOperator(CurvatureOperator):
         return self._reduce(out).div_(2 * eps)  # one all-reduce of both sides' partial sums
 
 
-def _half_sharded() -> Exception:
+def half_precision_sharded_error() -> Exception:
     from aligncollapse.errors import UserError
 
     return UserError(
@@ -418,7 +418,7 @@ class GGNOperator(_FunctionalMixin, CurvatureOperator):
         plist = list(self.shapes.values())
         dtype = plist[0].dtype
         if dtype in (torch.float16, torch.bfloat16):
-            raise _half_sharded()
+            raise half_precision_sharded_error()
         self.matvecs += len(vectors)
         total = self._total_tokens() if self.per == "token" else len(self.data)
         u = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)

@@ -613,73 +613,44 @@ class GhostGradients:
         return self._summed(out)
 
     def weighted_sum(self, f: Factors, w: torch.Tensor, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
-        """Σ_i w_i ∇ℓ_i per parameter (w: [count]); this rank's parts on a sharded model. A ``dtype``
-        wider than the factors' (float64 over float32 factors) is used for the products and sums too,
-        a row chunk at a time, accumulated in place (no whole-parameter temporary)."""
+        """Σ_i w_i ∇ℓ_i per parameter (w: [count]); this rank's parts on a sharded model. The products and
+        sums run in the wider of ``dtype`` and the factors' (float64 over float32 factors: a row or column
+        chunk cast at a time), accumulated in place when that is ``dtype`` (no whole-parameter temporary)."""
         out = self._local_zeros(dtype)
         for u in f.uses:
             s = u.site
-            factors = u.g if s.kind in _FORMED else u.d
-            if factors is not None and torch.finfo(dtype).bits > torch.finfo(factors.dtype).bits:
-                self._weighted_sum_wide(u, w, out, dtype)
-                continue
             if s.kind in _FORMED:
-                vec = (w.to(u.g) @ u.g).to(dtype)
+                wk = torch.promote_types(dtype, u.g.dtype)
+                wd = w.to(device=u.g.device, dtype=wk)
                 off = 0
                 for n in s.explicit:
                     c0, c1 = self._cols(n)
-                    out[n] += vec[off + c0 : off + c1].reshape(out[n].shape)
+                    flat = out[n].view(-1)
+                    for c in range(c0, c1, 2**16):  # column chunks: no wide copy of the [count, numel] block
+                        e = min(c + 2**16, c1)
+                        flat[c - c0 : e - c0] += (wd @ u.g[:, off + c : off + e].to(wk)).to(dtype)
                     off += self.params[n].numel()
                 continue
             if u.ex is None:
                 continue
+            wk = torch.promote_types(dtype, u.d.dtype)
+            wd_all = w.to(device=u.d.device, dtype=wk)
             r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
             rows = max(1, self.chunk_elems // max(1, u.d.shape[1]))  # no copy of a whole [R, V] head factor
             for r in range(0, u.d.shape[0], rows):
+                ex = u.ex[r : r + rows]
                 if s.kind == "linear":
-                    wd = u.d[r : r + rows, r0:r1] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
+                    wd = u.d[r : r + rows, r0:r1].to(wk) * wd_all[ex].unsqueeze(-1)
                     if s.weight is not None:
-                        out[s.weight] += (wd.T @ u.a[r : r + rows]).to(dtype)
+                        _add_product(out[s.weight], wd.T, u.a[r : r + rows].to(wk))
                     if s.bias is not None:
                         out[s.bias] += wd.sum(0).to(dtype)
                 else:
-                    wd = u.d[r : r + rows] * w.to(u.d)[u.ex[r : r + rows]].unsqueeze(-1)
                     ids = u.a[r : r + rows]
                     here = (ids >= r0) & (ids < r1)
-                    out[s.weight].index_add_(0, ids[here] - r0, wd[here].to(dtype))
+                    wd = u.d[r : r + rows][here].to(wk) * wd_all[ex[here]].unsqueeze(-1)
+                    out[s.weight].index_add_(0, ids[here] - r0, wd.to(dtype))
         return out
-
-    def _weighted_sum_wide(self, u: _Use, w: torch.Tensor, out: OrderedDict[str, torch.Tensor], dtype) -> None:
-        """One site's part of :meth:`weighted_sum` with products and sums in ``dtype``."""
-        s = u.site
-        w = w.to(device=(u.g if s.kind in _FORMED else u.d).device, dtype=dtype)
-        if s.kind in _FORMED:
-            off = 0
-            for n in s.explicit:
-                c0, c1 = self._cols(n)
-                flat = out[n].view(-1)
-                for c in range(c0, c1, 2**16):  # column chunks: no wide copy of the [count, numel] block
-                    e = min(c + 2**16, c1)
-                    flat[c - c0 : e - c0] += w @ u.g[:, off + c : off + e].to(dtype)
-                off += self.params[n].numel()
-            return
-        if u.ex is None:
-            return
-        r0, r1 = self._rows(s.weight if s.weight is not None else s.bias)
-        rows = max(1, self.chunk_elems // max(1, u.d.shape[1]))
-        for r in range(0, u.d.shape[0], rows):
-            ex = u.ex[r : r + rows]
-            if s.kind == "linear":
-                wd = u.d[r : r + rows, r0:r1].to(dtype) * w[ex].unsqueeze(-1)
-                if s.weight is not None:
-                    out[s.weight].addmm_(wd.T, u.a[r : r + rows].to(dtype))
-                if s.bias is not None:
-                    out[s.bias] += wd.sum(0)
-            else:
-                ids = u.a[r : r + rows]
-                here = (ids >= r0) & (ids < r1)
-                wd = u.d[r : r + rows][here].to(dtype) * w[ex[here]].unsqueeze(-1)
-                out[s.weight].index_add_(0, ids[here] - r0, wd)
 
     def sum_of_squares(self, f: Factors, dtype=torch.float32) -> OrderedDict[str, torch.Tensor]:
         """Σ_i (∇ℓ_i)² elementwise, per parameter: each example's gradient is formed one site at a
@@ -719,6 +690,14 @@ class GhostGradients:
             for n, t in per.items():
                 out[n] += t * t
         return out
+
+
+def _add_product(target: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """target += x @ y: in place (addmm_) when x, y are in target's dtype, else computed wider and cast."""
+    if x.dtype == target.dtype:
+        target.addmm_(x, y)
+    else:
+        target += (x @ y).to(target.dtype)
 
 
 def _put(u: _Use, offset: int, g: torch.Tensor) -> None:

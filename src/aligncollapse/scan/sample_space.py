@@ -35,6 +35,7 @@ model, its gradient and six n-vectors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -56,7 +57,14 @@ from aligncollapse.distributed import (
     world_size,
 )
 from aligncollapse.errors import NonFiniteError, UserError
-from aligncollapse.geometry.curvature import GGNOperator, HessianOperator, displaced, dot64
+from aligncollapse.geometry.curvature import (
+    GGNOperator,
+    HessianOperator,
+    displaced,
+    dot64,
+    half_precision_sharded_error,
+    norm64,
+)
 from aligncollapse.geometry.ghost import Factors, GhostGradients
 from aligncollapse.geometry.memory import log_and_check, planned_total, release_freed_host_memory
 from aligncollapse.geometry.per_sample import unflatten as _unflat
@@ -282,8 +290,7 @@ def measure_aic_sample(
     if layout is None:
         return _measure(model, tokenizer, safety, finetune, s, params, None)
     if next(iter(params.values())).dtype in (torch.float16, torch.bfloat16):
-        raise UserError("--fsdp: the sample-space scan of a sharded model steps its weights by finite differences, "
-                        "which need float32 or float64 weights (--dtype float32)")  # fmt: skip
+        raise half_precision_sharded_error()
     # The work is not split by examples (FSDP's collectives and the layout's sums only); backward()
     # differentiates every parameter that requires grad, so only the selection does meanwhile.
     chosen = {id(p) for p in params.values()}
@@ -302,13 +309,8 @@ def _measure(model, tokenizer, safety, finetune, s: _aic.ScanSettings, params, l
     t0 = time.perf_counter()
     vparams = layout.local if layout is not None else params  # the shapes of this rank's vectors' blocks
 
-    def vdot(a: torch.Tensor, b: torch.Tensor) -> float:
-        if layout is None:
-            return dot64(a, b)
-        return float(layout.sum(torch.tensor([dot64(a, b)], dtype=torch.float64, device=a.device)))
-
-    def vnorm(a: torch.Tensor) -> float:
-        return math.sqrt(max(vdot(a, a), 0.0))
+    vdot = functools.partial(dot64, layout=layout)  # summed over the ranks' parts when sharded
+    vnorm = functools.partial(norm64, layout=layout)
 
     if world_size() > min(len(safety), len(finetune)):
         raise UserError(
